@@ -1,1 +1,21 @@
-//! placeholder
+//! meshnode's transport: one QUIC endpoint per node with mutual TLS, the peer connection
+//! pool, and TCP tunnels over raw QUIC streams (ALPN `meshnode/1`).
+//!
+//! Layering: [`tls`] and [`pki`] hold identities; [`endpoint`] owns the UDP socket and the
+//! quinn endpoint; [`peers`] keeps this node's outbound connections; [`tunnel`] opens, accepts
+//! and splices tunnels. Policy (which endpoint, retries, authorisation) lives in the node.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod endpoint;
+pub mod keys;
+pub mod peers;
+pub mod pki;
+pub mod tls;
+pub mod tunnel;
+
+pub use config::TransportConfig;
+pub use endpoint::{Alpn, ConnectError, EndpointOptions, InboundConnection, MeshEndpoint};
+pub use peers::{PeerInfo, PeerPool, PeerState};
+pub use quinn;
+pub use tls::Identity;

@@ -1,0 +1,283 @@
+//! One QUIC endpoint per node: a single UDP socket that accepts peers' connections and dials
+//! this node's own outbound connections, for both ALPNs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use meshnode_proto::{ALPN_H3, ALPN_MESHNODE};
+
+use crate::config::TransportConfig;
+use crate::keys::{EndpointKeys, KeyError};
+use crate::tls::{Identity, IdentityError};
+
+/// Which application protocol a connection speaks; each is its own connection (h3 owns the
+/// whole QUIC connection, so raw streams cannot share it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Alpn {
+    /// `meshnode/1`: one raw bidirectional stream per TCP tunnel.
+    Meshnode,
+    /// `h3`: HTTP/3 requests and CONNECT tunnels.
+    H3,
+}
+
+impl Alpn {
+    /// The ALPN identifier on the wire.
+    pub fn as_bytes(self) -> &'static [u8] {
+        match self {
+            Alpn::Meshnode => ALPN_MESHNODE,
+            Alpn::H3 => ALPN_H3,
+        }
+    }
+
+    /// The ALPN named by negotiated protocol bytes, if it is one of ours.
+    pub fn from_bytes(b: &[u8]) -> Option<Alpn> {
+        [Alpn::Meshnode, Alpn::H3]
+            .into_iter()
+            .find(|a| a.as_bytes() == b)
+    }
+}
+
+/// What the endpoint is bound to and how it behaves.
+#[derive(Debug, Clone)]
+pub struct EndpointOptions {
+    /// UDP address to bind.
+    pub listen: SocketAddr,
+    /// Where the stateless-reset and connection-id keys live; `None` uses random keys.
+    pub state_dir: Option<PathBuf>,
+    /// QUIC tuning.
+    pub transport: TransportConfig,
+}
+
+/// Errors while creating the endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The UDP socket could not be created or bound.
+    #[error("cannot bind UDP {addr}: {source}")]
+    Socket {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The persisted endpoint keys could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] IdentityError),
+}
+
+/// Errors while dialling a peer.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ConnectError {
+    /// quinn refused to start the dial (bad address, endpoint closed).
+    #[error("cannot dial {addr}: {reason}")]
+    Start {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// quinn's reason.
+        reason: String,
+    },
+    /// The handshake failed (peer refused our certificate, wrong identity, connection lost).
+    #[error("handshake with {peer} at {addr} failed: {reason}")]
+    Handshake {
+        /// The node we meant to reach.
+        peer: String,
+        /// The address dialled.
+        addr: SocketAddr,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No handshake completed within the connect timeout.
+    #[error("no answer from {peer} at {addr} within {timeout_ms} ms")]
+    Timeout {
+        /// The node we meant to reach.
+        peer: String,
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The deadline.
+        timeout_ms: u64,
+    },
+}
+
+/// An accepted, authenticated connection from a peer.
+#[derive(Debug, Clone)]
+pub struct InboundConnection {
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// The caller's node name, from its certificate.
+    pub peer: String,
+    /// The negotiated protocol.
+    pub alpn: Alpn,
+}
+
+/// A node's QUIC endpoint. Cheap to clone.
+#[derive(Clone)]
+pub struct MeshEndpoint {
+    endpoint: quinn::Endpoint,
+    identity: Identity,
+    client_meshnode: quinn::ClientConfig,
+    client_h3: quinn::ClientConfig,
+    transport: TransportConfig,
+}
+
+impl MeshEndpoint {
+    /// Binds the UDP socket and starts the endpoint serving both ALPNs with mutual TLS.
+    pub fn bind(opts: &EndpointOptions, identity: Identity) -> Result<MeshEndpoint, BindError> {
+        let keys = match &opts.state_dir {
+            Some(dir) => EndpointKeys::load_or_create(dir)?,
+            None => EndpointKeys::random(),
+        };
+        let transport = opts.transport.to_quinn();
+        let server_crypto = identity.server_config(&[ALPN_MESHNODE, ALPN_H3])?;
+        let mut server = quinn::ServerConfig::with_crypto(server_crypto);
+        server.transport_config(transport.clone());
+        // A peer whose NAT rebinds must be followed (path validation is quinn's).
+        server.migration(true);
+
+        let client = |alpn: &[u8]| -> Result<quinn::ClientConfig, IdentityError> {
+            let mut c = quinn::ClientConfig::new(identity.client_config(&[alpn])?);
+            c.transport_config(transport.clone());
+            Ok(c)
+        };
+        let client_meshnode = client(ALPN_MESHNODE)?;
+        let client_h3 = client(ALPN_H3)?;
+
+        let socket = udp_socket(opts.listen, opts.transport.socket_buffer).map_err(|source| {
+            BindError::Socket {
+                addr: opts.listen,
+                source,
+            }
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            keys.endpoint_config(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| BindError::Socket {
+            addr: opts.listen,
+            source,
+        })?;
+        Ok(MeshEndpoint {
+            endpoint,
+            identity,
+            client_meshnode,
+            client_h3,
+            transport: opts.transport.clone(),
+        })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// This node's TLS identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The transport settings in force.
+    pub fn transport(&self) -> &TransportConfig {
+        &self.transport
+    }
+
+    /// The underlying quinn endpoint (migration, statistics).
+    pub fn quinn(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    /// The next incoming connection attempt; `None` once the endpoint is closed.
+    pub async fn accept(&self) -> Option<quinn::Incoming> {
+        self.endpoint.accept().await
+    }
+
+    /// Completes an incoming handshake and names the caller from its certificate.
+    pub async fn accept_connection(
+        &self,
+        incoming: quinn::Incoming,
+    ) -> Result<InboundConnection, String> {
+        let remote = incoming.remote_address();
+        let conn = tokio::time::timeout(self.transport.connect_timeout, incoming)
+            .await
+            .map_err(|_| format!("handshake from {remote} timed out"))?
+            .map_err(|e| format!("handshake from {remote} failed: {e}"))?;
+        let alpn = negotiated_alpn(&conn)
+            .ok_or_else(|| format!("connection from {remote} negotiated no known ALPN"))?;
+        let peer = crate::tls::peer_node_name(&conn, self.identity.trust_domain())
+            .ok_or_else(|| format!("connection from {remote} has no mesh node identity"))?;
+        Ok(InboundConnection { conn, peer, alpn })
+    }
+
+    /// Dials `peer` at `addr` and checks that the certificate presented names `peer`.
+    pub async fn connect(
+        &self,
+        peer: &str,
+        addr: SocketAddr,
+        alpn: Alpn,
+    ) -> Result<quinn::Connection, ConnectError> {
+        let cfg = match alpn {
+            Alpn::Meshnode => self.client_meshnode.clone(),
+            Alpn::H3 => self.client_h3.clone(),
+        };
+        let connecting =
+            self.endpoint
+                .connect_with(cfg, addr, peer)
+                .map_err(|e| ConnectError::Start {
+                    addr,
+                    reason: e.to_string(),
+                })?;
+        let timeout = self.transport.connect_timeout;
+        match tokio::time::timeout(timeout, connecting).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(ConnectError::Handshake {
+                peer: peer.to_string(),
+                addr,
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(ConnectError::Timeout {
+                peer: peer.to_string(),
+                addr,
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            }),
+        }
+    }
+
+    /// Moves every connection of this endpoint to a new UDP socket bound to `addr`
+    /// (connection migration after a local address change).
+    pub fn rebind(&self, addr: SocketAddr) -> std::io::Result<()> {
+        let socket = udp_socket(addr, self.transport.socket_buffer)?;
+        self.endpoint.rebind(socket)
+    }
+
+    /// Closes every connection with `code` and stops accepting.
+    pub fn close(&self, code: u32, reason: &[u8]) {
+        self.endpoint.close(quinn::VarInt::from_u32(code), reason);
+    }
+
+    /// Waits until every connection has been closed and its close acknowledged or timed out.
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// The ALPN negotiated on an established connection.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Alpn> {
+    let data = conn.handshake_data()?;
+    let data = data
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?;
+    Alpn::from_bytes(data.protocol.as_deref()?)
+}
+
+fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Larger buffers absorb bursts; the kernel caps them at net.core.*mem_max, which is fine.
+    let _ = socket.set_recv_buffer_size(buffer);
+    let _ = socket.set_send_buffer_size(buffer);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
