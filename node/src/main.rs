@@ -1,1 +1,88 @@
-fn main() {}
+//! The `meshnode` binary: parse the command line, run the subcommand, exit with its code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use meshnode::cli::{self, CaCommand, CertCommand, Cli, Command};
+use meshnode::exit::{self, Failure};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_logging();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("meshnode: {f}");
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MESHNODE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(exit::SOFTWARE, format!("cannot start the runtime: {e}")))
+}
+
+fn dispatch(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Run { config } => runtime()?.block_on(cli::run(&config)),
+        Command::Validate { config } => {
+            println!("{}", cli::validate(&config)?);
+            Ok(())
+        }
+        Command::Status {
+            admin,
+            config,
+            json,
+            watch,
+        } => runtime()?.block_on(meshnode::status_cmd::run(admin, config, json, watch)),
+        Command::Ca {
+            command:
+                CaCommand::Init {
+                    dir,
+                    trust_domain,
+                    days,
+                },
+        } => {
+            println!("{}", meshnode::pki_cmd::ca_init(&dir, &trust_domain, days)?);
+            Ok(())
+        }
+        Command::Cert {
+            command:
+                CertCommand::Issue {
+                    ca_dir,
+                    name,
+                    out,
+                    days,
+                },
+        } => {
+            println!(
+                "{}",
+                meshnode::pki_cmd::cert_issue(&ca_dir, &name, &out, days)?
+            );
+            Ok(())
+        }
+        Command::Version => {
+            println!("meshnode {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}

@@ -37,7 +37,9 @@ pub enum KeyError {
         source: std::io::Error,
     },
     /// The key file has the wrong length (corrupt or from another program).
-    #[error("{path} is corrupt: expected {KEY_LEN} bytes, found {found}; delete it to start afresh")]
+    #[error(
+        "{path} is corrupt: expected {KEY_LEN} bytes, found {found}; delete it to start afresh"
+    )]
     Corrupt {
         /// The key file.
         path: PathBuf,
@@ -122,7 +124,8 @@ impl EndpointKeys {
         let mut cfg = quinn::EndpointConfig::new(Arc::new(key));
         let cid_key = self.cid;
         cfg.cid_generator(move || {
-            Box::new(HashedConnectionIdGenerator::from_key(cid_key)) as Box<dyn ConnectionIdGenerator>
+            Box::new(HashedConnectionIdGenerator::from_key(cid_key))
+                as Box<dyn ConnectionIdGenerator>
         });
         cfg
     }

@@ -73,11 +73,13 @@ struct Entry {
     dial: tokio::sync::Mutex<()>,
 }
 
+type Entries = Arc<Mutex<HashMap<(String, Alpn), Arc<Entry>>>>;
+
 /// The outbound connection pool of one node.
 #[derive(Clone)]
 pub struct PeerPool {
     endpoint: MeshEndpoint,
-    entries: Arc<Mutex<HashMap<(String, Alpn), Arc<Entry>>>>,
+    entries: Entries,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

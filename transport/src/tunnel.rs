@@ -51,10 +51,9 @@ impl OpenError {
         use meshnode_proto::StatusCode as S;
         match self {
             OpenError::Stream(_) | OpenError::Closed(_) | OpenError::Timeout(_) => true,
-            OpenError::Refused(s) => matches!(
-                s.code,
-                S::BadGateway | S::Unavailable | S::GatewayTimeout
-            ),
+            OpenError::Refused(s) => {
+                matches!(s.code, S::BadGateway | S::Unavailable | S::GatewayTimeout)
+            }
             OpenError::Header(_) | OpenError::Malformed(_) => false,
         }
     }
@@ -89,13 +88,14 @@ pub async fn open(
         send.write_chunk(Bytes::from(bytes))
             .await
             .map_err(|e| OpenError::Closed(e.to_string()))?;
-        let (status, leftover) = read_message(&mut recv, Status::decode)
-            .await
-            .map_err(|e| match e {
-                ReadMessageError::Decode(d) => OpenError::Malformed(d.to_string()),
-                ReadMessageError::Closed(c) => OpenError::Closed(c),
-                ReadMessageError::TooLong => OpenError::Malformed(e.to_string()),
-            })?;
+        let (status, leftover) =
+            read_message(&mut recv, Status::decode)
+                .await
+                .map_err(|e| match e {
+                    ReadMessageError::Decode(d) => OpenError::Malformed(d.to_string()),
+                    ReadMessageError::Closed(c) => OpenError::Closed(c),
+                    ReadMessageError::TooLong => OpenError::Malformed(e.to_string()),
+                })?;
         if !status.code.is_success() {
             let _ = send.reset(quinn::VarInt::from_u32(CODE_REFUSED));
             return Err(OpenError::Refused(status));
@@ -154,11 +154,14 @@ pub async fn write_status(
     Ok(())
 }
 
+/// A sans-IO decoder of `meshnode_proto`: `Ok(None)` asks for more bytes.
+type Decoder<T> = fn(&[u8]) -> Result<Option<(T, usize)>, DecodeError>;
+
 /// Reads one length-bounded message with a sans-IO decoder. Never buffers more than
 /// `MAX_HEADER_LEN` plus one read's worth of payload.
 async fn read_message<T>(
     recv: &mut quinn::RecvStream,
-    decode: fn(&[u8]) -> Result<Option<(T, usize)>, DecodeError>,
+    decode: Decoder<T>,
 ) -> Result<(T, Bytes), ReadMessageError> {
     let mut buf = BytesMut::new();
     loop {

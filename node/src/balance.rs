@@ -1,0 +1,334 @@
+//! Load balancing and failover decisions (SPEC §8): which endpoint gets the next tunnel or
+//! request, when an endpoint is ejected and how it comes back, and how many retries the mesh
+//! can afford.
+//!
+//! Everything here is pure: no sockets, no runtime, no clock. Time arrives as `now` and
+//! randomness as `&mut impl Rng`, so tests drive whole scenarios with constructed instants and
+//! a seeded RNG. The outbound proxy owns a [`Balancer`] and a [`RetryBudget`] per service (behind
+//! `Arc`s); locks are held for a few field updates and never across `.await`.
+//!
+//! - `config`: tuning, with the reason for each default.
+//! - `ewma`: the peak-EWMA latency estimate.
+//! - `eject`: the per-endpoint ejection / back-off / probe state machine.
+//! - `pick`: power of two choices over the candidates, and the fallback when none is healthy.
+//! - `budget`: the sliding-window retry budget.
+
+mod budget;
+mod config;
+mod eject;
+mod ewma;
+mod pick;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+pub use self::config::*;
+pub use budget::RetryBudget;
+
+use eject::Health;
+use ewma::PeakEwma;
+use pick::Choice;
+
+/// What `/status` shows for an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointState {
+    /// Receives traffic.
+    Healthy,
+    /// Skipped after failures or a dead connection; includes waiting for its probe.
+    Ejected,
+    /// The peer announced it is going away; skipped while others exist.
+    Draining,
+}
+
+impl EndpointState {
+    /// `"healthy"`, `"ejected"` or `"draining"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointState::Healthy => "healthy",
+            EndpointState::Ejected => "ejected",
+            EndpointState::Draining => "draining",
+        }
+    }
+}
+
+/// One candidate for a pick: the endpoint's node name and its relative weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate<'a> {
+    /// Endpoint key: the node name.
+    pub node: &'a str,
+    /// Relative share ([`DEFAULT_WEIGHT`] = 100); 0 is treated as 1.
+    pub weight: u32,
+}
+
+/// Counters and state of one endpoint, for `/status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointSnapshot {
+    /// Current state; `Draining` wins over `Ejected`.
+    pub state: EndpointState,
+    /// Peak-EWMA latency estimate in milliseconds (`default_rtt` before any sample).
+    pub ewma_ms: f64,
+    /// Requests or tunnels currently open to it.
+    pub inflight: u32,
+    /// Attempts started on it ([`Balancer::start`]).
+    pub requests_total: u64,
+    /// Failed attempts ([`Balancer::record_failure`]).
+    pub failures_total: u64,
+    /// Times it was ejected.
+    pub ejections_total: u64,
+}
+
+/// Per-service balancer: P2C over peak-EWMA latency × (in-flight + 1), scaled by weight, with
+/// ejection, back-off, probing and draining. Shared by all connection tasks as `Arc<Balancer>`.
+#[derive(Debug)]
+pub struct Balancer {
+    cfg: BalanceConfig,
+    table: Mutex<Table>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    endpoints: HashMap<String, Endpoint>,
+    /// Number of the latest pick. Its candidate list is the service's current set of endpoints,
+    /// the base of the ejection cap; entries created by other calls (RTT samples arrive for
+    /// every peer, whatever it serves) do not count.
+    generation: u64,
+}
+
+#[derive(Debug, Default)]
+struct Endpoint {
+    /// `generation` of the latest pick that listed it as a candidate; 0 = never listed.
+    listed: u64,
+    ewma: PeakEwma,
+    /// Shared with the guards, so a guard outliving `retain` never touches a new entry.
+    inflight: Arc<AtomicU32>,
+    draining: bool,
+    health: Health,
+    requests_total: u64,
+    failures_total: u64,
+}
+
+/// Marks one request or tunnel as in flight on an endpoint until dropped.
+#[derive(Debug)]
+#[must_use = "the request counts as in flight only while the guard lives"]
+pub struct InflightGuard {
+    inflight: Arc<AtomicU32>,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Balancer {
+    /// A balancer with no endpoint state yet; endpoints are learnt from the calls.
+    pub fn new(cfg: BalanceConfig) -> Balancer {
+        Balancer {
+            cfg,
+            table: Mutex::new(Table::default()),
+        }
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &BalanceConfig {
+        &self.cfg
+    }
+
+    /// Picks one endpoint among `candidates` minus `exclude` (endpoints already tried for this
+    /// request).
+    ///
+    /// An endpoint whose back-off expired gets the next request as its probe, one at a time.
+    /// Otherwise power of two choices among the healthy, non-draining ones: two distinct draws
+    /// with probability proportional to weight, the lower `ewma × (inflight + 1) / (weight/100)`
+    /// wins. With none healthy: the non-draining endpoint ejected longest ago, then a draining
+    /// one — a sick endpoint beats none. `None` only when nothing remains after `exclude`.
+    pub fn pick(
+        &self,
+        candidates: &[Candidate<'_>],
+        exclude: &[&str],
+        now: Instant,
+        rng: &mut impl rand::Rng,
+    ) -> Option<String> {
+        let mut table = self.lock();
+        table.generation += 1;
+        let generation = table.generation;
+        let map = &mut table.endpoints;
+        let mut nodes: Vec<&str> = Vec::with_capacity(candidates.len());
+        let mut choices: Vec<Choice> = Vec::with_capacity(candidates.len());
+        for c in candidates {
+            let ep = map.entry(c.node.to_owned()).or_default();
+            ep.listed = generation;
+            if exclude.contains(&c.node) || nodes.contains(&c.node) {
+                continue;
+            }
+            ep.health.refresh(now);
+            nodes.push(c.node);
+            choices.push(Choice {
+                weight: c.weight.max(1),
+                cost: cost(ep, &self.cfg, c.weight),
+                available: ep.health.available(),
+                wants_probe: ep.health.wants_probe(),
+                draining: ep.draining,
+                ejected_at: ep.health.ejected_at(),
+            });
+        }
+        let node = nodes[pick::choose(&choices, rng)?];
+        if let Some(ep) = map.get_mut(node) {
+            if ep.health.wants_probe() && !ep.draining {
+                tracing::debug!(node, "probing ejected endpoint");
+            }
+            ep.health.on_pick(now);
+        }
+        Some(node.to_owned())
+    }
+
+    /// Call when a request or tunnel starts on `node`; the guard decrements in-flight on drop.
+    pub fn start(self: &Arc<Self>, node: &str) -> InflightGuard {
+        let mut table = self.lock();
+        let ep = table.entry(node);
+        ep.requests_total += 1;
+        ep.inflight.fetch_add(1, Ordering::Relaxed);
+        InflightGuard {
+            inflight: Arc::clone(&ep.inflight),
+        }
+    }
+
+    /// Outcome of a successful attempt; `latency` is the tunnel-open time or the HTTP time to
+    /// first byte. A successful probe returns an ejected endpoint to service.
+    pub fn record_success(&self, node: &str, latency: Duration, now: Instant) {
+        let mut table = self.lock();
+        let ep = table.entry(node);
+        ep.ewma.observe(latency, now, self.cfg.decay);
+        if ep.health.on_success(now) {
+            tracing::info!(node, "endpoint back after a successful probe");
+        }
+    }
+
+    /// A failed attempt. Counts toward ejection; a failed probe re-ejects with doubled back-off.
+    /// Never ejects more than `max_ejected_fraction` of the service's endpoints, counted from
+    /// the candidate list of the latest [`Balancer::pick`].
+    pub fn record_failure(&self, node: &str, now: Instant) {
+        let mut table = self.lock();
+        let may_eject = table.may_eject(node, self.cfg.max_ejected_fraction);
+        let ep = table.entry(node);
+        ep.failures_total += 1;
+        if let Some(backoff) = ep.health.on_failure(now, may_eject, &self.cfg) {
+            tracing::info!(
+                node,
+                backoff_ms = backoff.as_millis() as u64,
+                "endpoint ejected after failures"
+            );
+        }
+    }
+
+    /// A transport RTT sample of the peer; folds into the same peak-EWMA as answers. Call it
+    /// periodically for every known peer, picked or not: it is how an endpoint that stopped
+    /// receiving traffic shows that it recovered.
+    pub fn observe_rtt(&self, node: &str, rtt: Duration, now: Instant) {
+        let decay = self.cfg.decay;
+        self.lock().entry(node).ewma.observe(rtt, now, decay);
+    }
+
+    /// The peer is known dead (QUIC connection closed or reset): eject it now, with the usual
+    /// back-off. When the ejection cap leaves no room, its next failure ejects it instead.
+    pub fn mark_down(&self, node: &str, now: Instant) {
+        let mut table = self.lock();
+        let may_eject = table.may_eject(node, self.cfg.max_ejected_fraction);
+        let ep = table.entry(node);
+        if let Some(backoff) = ep.health.on_down(now, may_eject, &self.cfg) {
+            tracing::info!(
+                node,
+                backoff_ms = backoff.as_millis() as u64,
+                "endpoint ejected: peer down"
+            );
+        }
+    }
+
+    /// Marks `node` as draining (the peer said it is going away) or not; draining endpoints get
+    /// no new work while any other endpoint can take it.
+    pub fn set_draining(&self, node: &str, draining: bool) {
+        self.lock().entry(node).draining = draining;
+    }
+
+    /// Drops the state of endpoints for which `keep` is false (no longer in the registry).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.lock().endpoints.retain(|node, _| keep(node));
+    }
+
+    /// State and counters of `node` at `now`; an unknown node reads as healthy and idle.
+    pub fn snapshot(&self, node: &str, now: Instant) -> EndpointSnapshot {
+        let mut table = self.lock();
+        let Some(ep) = table.endpoints.get_mut(node) else {
+            return snapshot_of(&Endpoint::default(), &self.cfg);
+        };
+        ep.health.refresh(now);
+        snapshot_of(ep, &self.cfg)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // A panic elsewhere cannot leave these counters inconsistent enough to matter more
+        // than losing all balancing, so keep going with whatever is there.
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Table {
+    fn entry(&mut self, node: &str) -> &mut Endpoint {
+        self.endpoints.entry(node.to_owned()).or_default()
+    }
+
+    /// Whether `node` may be ejected without more than `fraction` of the service's endpoints
+    /// being out at once. Before the first pick every entry counts as an endpoint.
+    fn may_eject(&self, node: &str, fraction: f64) -> bool {
+        let listed = |ep: &Endpoint| self.generation == 0 || ep.listed == self.generation;
+        let node_listed = self.endpoints.get(node).is_some_and(listed);
+        let known =
+            self.endpoints.values().filter(|ep| listed(ep)).count() + usize::from(!node_listed);
+        let out = self
+            .endpoints
+            .iter()
+            .filter(|(k, ep)| k.as_str() != node && listed(ep) && ep.health.is_out())
+            .count();
+        let allowed = (known as f64 * fraction.clamp(0.0, 1.0) + 1e-9).floor() as usize;
+        let ok = out < allowed;
+        if !ok {
+            tracing::debug!(
+                node,
+                out,
+                known,
+                "ejection withheld: too many endpoints already out"
+            );
+        }
+        ok
+    }
+}
+
+/// `ewma × (inflight + 1) / (weight / 100)`, in nanoseconds.
+fn cost(ep: &Endpoint, cfg: &BalanceConfig, weight: u32) -> f64 {
+    let load = f64::from(ep.inflight.load(Ordering::Relaxed)) + 1.0;
+    let scale = f64::from(weight.max(1)) / f64::from(DEFAULT_WEIGHT);
+    ep.ewma.estimate_ns(cfg.default_rtt) * load / scale
+}
+
+fn snapshot_of(ep: &Endpoint, cfg: &BalanceConfig) -> EndpointSnapshot {
+    let state = if ep.draining {
+        EndpointState::Draining
+    } else if ep.health.is_out() {
+        EndpointState::Ejected
+    } else {
+        EndpointState::Healthy
+    };
+    EndpointSnapshot {
+        state,
+        ewma_ms: ep.ewma.estimate_ns(cfg.default_rtt) / 1e6,
+        inflight: ep.inflight.load(Ordering::Relaxed),
+        requests_total: ep.requests_total,
+        failures_total: ep.failures_total,
+        ejections_total: ep.health.ejections_total(),
+    }
+}

@@ -1,0 +1,83 @@
+//! Balancer tuning: one struct, each default a named constant with the reason for its value.
+
+use std::time::Duration;
+
+use super::RetryBudget;
+
+/// SPEC §8: "the EWMA decays over ~10 s". Long enough that one fast answer does not undo a
+/// slow spell; the price is that an endpoint which was 11× slower needs ~20 s after recovering
+/// to win back a fair share (the excess fades as `exp(-t / decay)`).
+pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
+/// Latency assumed before the first sample: a LAN round trip, so a new endpoint is tried soon
+/// rather than starved (Linkerd assumes 30 ms for the wider internet; a mesh is mostly one site).
+pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// Consecutive failures that eject: fewer than Envoy's 5 and Linkerd's 7, because a failed
+/// attempt is retried elsewhere anyway and every extra failure costs a retry.
+pub const DEFAULT_FAILURES_TO_EJECT: u32 = 3;
+/// First ejection: one second is enough to skip a restarting peer without losing a healthy one
+/// for long over a transient error.
+pub const DEFAULT_EJECT_BASE: Duration = Duration::from_secs(1);
+/// Longest ejection: a peer that keeps failing is still probed twice a minute.
+pub const DEFAULT_EJECT_MAX: Duration = Duration::from_secs(30);
+/// SPEC §8: never more than half of a service's endpoints ejected, so a fault on the client's
+/// side (which makes every endpoint look bad) cannot empty the pool.
+pub const DEFAULT_MAX_EJECTED_FRACTION: f64 = 0.5;
+/// Retries may add at most 20 % load: Finagle's and Linkerd's default.
+pub const DEFAULT_RETRY_BUDGET_RATIO: f64 = 0.2;
+/// Retries always allowed per second, so a quiet service can still fail over (Finagle: 10).
+pub const DEFAULT_RETRY_BUDGET_MIN_PER_SEC: u32 = 10;
+/// Window over which requests and retries are counted (Finagle and Linkerd: 10 s).
+pub const DEFAULT_RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+/// Relative weight of an endpoint that does not set one; cost is divided by `weight / 100`.
+pub const DEFAULT_WEIGHT: u32 = 100;
+
+/// Balancer tuning. Every default is one of the `DEFAULT_*` constants of this module.
+#[derive(Debug, Clone)]
+pub struct BalanceConfig {
+    /// EWMA decay time constant.
+    pub decay: Duration,
+    /// Latency assumed for an endpoint with no samples yet.
+    pub default_rtt: Duration,
+    /// Consecutive failures that eject an endpoint.
+    pub failures_to_eject: u32,
+    /// Length of the first ejection; doubles with each re-ejection.
+    pub eject_base: Duration,
+    /// Cap on the ejection length. Also how long an endpoint must stay healthy before its
+    /// back-off starts again from `eject_base`.
+    pub eject_max: Duration,
+    /// Largest share of a service's known endpoints that may be ejected at once.
+    pub max_ejected_fraction: f64,
+    /// Retries allowed as a fraction of recent requests.
+    pub retry_budget_ratio: f64,
+    /// Retries per second always allowed on top of the ratio.
+    pub retry_budget_min_per_sec: u32,
+    /// Sliding window of the retry budget.
+    pub retry_budget_window: Duration,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        BalanceConfig {
+            decay: DEFAULT_DECAY,
+            default_rtt: DEFAULT_RTT,
+            failures_to_eject: DEFAULT_FAILURES_TO_EJECT,
+            eject_base: DEFAULT_EJECT_BASE,
+            eject_max: DEFAULT_EJECT_MAX,
+            max_ejected_fraction: DEFAULT_MAX_EJECTED_FRACTION,
+            retry_budget_ratio: DEFAULT_RETRY_BUDGET_RATIO,
+            retry_budget_min_per_sec: DEFAULT_RETRY_BUDGET_MIN_PER_SEC,
+            retry_budget_window: DEFAULT_RETRY_BUDGET_WINDOW,
+        }
+    }
+}
+
+impl BalanceConfig {
+    /// The retry budget these settings describe.
+    pub fn retry_budget(&self) -> RetryBudget {
+        RetryBudget::new(
+            self.retry_budget_ratio,
+            self.retry_budget_min_per_sec,
+            self.retry_budget_window,
+        )
+    }
+}

@@ -1,0 +1,210 @@
+//! The choice itself, over a plain list of facts about each candidate: probes first, then
+//! power of two choices among the healthy, then the least bad of the rest.
+//!
+//! Why P2C rather than "cheapest of all": every node balances independently on slightly stale
+//! numbers, and if all of them sent everything to the single cheapest endpoint they would
+//! stampede it together. Comparing two random candidates keeps most of the benefit (the worse
+//! of the two is never chosen) while spreading the herd (Mitzenmacher; Finagle, Linkerd).
+
+use std::cmp::Ordering;
+use std::time::Instant;
+
+use rand::Rng;
+
+/// What the choice needs to know about one candidate.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Choice {
+    /// Relative share in the random draw, at least 1.
+    pub(super) weight: u32,
+    /// Lower is better: latency × load, already divided by the weight.
+    pub(super) cost: f64,
+    /// May take a new request (healthy, or probing with a free probe slot).
+    pub(super) available: bool,
+    /// Back-off expired and the probe slot is free.
+    pub(super) wants_probe: bool,
+    /// The peer is going away.
+    pub(super) draining: bool,
+    /// Start of its latest ejection, if ever ejected.
+    pub(super) ejected_at: Option<Instant>,
+}
+
+/// Index of the chosen candidate, `None` only for an empty list.
+pub(super) fn choose(choices: &[Choice], rng: &mut impl Rng) -> Option<usize> {
+    // An endpoint waiting for its probe gets this request, so its return does not depend on
+    // winning a contest against latency numbers from before it was ejected. Oldest first.
+    let probe = choices
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.wants_probe && !c.draining)
+        .min_by_key(|(_, c)| c.ejected_at);
+    if let Some((i, _)) = probe {
+        return Some(i);
+    }
+
+    let healthy: Vec<usize> = (0..choices.len())
+        .filter(|&i| choices[i].available && !choices[i].draining)
+        .collect();
+    match healthy.len() {
+        0 => fallback(choices),
+        1 => Some(healthy[0]),
+        _ => Some(two_choices(choices, &healthy, rng)),
+    }
+}
+
+/// Power of two choices: two distinct weighted draws from `pool`, the cheaper wins.
+fn two_choices(choices: &[Choice], pool: &[usize], rng: &mut impl Rng) -> usize {
+    let a = weighted_draw(choices, pool, None, rng);
+    let b = weighted_draw(choices, pool, Some(a), rng);
+    // Ties (equal cost, e.g. two fresh endpoints) go to the first draw, which is itself random.
+    match choices[b].cost.partial_cmp(&choices[a].cost) {
+        Some(Ordering::Less) => b,
+        _ => a,
+    }
+}
+
+/// One index of `pool` other than `skip`, drawn with probability proportional to weight.
+/// `pool` must hold at least one index besides `skip`.
+fn weighted_draw(
+    choices: &[Choice],
+    pool: &[usize],
+    skip: Option<usize>,
+    rng: &mut impl Rng,
+) -> usize {
+    let eligible = || pool.iter().copied().filter(move |&i| Some(i) != skip);
+    let total: u64 = eligible().map(|i| u64::from(choices[i].weight)).sum();
+    let mut ticket = rng.gen_range(0..total);
+    let mut last = pool[0];
+    for i in eligible() {
+        let w = u64::from(choices[i].weight);
+        if ticket < w {
+            return i;
+        }
+        ticket -= w;
+        last = i;
+    }
+    last
+}
+
+/// No healthy candidate: a sick endpoint beats none. The non-draining endpoint ejected longest
+/// ago is the likeliest to have recovered; a draining peer may still finish a request in its
+/// grace period, so it comes last, cheapest first.
+fn fallback(choices: &[Choice]) -> Option<usize> {
+    let oldest_ejected = choices
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| !c.draining)
+        .min_by_key(|(_, c)| c.ejected_at)
+        .map(|(i, _)| i);
+    oldest_ejected.or_else(|| {
+        choices
+            .iter()
+            .enumerate()
+            .min_by(|(_, a), (_, b)| a.cost.partial_cmp(&b.cost).unwrap_or(Ordering::Equal))
+            .map(|(i, _)| i)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+    use std::time::Duration;
+
+    fn healthy(cost: f64, weight: u32) -> Choice {
+        Choice {
+            weight,
+            cost,
+            available: true,
+            wants_probe: false,
+            draining: false,
+            ejected_at: None,
+        }
+    }
+
+    fn ejected(at: Instant) -> Choice {
+        Choice {
+            available: false,
+            ejected_at: Some(at),
+            ..healthy(1.0, 100)
+        }
+    }
+
+    fn counts(choices: &[Choice], n: usize, seed: u64) -> Vec<usize> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut hits = vec![0; choices.len()];
+        for _ in 0..n {
+            hits[choose(choices, &mut rng).unwrap()] += 1;
+        }
+        hits
+    }
+
+    #[test]
+    fn empty_list_chooses_nothing() {
+        assert_eq!(choose(&[], &mut StdRng::seed_from_u64(1)), None);
+    }
+
+    #[test]
+    fn the_costliest_of_three_is_never_chosen_and_the_cheapest_wins_its_pairs() {
+        let hits = counts(
+            &[healthy(1.0, 100), healthy(2.0, 100), healthy(3.0, 100)],
+            3_000,
+            7,
+        );
+        assert_eq!(hits[2], 0);
+        // The cheapest is in 2 of the 3 possible pairs and wins both.
+        assert!((1_800..2_200).contains(&hits[0]), "{hits:?}");
+    }
+
+    #[test]
+    fn draws_are_weighted() {
+        // Equal costs: the first draw decides, so shares follow the weights.
+        let hits = counts(&[healthy(1.0, 100), healthy(1.0, 300)], 4_000, 3);
+        assert!((800..1_200).contains(&hits[0]), "{hits:?}");
+    }
+
+    #[test]
+    fn weighted_draw_never_returns_the_skipped_index() {
+        let choices = [healthy(1.0, 1), healthy(1.0, 1_000_000), healthy(1.0, 1)];
+        let mut rng = StdRng::seed_from_u64(9);
+        for _ in 0..1_000 {
+            assert_ne!(weighted_draw(&choices, &[0, 1, 2], Some(1), &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn a_free_probe_slot_takes_the_request() {
+        let t0 = Instant::now();
+        let probe = Choice {
+            available: true,
+            wants_probe: true,
+            ..ejected(t0)
+        };
+        assert_eq!(counts(&[healthy(0.1, 100), probe], 10, 1), [0, 10]);
+    }
+
+    #[test]
+    fn fallback_prefers_the_endpoint_ejected_longest_ago_then_draining() {
+        let t0 = Instant::now();
+        let later = ejected(t0 + Duration::from_secs(1));
+        let draining = Choice {
+            draining: true,
+            ..healthy(0.1, 100)
+        };
+        assert_eq!(
+            choose(
+                &[later, ejected(t0), draining],
+                &mut StdRng::seed_from_u64(1)
+            ),
+            Some(1)
+        );
+        let expensive = Choice {
+            cost: 9.0,
+            ..draining
+        };
+        assert_eq!(
+            choose(&[expensive, draining], &mut StdRng::seed_from_u64(1)),
+            Some(1)
+        );
+    }
+}

@@ -1,0 +1,357 @@
+//! The TOML config file (SPEC §3): one struct per section, unknown keys rejected, durations
+//! with units, and `validate()` whose errors name the field at fault.
+
+mod duration;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use meshnode_registry::Protocol;
+
+pub use validate::ConfigError;
+
+/// Default UDP address of the QUIC endpoint (SPEC §3).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+/// Default admin API address: loopback, so nothing is exposed without a decision.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+/// Grace period for in-flight tunnels on SIGTERM: long enough for typical requests, short
+/// enough for a rolling restart.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
+/// Lease TTL: a silently dead node vanishes from every view within this time.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// Default relative weight of an endpoint.
+pub const DEFAULT_WEIGHT: u32 = 100;
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[node]`
+    pub node: NodeConfig,
+    /// `[tls]`
+    pub tls: TlsConfig,
+    /// `[registry]`
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    /// `[admin]`
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// `[transport]`: QUIC tuning, every key optional.
+    #[serde(default)]
+    pub transport: TransportTuning,
+    /// `[[service]]`: services hosted here.
+    #[serde(default)]
+    pub service: Vec<ServiceConfig>,
+    /// `[[outbound]]`: local TCP ports tunnelling to mesh services.
+    #[serde(default)]
+    pub outbound: Vec<OutboundConfig>,
+    /// `[http_proxy]`
+    pub http_proxy: Option<HttpProxyConfig>,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node name; must equal the certificate's node name.
+    pub name: String,
+    /// UDP address of the QUIC endpoint.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// What other nodes dial; defaults to `listen` unless that is unspecified.
+    pub advertise: Option<SocketAddr>,
+    /// Locality label.
+    #[serde(default)]
+    pub zone: String,
+    /// Persistent node state (endpoint keys).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Grace for in-flight tunnels on SIGTERM.
+    #[serde(default = "default_drain", with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificate(s), PEM.
+    pub ca: PathBuf,
+    /// This node's certificate, PEM.
+    pub cert: PathBuf,
+    /// This node's private key, PEM, mode 0600.
+    pub key: PathBuf,
+}
+
+/// Which registry backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// etcd v3.
+    #[default]
+    Etcd,
+    /// A fixed list of peers in this file.
+    Static,
+}
+
+/// `[registry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Backend.
+    #[serde(default)]
+    pub backend: Backend,
+    /// etcd endpoints.
+    #[serde(default = "default_endpoints")]
+    pub endpoints: Vec<String>,
+    /// Key prefix: one mesh per prefix.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Lease TTL (≥ 2 s).
+    #[serde(default = "default_lease_ttl", with = "duration")]
+    pub lease_ttl: Duration,
+    /// etcd CA certificate (TLS).
+    pub ca: Option<PathBuf>,
+    /// etcd client certificate (TLS).
+    pub cert: Option<PathBuf>,
+    /// etcd client key (TLS).
+    pub key: Option<PathBuf>,
+    /// etcd user name.
+    pub username: Option<String>,
+    /// File holding the etcd password.
+    pub password_file: Option<PathBuf>,
+    /// `[[registry.peers]]` for the static backend.
+    #[serde(default)]
+    pub peers: Vec<StaticPeerConfig>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            backend: Backend::Etcd,
+            endpoints: default_endpoints(),
+            prefix: default_prefix(),
+            lease_ttl: DEFAULT_LEASE_TTL,
+            ca: None,
+            cert: None,
+            key: None,
+            username: None,
+            password_file: None,
+            peers: Vec::new(),
+        }
+    }
+}
+
+/// `[[registry.peers]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticPeerConfig {
+    /// Peer node name.
+    pub name: String,
+    /// Its advertised QUIC address.
+    pub addr: SocketAddr,
+    /// Its zone.
+    #[serde(default)]
+    pub zone: String,
+    /// The services it hosts.
+    #[serde(default)]
+    pub services: Vec<StaticServiceConfig>,
+}
+
+/// A service of a static peer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticServiceConfig {
+    /// Service name.
+    pub name: String,
+    /// `tcp` or `http`.
+    pub protocol: Protocol,
+    /// Advertised port.
+    pub port: u16,
+    /// Relative weight.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin API address.
+    #[serde(default = "default_admin")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin(),
+        }
+    }
+}
+
+/// `[transport]`: QUIC tuning; every key has the default of `meshnode_transport::config`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportTuning {
+    /// Keep-alive interval.
+    #[serde(default, with = "duration::option")]
+    pub keep_alive: Option<Duration>,
+    /// Idle timeout: how long a silent peer goes unnoticed.
+    #[serde(default, with = "duration::option")]
+    pub idle_timeout: Option<Duration>,
+    /// Dial deadline.
+    #[serde(default, with = "duration::option")]
+    pub connect_timeout: Option<Duration>,
+    /// Concurrent streams a peer may open.
+    pub max_concurrent_streams: Option<u32>,
+    /// Deadline for a tunnel open (header sent → status received).
+    #[serde(default, with = "duration::option")]
+    pub open_timeout: Option<Duration>,
+}
+
+/// `[[service]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Service name.
+    pub name: String,
+    /// `tcp` or `http`.
+    pub protocol: Protocol,
+    /// Where the local application listens.
+    pub target: SocketAddr,
+    /// Advertised port; default: the target's port.
+    pub port: Option<u16>,
+    /// Relative share.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Only these nodes may call it.
+    pub allow: Option<Vec<String>>,
+}
+
+impl ServiceConfig {
+    /// The advertised port.
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(self.target.port())
+    }
+}
+
+/// `[[outbound]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// Mesh service to reach.
+    pub service: String,
+    /// Local TCP address to listen on.
+    pub listen: SocketAddr,
+}
+
+/// `[http_proxy]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProxyConfig {
+    /// Local address of the HTTP/1.1 proxy.
+    pub listen: SocketAddr,
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.parse().unwrap_or_else(|_| unreachable!())
+}
+fn default_admin() -> SocketAddr {
+    DEFAULT_ADMIN.parse().unwrap_or_else(|_| unreachable!())
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/meshnode")
+}
+fn default_drain() -> Duration {
+    DEFAULT_DRAIN
+}
+fn default_lease_ttl() -> Duration {
+    DEFAULT_LEASE_TTL
+}
+fn default_endpoints() -> Vec<String> {
+    vec!["http://127.0.0.1:2379".into()]
+}
+fn default_prefix() -> String {
+    "/meshnode".into()
+}
+fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
+}
+
+impl Config {
+    /// Parses and validates a config file. Relative paths in it are taken relative to the
+    /// file's directory, so a config and its certificates can move together.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let mut cfg = Config::parse(&text).map_err(|e| e.in_file(path))?;
+        if let Some(dir) = path.parent() {
+            cfg.resolve_paths(dir);
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: None,
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        fix(&mut self.tls.ca);
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        fix(&mut self.node.state_dir);
+        for p in [
+            &mut self.registry.ca,
+            &mut self.registry.cert,
+            &mut self.registry.key,
+            &mut self.registry.password_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+    }
+
+    /// The address other nodes dial.
+    pub fn advertise(&self) -> SocketAddr {
+        self.node.advertise.unwrap_or(self.node.listen)
+    }
+
+    /// Transport settings: defaults overridden by `[transport]`.
+    pub fn transport(&self) -> meshnode_transport::TransportConfig {
+        let mut t = meshnode_transport::TransportConfig::default();
+        let tune = &self.transport;
+        if let Some(v) = tune.keep_alive {
+            t.keep_alive = v;
+        }
+        if let Some(v) = tune.idle_timeout {
+            t.idle_timeout = v;
+        }
+        if let Some(v) = tune.connect_timeout {
+            t.connect_timeout = v;
+        }
+        if let Some(v) = tune.max_concurrent_streams {
+            t.max_concurrent_streams = v;
+        }
+        t
+    }
+}

@@ -1,0 +1,310 @@
+//! Semantic checks of a parsed config. Every error names the field at fault.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshnode_proto::identity::{validate_node_name, validate_service_name};
+
+use super::{Backend, Config};
+
+/// A config that cannot be used. Always exit code 78 (EX_CONFIG).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {}: {reason}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// TOML syntax, an unknown key, a missing key or a value of the wrong type.
+    #[error("{}{message}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
+    Parse {
+        /// The file, when known.
+        path: Option<PathBuf>,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+    /// A value that parses but is not acceptable.
+    #[error("{}{field}: {reason}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
+    Invalid {
+        /// The file, when known.
+        path: Option<PathBuf>,
+        /// Dotted field name, e.g. `service[1].name`.
+        field: String,
+        /// What is wrong and what would be right.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// Attaches the file name to an error from [`Config::parse`].
+    pub fn in_file(self, file: &Path) -> ConfigError {
+        match self {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: Some(file.to_path_buf()),
+                message,
+            },
+            ConfigError::Invalid { field, reason, .. } => ConfigError::Invalid {
+                path: Some(file.to_path_buf()),
+                field,
+                reason,
+            },
+            other => other,
+        }
+    }
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        path: None,
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Checks every rule the types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_node_name(&self.node.name).map_err(|e| invalid("node.name", e.to_string()))?;
+        match self.node.advertise {
+            Some(a) if a.ip().is_unspecified() || a.port() == 0 => {
+                return Err(invalid(
+                    "node.advertise",
+                    format!(
+                        "{a} cannot be dialled; give the address other nodes reach this node at"
+                    ),
+                ))
+            }
+            // Port 0 is allowed (tests, the demo): the node then advertises the bound port.
+            None if self.node.listen.ip().is_unspecified() => {
+                return Err(invalid(
+                    "node.advertise",
+                    format!(
+                        "required because node.listen ({}) is not an address other nodes can dial",
+                        self.node.listen
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        if self.node.drain_timeout > Duration::from_secs(3600) {
+            return Err(invalid("node.drain_timeout", "must be at most 1h"));
+        }
+        self.validate_registry()?;
+        self.validate_services()?;
+        let mut listeners = HashSet::new();
+        listeners.insert(self.admin.listen);
+        for (i, o) in self.outbound.iter().enumerate() {
+            validate_service_name(&o.service)
+                .map_err(|e| invalid(format!("outbound[{i}].service"), e.to_string()))?;
+            // Port 0 (tests, demo) lets the kernel choose, so it never collides.
+            if o.listen.port() != 0 && !listeners.insert(o.listen) {
+                return Err(invalid(
+                    format!("outbound[{i}].listen"),
+                    format!("{} is already used by another listener", o.listen),
+                ));
+            }
+        }
+        if let Some(p) = &self.http_proxy {
+            if p.listen.port() != 0 && !listeners.insert(p.listen) {
+                return Err(invalid(
+                    "http_proxy.listen",
+                    format!("{} is already used by another listener", p.listen),
+                ));
+            }
+        }
+        let t = &self.transport;
+        if let (Some(k), Some(i)) = (t.keep_alive, t.idle_timeout) {
+            if k >= i {
+                return Err(invalid(
+                    "transport.keep_alive",
+                    "must be shorter than transport.idle_timeout",
+                ));
+            }
+        }
+        if t.max_concurrent_streams == Some(0) {
+            return Err(invalid(
+                "transport.max_concurrent_streams",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_registry(&self) -> Result<(), ConfigError> {
+        let r = &self.registry;
+        if r.lease_ttl < Duration::from_secs(2) {
+            return Err(invalid("registry.lease_ttl", "must be at least 2s"));
+        }
+        if !r.prefix.starts_with('/') || r.prefix.len() < 2 || r.prefix.ends_with('/') {
+            return Err(invalid(
+                "registry.prefix",
+                format!(
+                    "{:?} must start with '/', not end with '/', e.g. \"/meshnode\"",
+                    r.prefix
+                ),
+            ));
+        }
+        match r.backend {
+            Backend::Etcd => {
+                if r.endpoints.is_empty() {
+                    return Err(invalid(
+                        "registry.endpoints",
+                        "needs at least one etcd endpoint",
+                    ));
+                }
+                for (i, e) in r.endpoints.iter().enumerate() {
+                    if !(e.starts_with("http://") || e.starts_with("https://")) {
+                        return Err(invalid(
+                            format!("registry.endpoints[{i}]"),
+                            format!("{e:?} must be a URL such as \"http://127.0.0.1:2379\""),
+                        ));
+                    }
+                }
+                if r.username.is_some() != r.password_file.is_some() {
+                    return Err(invalid(
+                        "registry.password_file",
+                        "username and password_file go together",
+                    ));
+                }
+                if !r.peers.is_empty() {
+                    return Err(invalid(
+                        "registry.peers",
+                        "only used with backend = \"static\"",
+                    ));
+                }
+            }
+            Backend::Static => {
+                let mut names = HashSet::new();
+                for (i, p) in r.peers.iter().enumerate() {
+                    validate_node_name(&p.name)
+                        .map_err(|e| invalid(format!("registry.peers[{i}].name"), e.to_string()))?;
+                    if p.name == self.node.name || !names.insert(&p.name) {
+                        return Err(invalid(
+                            format!("registry.peers[{i}].name"),
+                            format!("{:?} is listed twice (or is this node)", p.name),
+                        ));
+                    }
+                    for (j, s) in p.services.iter().enumerate() {
+                        validate_service_name(&s.name).map_err(|e| {
+                            invalid(
+                                format!("registry.peers[{i}].services[{j}].name"),
+                                e.to_string(),
+                            )
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_services(&self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        for (i, s) in self.service.iter().enumerate() {
+            validate_service_name(&s.name)
+                .map_err(|e| invalid(format!("service[{i}].name"), e.to_string()))?;
+            if !names.insert(&s.name) {
+                return Err(invalid(
+                    format!("service[{i}].name"),
+                    format!("service {:?} is defined twice", s.name),
+                ));
+            }
+            if s.target.port() == 0 {
+                return Err(invalid(format!("service[{i}].target"), "needs a port"));
+            }
+            if s.port() == 0 {
+                return Err(invalid(format!("service[{i}].port"), "must be 1-65535"));
+            }
+            if s.weight == 0 || s.weight > 10_000 {
+                return Err(invalid(format!("service[{i}].weight"), "must be 1-10000"));
+            }
+            for (j, n) in s.allow.iter().flatten().enumerate() {
+                validate_node_name(n)
+                    .map_err(|e| invalid(format!("service[{i}].allow[{j}]"), e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[node]
+name = "node-a"
+listen = "127.0.0.1:4433"
+state_dir = "/tmp/x"
+[tls]
+ca = "ca.pem"
+cert = "node-a.pem"
+key = "node-a.key"
+"#;
+
+    fn err(extra: &str) -> String {
+        match Config::parse(&format!("{BASE}{extra}")) {
+            Ok(_) => panic!("config with {extra:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let cfg = Config::parse(BASE).expect("valid");
+        assert_eq!(cfg.advertise().to_string(), "127.0.0.1:4433");
+        assert_eq!(cfg.registry.backend, Backend::Etcd);
+        assert_eq!(cfg.node.drain_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.admin.listen.to_string(), "127.0.0.1:15000");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err("[admin]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n");
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let e = err("[registry]\nlease_ttl = \"10\"\n");
+        assert!(e.contains("lease_ttl") || e.contains("duration"), "{e}");
+        assert!(e.contains("unit"), "{e}");
+    }
+
+    #[test]
+    fn short_lease_is_refused() {
+        let e = err("[registry]\nlease_ttl = \"1s\"\n");
+        assert!(e.contains("registry.lease_ttl"), "{e}");
+    }
+
+    #[test]
+    fn unspecified_listen_needs_advertise() {
+        let text = BASE.replace("127.0.0.1:4433", "0.0.0.0:4433");
+        let e = Config::parse(&text).expect_err("must fail").to_string();
+        assert!(e.contains("node.advertise"), "{e}");
+    }
+
+    #[test]
+    fn service_errors_name_the_index() {
+        let e = err(
+            "[[service]]\nname = \"Bad_Name\"\nprotocol = \"tcp\"\ntarget = \"127.0.0.1:80\"\n",
+        );
+        assert!(e.contains("service[0].name"), "{e}");
+        let e = err(
+            "[[service]]\nname = \"a\"\nprotocol = \"tcp\"\ntarget = \"127.0.0.1:80\"\nallow = [\"X\"]\n",
+        );
+        assert!(e.contains("service[0].allow[0]"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_listeners_are_refused() {
+        let e = err(
+            "[[outbound]]\nservice = \"a\"\nlisten = \"127.0.0.1:9\"\n[[outbound]]\nservice = \"b\"\nlisten = \"127.0.0.1:9\"\n",
+        );
+        assert!(e.contains("outbound[1].listen"), "{e}");
+    }
+}

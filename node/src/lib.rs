@@ -1,0 +1,19 @@
+//! The meshnode node: configuration, the running node (inbound and outbound tunnels,
+//! balancing, failover), the admin API and metrics, and the command-line front end.
+//!
+//! `main.rs` only parses the command line; everything a test or the demo needs is here.
+
+pub mod admin;
+pub mod balance;
+pub mod cli;
+pub mod config;
+pub mod exit;
+pub mod inbound;
+pub mod metrics;
+pub mod node;
+pub mod outbound;
+pub mod pki_cmd;
+pub mod status;
+pub mod status_cmd;
+
+pub use node::{Node, NodeParts};

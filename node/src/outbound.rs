@@ -1,0 +1,222 @@
+//! Outbound: an application's TCP connection on a local port becomes a tunnel to one of the
+//! service's endpoints, chosen by the balancer and retried elsewhere if the open fails.
+//!
+//! Nothing is read from the application before the tunnel is open, so a retry is invisible
+//! to it: its first bytes wait in the kernel's socket buffer, not in ours.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use meshnode_proto::StreamHeader;
+use meshnode_transport::tunnel::{self, OpenError};
+use meshnode_transport::Alpn;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::balance::Candidate;
+use crate::node::Shared;
+
+/// Attempts per connection: the first try plus up to two retries on other endpoints.
+pub const MAX_ATTEMPTS: usize = 3;
+
+/// Accepts application connections for `service` until the task is stopped.
+pub(crate) async fn accept_loop(shared: Arc<Shared>, service: String, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, client)) => {
+                let shared = shared.clone();
+                let service = service.clone();
+                tokio::spawn(async move { handle(shared, service, tcp, client).await });
+            }
+            Err(e) => {
+                // EMFILE and the like: back off briefly rather than spin.
+                tracing::warn!(%service, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+struct Target {
+    node: String,
+    addr: SocketAddr,
+    port: u16,
+    weight: u32,
+}
+
+fn targets(shared: &Shared, service: &str) -> Vec<Target> {
+    let view = shared.view.borrow().clone();
+    view.endpoints(service)
+        .filter_map(|(svc, node)| {
+            Some(Target {
+                node: node.name.clone(),
+                addr: node.addr.parse().ok()?,
+                port: svc.port,
+                weight: svc.weight,
+            })
+        })
+        .collect()
+}
+
+/// Why an attempt failed, for metrics and logs.
+enum AttemptError {
+    Connect(String),
+    Open(OpenError),
+}
+
+async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: SocketAddr) {
+    let started = Instant::now();
+    let balancer = shared.balancer(&service);
+    let budget = shared.budget(&service);
+    budget.record_request(Instant::now());
+    let mut tried: Vec<String> = Vec::new();
+    for attempt in 0..MAX_ATTEMPTS {
+        let all = targets(&shared, &service);
+        let candidates: Vec<Candidate<'_>> = all
+            .iter()
+            .map(|t| Candidate {
+                node: &t.node,
+                weight: t.weight,
+            })
+            .collect();
+        let mut exclude: Vec<&str> = tried.iter().map(String::as_str).collect();
+        if !candidates.is_empty() && candidates.iter().all(|c| exclude.contains(&c.node)) {
+            // Every endpoint failed once already: a second try on one of them still beats
+            // failing the application (a transient overload, a connection being replaced).
+            exclude.clear();
+        }
+        let picked = balancer.pick(
+            &candidates,
+            &exclude,
+            Instant::now(),
+            &mut rand::thread_rng(),
+        );
+        let Some(node) = picked else {
+            let result = if tried.is_empty() {
+                "no_endpoint"
+            } else {
+                "exhausted"
+            };
+            shared
+                .metrics
+                .inc("meshnode_tunnels_opened_total", &[&service, "", result]);
+            tracing::warn!(%service, %client, tried = ?tried, "no endpoint available; connection reset");
+            reset(tcp);
+            return;
+        };
+        if attempt > 0 && !budget.try_retry(Instant::now()) {
+            shared.metrics.inc(
+                "meshnode_tunnels_opened_total",
+                &[&service, &node, "budget_exhausted"],
+            );
+            tracing::warn!(%service, "retry budget exhausted; connection reset");
+            reset(tcp);
+            return;
+        }
+        let Some(target) = all.iter().find(|t| t.node == node) else {
+            continue;
+        };
+        let inflight = balancer.start(&node);
+        let open_started = Instant::now();
+        match open(&shared, &service, target).await {
+            Ok(t) => {
+                balancer.record_success(&node, open_started.elapsed(), Instant::now());
+                shared
+                    .metrics
+                    .inc("meshnode_tunnels_opened_total", &[&service, &node, "ok"]);
+                let _active = shared.track(&service);
+                let counters = shared.bytes(&service);
+                let outcome = tunnel::splice(tcp, t.send, t.recv, t.leftover, &counters).await;
+                drop(inflight);
+                tracing::debug!(
+                    target: "meshnode::access",
+                    direction = "outbound",
+                    %service,
+                    peer = %node,
+                    %client,
+                    attempts = attempt + 1,
+                    to_peer = outcome.to_peer,
+                    from_peer = outcome.from_peer,
+                    clean = outcome.is_clean(),
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "tunnel closed"
+                );
+                return;
+            }
+            Err(e) => {
+                drop(inflight);
+                let (result, retry, reason) = match &e {
+                    AttemptError::Connect(r) => {
+                        balancer.mark_down(&node, Instant::now());
+                        ("unreachable", true, r.clone())
+                    }
+                    AttemptError::Open(o) => {
+                        if o.is_retryable() {
+                            balancer.record_failure(&node, Instant::now());
+                        }
+                        (open_result(o), o.is_retryable(), o.to_string())
+                    }
+                };
+                shared
+                    .metrics
+                    .inc("meshnode_tunnels_opened_total", &[&service, &node, result]);
+                tracing::info!(%service, peer = %node, attempt, %reason, retry, "tunnel open failed");
+                if !retry {
+                    reset(tcp);
+                    return;
+                }
+                shared
+                    .metrics
+                    .inc("meshnode_retries_total", &[&service, result]);
+                tried.push(node);
+            }
+        }
+    }
+    tracing::warn!(%service, %client, tried = ?tried, "every attempt failed; connection reset");
+    reset(tcp);
+}
+
+fn open_result(e: &OpenError) -> &'static str {
+    match e {
+        OpenError::Refused(s) => match s.code.as_u16() {
+            403 => "forbidden",
+            404 => "not_found",
+            502 => "bad_gateway",
+            503 => "unavailable",
+            504 => "gateway_timeout",
+            _ => "refused",
+        },
+        OpenError::Timeout(_) => "timeout",
+        OpenError::Stream(_) | OpenError::Closed(_) => "stream_error",
+        OpenError::Header(_) | OpenError::Malformed(_) => "protocol_error",
+    }
+}
+
+async fn open(
+    shared: &Shared,
+    service: &str,
+    target: &Target,
+) -> Result<tunnel::OpenTunnel, AttemptError> {
+    let conn = shared
+        .pool
+        .connection(&target.node, target.addr, Alpn::Meshnode)
+        .await
+        .map_err(|e| AttemptError::Connect(e.to_string()))?;
+    let header = StreamHeader {
+        service: service.to_string(),
+        port: target.port,
+        traceparent: None,
+        deadline_ms: u32::try_from(shared.open_timeout.as_millis()).ok(),
+    };
+    tunnel::open(&conn, &header, shared.open_timeout)
+        .await
+        .map_err(AttemptError::Open)
+}
+
+/// Closes the application's connection with RST, so it sees a failure at once rather than an
+/// orderly end of an empty stream.
+fn reset(tcp: TcpStream) {
+    // Linger zero makes close send RST; it does not block, unlike a non-zero linger.
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+    drop(tcp);
+}

@@ -1,0 +1,155 @@
+//! The command line: exit codes and messages for bad configs, PKI commands, status.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use common::process::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+fn setup() -> Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("ca");
+    let (code, out, err) =
+        meshnode(&["ca", "init", "--dir", s(&ca), "--trust-domain", "prod.mesh"])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("prod.mesh"), "{out}");
+    let mode = std::fs::metadata(ca.join("ca.key"))?.permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "ca.key mode");
+    let (code, _, err) = meshnode(&[
+        "cert",
+        "issue",
+        "--ca-dir",
+        s(&ca),
+        "--name",
+        "node-a",
+        "--out",
+        s(&dir.path().join("certs")),
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let mode = std::fs::metadata(dir.path().join("certs/node-a.key"))?
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "node key mode");
+    Ok(dir)
+}
+
+const GOOD: &str = r#"[node]
+name = "node-a"
+listen = "127.0.0.1:4433"
+state_dir = "state"
+[tls]
+ca = "ca/ca.pem"
+cert = "certs/node-a.pem"
+key = "certs/node-a.key"
+"#;
+
+fn validate(dir: &Path, text: &str) -> Result<(i32, String)> {
+    let p = dir.join("meshnode.toml");
+    std::fs::write(&p, text)?;
+    let (code, out, err) = meshnode(&["validate", "-c", s(&p)])?;
+    Ok((code, format!("{out}{err}")))
+}
+
+#[test]
+fn validate_accepts_a_good_config_and_names_what_is_wrong_in_bad_ones() -> Result<()> {
+    let dir = setup()?;
+    let d = dir.path();
+    let (code, out) = validate(d, GOOD)?;
+    assert_eq!(code, 0, "{out}");
+
+    let cases: &[(&str, String)] = &[
+        ("bogus", format!("{GOOD}bogus = 1\n")),
+        (
+            "lease_ttl",
+            format!("{GOOD}[registry]\nlease_ttl = \"ten\"\n"),
+        ),
+        ("missing.pem", GOOD.replace("ca/ca.pem", "ca/missing.pem")),
+        (
+            "node.name",
+            GOOD.replace("name = \"node-a\"", "name = \"node-b\""),
+        ),
+        (
+            "target = \"nowhere\"",
+            format!("{GOOD}[[service]]\nname = \"x\"\nprotocol = \"tcp\"\ntarget = \"nowhere\"\n"),
+        ),
+    ];
+    for (needle, text) in cases {
+        let (code, out) = validate(d, text)?;
+        assert_eq!(code, 78, "{needle}: {out}");
+        assert!(out.contains(needle), "message should name {needle}: {out}");
+        assert!(!out.contains("panicked"), "{out}");
+    }
+
+    // A key readable by others is refused, as ssh does.
+    let key = d.join("certs/node-a.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644))?;
+    let (code, out) = validate(d, GOOD)?;
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("node-a.key"), "{out}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+
+    // A certificate from another CA.
+    let other = d.join("other");
+    meshnode(&["ca", "init", "--dir", s(&other)])?;
+    let (code, out) = validate(d, &GOOD.replace("ca/ca.pem", "other/ca.pem"))?;
+    assert_eq!(code, 78, "{out}");
+
+    // A missing config file.
+    let (code, _, err) = meshnode(&["validate", "-c", s(&d.join("absent.toml"))])?;
+    assert_eq!(code, 78);
+    assert!(err.contains("absent.toml"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn ca_init_refuses_to_overwrite_and_bad_names_are_usage_errors() -> Result<()> {
+    let dir = setup()?;
+    let ca = dir.path().join("ca");
+    let (code, _, err) = meshnode(&["ca", "init", "--dir", s(&ca)])?;
+    assert_ne!(code, 0, "overwrote an existing CA");
+    assert!(err.contains("ca.key"), "{err}");
+    let (code, _, err) = meshnode(&[
+        "cert",
+        "issue",
+        "--ca-dir",
+        s(&ca),
+        "--name",
+        "Bad_Name",
+        "--out",
+        s(dir.path()),
+    ])?;
+    assert_eq!(code, 64, "{err}");
+    let (code, _, _) = meshnode(&["frobnicate"])?;
+    assert_eq!(code, 64);
+    let (code, out, _) = meshnode(&["version"])?;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("meshnode "), "{out}");
+    Ok(())
+}
+
+#[test]
+fn status_without_a_node_says_how_to_reach_one() -> Result<()> {
+    let port = free_tcp()?;
+    let (code, _, err) = meshnode(&["status", "--admin", &port.to_string()])?;
+    assert_eq!(code, 69, "{err}");
+    assert!(err.contains("--admin") && err.contains("-c"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn run_with_a_bad_config_exits_78_without_a_backtrace() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let p = dir.path().join("bad.toml");
+    std::fs::write(&p, "[node]\nname = \"a\"\n")?;
+    let (code, _, err) = meshnode(&["run", "-c", s(&p)]).context("run")?;
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("tls"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    Ok(())
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the system packages meshnode's build and tests need, if they are missing:
+#   protoc (etcd-client's build script), etcd (registry tests). Debian/Ubuntu, apt.
+set -euo pipefail
+
+want=()
+command -v protoc >/dev/null 2>&1 || want+=(protobuf-compiler)
+if [ "${1:-}" = "--test" ]; then
+  command -v etcd >/dev/null 2>&1 || want+=(etcd-server)
+  command -v ip >/dev/null 2>&1 || want+=(iproute2)
+  command -v nft >/dev/null 2>&1 || want+=(nftables)
+fi
+[ ${#want[@]} -eq 0 ] && exit 0
+
+sudo=""
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null 2>&1 || { echo "need root (or sudo) to install: ${want[*]}" >&2; exit 1; }
+  sudo=sudo
+fi
+echo "installing: ${want[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
