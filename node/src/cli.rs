@@ -61,6 +61,12 @@ pub enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// A whole mesh on this machine, no set-up: three nodes, traffic, a failover.
+    Demo {
+        /// How long to run, in seconds.
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+    },
     /// Print the version.
     Version,
 }

@@ -80,6 +80,9 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             );
             Ok(())
         }
+        Command::Demo { duration } => runtime()?.block_on(meshnode::demo::run(
+            std::time::Duration::from_secs(duration),
+        )),
         Command::Version => {
             println!("meshnode {}", env!("CARGO_PKG_VERSION"));
             Ok(())

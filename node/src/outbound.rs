@@ -85,6 +85,17 @@ async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: So
             // failing the application (a transient overload, a connection being replaced).
             exclude.clear();
         }
+        // The budget is checked before `pick`, so every endpoint picked gets an outcome
+        // reported (a picked probe that never reported would keep its endpoint out).
+        if attempt > 0 && !budget.try_retry(Instant::now()) {
+            shared.metrics.inc(
+                "meshnode_tunnels_opened_total",
+                &[&service, "", "budget_exhausted"],
+            );
+            tracing::warn!(%service, "retry budget exhausted; connection reset");
+            reset(tcp);
+            return;
+        }
         let picked = balancer.pick(
             &candidates,
             &exclude,
@@ -104,21 +115,14 @@ async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: So
             reset(tcp);
             return;
         };
-        if attempt > 0 && !budget.try_retry(Instant::now()) {
-            shared.metrics.inc(
-                "meshnode_tunnels_opened_total",
-                &[&service, &node, "budget_exhausted"],
-            );
-            tracing::warn!(%service, "retry budget exhausted; connection reset");
+        // `pick` chose from `all`, so the lookup cannot miss.
+        let Some(target) = all.iter().find(|t| t.node == node) else {
             reset(tcp);
             return;
-        }
-        let Some(target) = all.iter().find(|t| t.node == node) else {
-            continue;
         };
         let inflight = balancer.start(&node);
-        let open_started = Instant::now();
-        match open(&shared, &service, target).await {
+        let mut open_started = Instant::now();
+        match open(&shared, &service, target, &mut open_started).await {
             Ok(t) => {
                 balancer.record_success(&node, open_started.elapsed(), Instant::now());
                 shared
@@ -153,6 +157,10 @@ async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: So
                     AttemptError::Open(o) => {
                         if o.is_retryable() {
                             balancer.record_failure(&node, Instant::now());
+                        } else {
+                            // 403/404/400: the endpoint is alive and answered; the request is
+                            // refused, the endpoint is not failing.
+                            balancer.record_success(&node, open_started.elapsed(), Instant::now());
                         }
                         (open_result(o), o.is_retryable(), o.to_string())
                     }
@@ -192,16 +200,20 @@ fn open_result(e: &OpenError) -> &'static str {
     }
 }
 
+/// Opens a tunnel to `target`. `open_started` is reset once a connection is at hand, so the
+/// latency sample is the tunnel open alone, not a first dial's handshake.
 async fn open(
     shared: &Shared,
     service: &str,
     target: &Target,
+    open_started: &mut Instant,
 ) -> Result<tunnel::OpenTunnel, AttemptError> {
     let conn = shared
         .pool
         .connection(&target.node, target.addr, Alpn::Meshnode)
         .await
         .map_err(|e| AttemptError::Connect(e.to_string()))?;
+    *open_started = Instant::now();
     let header = StreamHeader {
         service: service.to_string(),
         port: target.port,
