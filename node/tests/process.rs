@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -17,50 +16,6 @@ struct Mesh {
     a: NodeProcess,
     b: NodeProcess,
     outbound: std::net::SocketAddr,
-}
-
-fn pki(dir: &Path, names: &[&str]) -> Result<()> {
-    let ca = dir.join("ca");
-    let (code, _, err) = meshnode(&["ca", "init", "--dir", ca.to_str().context("utf8")?])?;
-    assert_eq!(code, 0, "ca init: {err}");
-    for n in names {
-        let (code, _, err) = meshnode(&[
-            "cert",
-            "issue",
-            "--ca-dir",
-            ca.to_str().context("utf8")?,
-            "--name",
-            n,
-            "--out",
-            dir.join("certs").to_str().context("utf8")?,
-        ])?;
-        assert_eq!(code, 0, "cert issue {n}: {err}");
-    }
-    Ok(())
-}
-
-fn node_config(
-    dir: &Path,
-    name: &str,
-    quic: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
-    body: &str,
-) -> String {
-    format!(
-        r#"[node]
-name = "{name}"
-listen = "{quic}"
-state_dir = "{state}"
-drain_timeout = "2s"
-[tls]
-ca = "ca/ca.pem"
-cert = "certs/{name}.pem"
-key = "certs/{name}.key"
-[admin]
-listen = "{admin}"
-{body}"#,
-        state = dir.join(format!("state-{name}")).display()
-    )
 }
 
 async fn start_mesh(echo: std::net::SocketAddr) -> Result<Mesh> {

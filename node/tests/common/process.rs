@@ -146,3 +146,48 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .context("no status code")?;
     Ok((code, body.to_string()))
 }
+
+/// Makes a CA and node certificates in `dir` with the real CLI (ca/, certs/).
+pub fn pki(dir: &Path, names: &[&str]) -> Result<()> {
+    let ca = dir.join("ca");
+    let (code, _, err) = meshnode(&["ca", "init", "--dir", ca.to_str().context("utf8")?])?;
+    assert_eq!(code, 0, "ca init: {err}");
+    for n in names {
+        let (code, _, err) = meshnode(&[
+            "cert",
+            "issue",
+            "--ca-dir",
+            ca.to_str().context("utf8")?,
+            "--name",
+            n,
+            "--out",
+            dir.join("certs").to_str().context("utf8")?,
+        ])?;
+        assert_eq!(code, 0, "cert issue {n}: {err}");
+    }
+    Ok(())
+}
+
+pub fn node_config(
+    dir: &Path,
+    name: &str,
+    quic: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    body: &str,
+) -> String {
+    format!(
+        r#"[node]
+name = "{name}"
+listen = "{quic}"
+state_dir = "{state}"
+drain_timeout = "2s"
+[tls]
+ca = "ca/ca.pem"
+cert = "certs/{name}.pem"
+key = "certs/{name}.key"
+[admin]
+listen = "{admin}"
+{body}"#,
+        state = dir.join(format!("state-{name}")).display()
+    )
+}
