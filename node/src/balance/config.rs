@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use super::RetryBudget;
 
-/// SPEC §8: "the EWMA decays over ~10 s". Long enough that one fast answer does not undo a
-/// slow spell; the price is that an endpoint which was 11× slower needs ~20 s after recovering
-/// to win back a fair share (the excess fades as `exp(-t / decay)`).
-pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
+/// SPEC §8: "the EWMA decays over ~10 s", read as: a slow spell's excess has faded to ~4 % ten
+/// seconds later (`exp(-10 / 3)`). A 10 s time constant instead kept an endpoint that had been
+/// 20 ms slower starved for over 30 s after it recovered (measured in
+/// `node/tests/failover.rs`), while SPEC §8 wants traffic back "within seconds".
+pub const DEFAULT_DECAY: Duration = Duration::from_secs(3);
 /// Latency assumed before the first sample: a LAN round trip, so a new endpoint is tried soon
 /// rather than starved (Linkerd assumes 30 ms for the wider internet; a mesh is mostly one site).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(1);

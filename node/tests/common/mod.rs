@@ -2,6 +2,7 @@
 //! helpers to run the real `meshnode` binary. Every wait has a deadline.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod process;
 
 use std::net::SocketAddr;

@@ -34,6 +34,7 @@ pub fn meshnode(args: &[&str]) -> Result<(i32, String, String)> {
 /// A running `meshnode run` process.
 pub struct NodeProcess {
     pub child: Child,
+    pub config: PathBuf,
     pub admin: SocketAddr,
     pub log: PathBuf,
 }
@@ -41,7 +42,10 @@ pub struct NodeProcess {
 impl NodeProcess {
     /// Starts `meshnode run -c config`, logging to `log`.
     pub fn start(config: &Path, admin: SocketAddr, log: &Path) -> Result<NodeProcess> {
-        let file = std::fs::File::create(log)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let child = Command::new(super::meshnode_bin())
             .args(["run", "-c"])
             .arg(config)
@@ -52,9 +56,15 @@ impl NodeProcess {
             .context("spawning meshnode run")?;
         Ok(NodeProcess {
             child,
+            config: config.to_path_buf(),
             admin,
             log: log.to_path_buf(),
         })
+    }
+
+    /// Starts the same node again (same config, admin address and log), after it exited.
+    pub fn restart(&self) -> Result<NodeProcess> {
+        NodeProcess::start(&self.config, self.admin, &self.log)
     }
 
     /// GET `path` on the admin API: (status code, body).

@@ -1,0 +1,215 @@
+//! A mesh of real `meshnode` processes on a real etcd, and a client that measures it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use meshnode_registry::testing::EtcdProcess;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::process::*;
+
+pub const TTL_S: u64 = 2;
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub etcd: EtcdProcess,
+}
+
+impl Cluster {
+    pub async fn new(names: &[&str]) -> Result<Cluster> {
+        let dir = tempfile::tempdir()?;
+        pki(dir.path(), names)?;
+        let etcd = EtcdProcess::start().await?;
+        Ok(Cluster { dir, etcd })
+    }
+
+    /// Starts a node; `body` adds services and outbounds.
+    pub fn node(&self, name: &str, body: &str) -> Result<NodeProcess> {
+        self.node_at(name, body, free_udp()?, "")
+    }
+
+    /// Starts a node on a given QUIC address; `extra_node` adds keys to `[node]`.
+    pub fn node_at(
+        &self,
+        name: &str,
+        body: &str,
+        quic: SocketAddr,
+        extra_node: &str,
+    ) -> Result<NodeProcess> {
+        let admin = free_tcp()?;
+        let registry = format!(
+            "[registry]\nendpoints = [\"{}\"]\nprefix = \"/test\"\nlease_ttl = \"{TTL_S}s\"\n",
+            self.etcd.endpoint
+        );
+        let cfg = node_config(
+            self.dir.path(),
+            name,
+            quic,
+            admin,
+            &format!("{registry}{body}"),
+        )
+        .replacen("[tls]", &format!("{extra_node}\n[tls]"), 1);
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, cfg)?;
+        let mut p = NodeProcess::start(&path, admin, &self.dir.path().join(format!("{name}.log")))?;
+        p.wait_ready(Duration::from_secs(20))?;
+        Ok(p)
+    }
+}
+
+pub fn echo_service(echo: SocketAddr) -> String {
+    format!("[[service]]\nname = \"echo\"\nprotocol = \"tcp\"\ntarget = \"{echo}\"\n")
+}
+
+pub fn outbound(addr: SocketAddr) -> String {
+    format!("[[outbound]]\nservice = \"echo\"\nlisten = \"{addr}\"\n")
+}
+
+/// The endpoints of `echo` that `node` currently knows, from its /status.
+pub fn endpoints(node: &NodeProcess) -> Result<Vec<String>> {
+    let (_, body) = node.get("/status")?;
+    let doc: serde_json::Value = serde_json::from_str(&body)?;
+    let mut out = Vec::new();
+    for s in doc["services"].as_array().context("services")? {
+        if s["name"] == "echo" {
+            for e in s["endpoints"].as_array().context("endpoints")? {
+                out.push(e["node"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub fn registry_state(node: &NodeProcess) -> Result<String> {
+    let (_, body) = node.get("/status")?;
+    let doc: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(doc["registry"]["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Polls until `f` holds; returns how long it took.
+pub fn until(
+    what: &str,
+    deadline: Duration,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        if f().unwrap_or(false) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > deadline {
+            bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client opening a new connection every `interval`: writes "ping", expects a one-byte tag
+/// of the serving node (see `tagged_server`) and the echo. Counts outcomes and the slowest.
+pub struct Traffic {
+    pub ok: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+    /// Successful connections by tag byte.
+    pub by_tag: Arc<Mutex<std::collections::BTreeMap<u8, u64>>>,
+    /// The slowest successful connection, microseconds.
+    pub worst_us: Arc<AtomicU64>,
+    /// When each failed connection started.
+    pub failures: Arc<Mutex<Vec<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    pub fn start(addr: SocketAddr, interval: Duration) -> Traffic {
+        let t = Traffic {
+            ok: Arc::default(),
+            failed: Arc::default(),
+            by_tag: Arc::default(),
+            worst_us: Arc::default(),
+            failures: Arc::default(),
+            task: tokio::spawn(async {}),
+        };
+        let (ok, failed, by_tag, worst, failures) = (
+            t.ok.clone(),
+            t.failed.clone(),
+            t.by_tag.clone(),
+            t.worst_us.clone(),
+            t.failures.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                let (ok, failed, by_tag, worst, failures) = (
+                    ok.clone(),
+                    failed.clone(),
+                    by_tag.clone(),
+                    worst.clone(),
+                    failures.clone(),
+                );
+                tokio::spawn(async move {
+                    let start = Instant::now();
+                    let r = tokio::time::timeout(Duration::from_secs(5), async {
+                        let mut s = tokio::net::TcpStream::connect(addr).await?;
+                        s.write_all(b"ping").await?;
+                        let mut b = [0u8; 5];
+                        s.read_exact(&mut b).await?;
+                        Ok::<_, std::io::Error>(b)
+                    })
+                    .await;
+                    match r {
+                        Ok(Ok(b)) if &b[1..] == b"ping" => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            worst.fetch_max(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+                            if let Ok(mut m) = by_tag.lock() {
+                                *m.entry(b[0]).or_default() += 1;
+                            }
+                        }
+                        _ => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(mut f) = failures.lock() {
+                                f.push(start);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Traffic { task, ..t }
+    }
+
+    /// Stops the client and lets connections under way finish; returns (ok, failed).
+    pub async fn stop(&self) -> (u64, u64) {
+        self.task.abort();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Failed connections that started at or after `t`.
+    pub fn failed_since(&self, t: Instant) -> usize {
+        self.failures
+            .lock()
+            .map(|f| f.iter().filter(|s| **s >= t).count())
+            .unwrap_or(0)
+    }
+
+    pub fn tagged(&self, tag: u8) -> u64 {
+        self.by_tag
+            .lock()
+            .map(|m| m.get(&tag).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    pub fn worst(&self) -> Duration {
+        Duration::from_micros(self.worst_us.load(Ordering::Relaxed))
+    }
+}
