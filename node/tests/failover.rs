@@ -197,7 +197,7 @@ async fn rolling_restart_fails_no_connection() -> Result<()> {
         until("traffic on both", Duration::from_secs(10), || {
             Ok(t.tagged(b'B') > 0 && t.tagged(b'C') > 0)
         })?;
-        let mut procs = vec![m.b, m.c];
+        let mut procs = [m.b, m.c];
         for p in procs.iter_mut() {
             p.signal(libc::SIGTERM)?;
             assert_eq!(p.wait_exit(Duration::from_secs(15))?, Some(0));
