@@ -153,3 +153,32 @@ fn run_with_a_bad_config_exits_78_without_a_backtrace() -> Result<()> {
     assert!(!err.contains("panicked"), "{err}");
     Ok(())
 }
+
+#[test]
+fn the_example_configs_validate_once_their_pki_exists() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    for f in ["node-a.toml", "node-b.toml"] {
+        std::fs::copy(examples.join(f), dir.path().join(f))?;
+    }
+    let pki = dir.path().join("pki");
+    let (code, _, err) = meshnode(&["ca", "init", "--dir", s(&pki.join("ca"))])?;
+    assert_eq!(code, 0, "{err}");
+    for n in ["node-a", "node-b"] {
+        let (code, _, err) = meshnode(&[
+            "cert",
+            "issue",
+            "--ca-dir",
+            s(&pki.join("ca")),
+            "--name",
+            n,
+            "--out",
+            s(&pki),
+        ])?;
+        assert_eq!(code, 0, "{err}");
+        let (code, out, err) =
+            meshnode(&["validate", "-c", s(&dir.path().join(format!("{n}.toml")))])?;
+        assert_eq!(code, 0, "{n}: {out}{err}");
+    }
+    Ok(())
+}
