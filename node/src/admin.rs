@@ -12,8 +12,62 @@ use tokio::net::TcpListener;
 
 use crate::node::{sync_metrics, Shared};
 
+/// The admin API's own thread and runtime, away from the data plane: a saturated data plane
+/// must not make `/metrics` and `/readyz` time out, and a flood of admin requests must not
+/// steal the data plane's workers.
+pub(crate) struct AdminThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl AdminThread {
+    /// Stops serving (the thread exits once its runtime winds down).
+    pub(crate) fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for AdminThread {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Starts the admin API on `listener` in a thread with a single-threaded runtime.
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+) -> std::io::Result<AdminThread> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("meshnode-admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin API cannot listen");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    _ = serve(shared, listener) => {}
+                    _ = rx => {}
+                }
+            });
+        })?;
+    Ok(AdminThread { stop: Some(tx) })
+}
+
 /// Serves the admin API until the task is stopped.
-pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(c) => c,

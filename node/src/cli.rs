@@ -14,9 +14,27 @@ use crate::node::{Node, NodeParts};
 #[derive(Debug, Parser)]
 #[command(name = "meshnode", version, about, disable_help_subcommand = true)]
 pub struct Cli {
+    /// Log format on stderr: `text` or `json`. Verbosity: MESHNODE_LOG (env-filter syntax,
+    /// default `info,meshnode::access=off`; `meshnode::access=info` turns on the access log).
+    #[arg(
+        long,
+        global = true,
+        env = "MESHNODE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     /// The subcommand.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Subcommands.

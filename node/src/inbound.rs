@@ -122,8 +122,13 @@ async fn serve_stream(
         service,
         port,
         deadline_ms,
-        ..
+        traceparent,
     } = &header;
+    // The trace id of the caller's W3C traceparent, for the access log.
+    let trace_id = traceparent
+        .as_deref()
+        .and_then(|t| t.split('-').nth(1))
+        .unwrap_or("");
     let started = Instant::now();
     let result = authorise_and_connect(&shared, &peer, service, *port, *deadline_ms).await;
     let tcp = match result {
@@ -144,11 +149,12 @@ async fn serve_stream(
     let _active = shared.track(service);
     let counters = shared.bytes(service);
     let outcome = tunnel::splice(tcp, send, recv, leftover, &counters).await;
-    tracing::debug!(
+    tracing::info!(
         target: "meshnode::access",
         direction = "inbound",
         %peer,
         %service,
+        %trace_id,
         to_peer = outcome.to_peer,
         from_peer = outcome.from_peer,
         clean = outcome.is_clean(),

@@ -12,6 +12,7 @@ pub mod exit;
 pub mod inbound;
 pub mod metrics;
 pub mod node;
+pub mod notify;
 pub mod outbound;
 pub mod pki_cmd;
 pub mod status;

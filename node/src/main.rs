@@ -15,7 +15,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_logging();
+    init_logging(cli.log_format);
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -25,13 +25,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// The access log (one line per tunnel) is off unless MESHNODE_LOG names it: at thousands of
+/// connections a second it would drown everything else.
+const DEFAULT_LOG: &str = "info,meshnode::access=off";
+
+fn init_logging(format: cli::LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("MESHNODE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let filter =
+        EnvFilter::try_from_env("MESHNODE_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        cli::LogFormat::Json => builder.json().try_init(),
+        cli::LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {

@@ -196,6 +196,7 @@ impl Drop for ActiveGuard {
 /// A running node.
 pub struct Node {
     pub(crate) shared: Arc<Shared>,
+    admin_thread: crate::admin::AdminThread,
     tasks: Vec<JoinHandle<()>>,
     quic_addr: SocketAddr,
     admin_addr: SocketAddr,
@@ -236,7 +237,7 @@ impl Node {
             Some(a) => a,
             None => quic_addr,
         };
-        let admin = TcpListener::bind(config.admin.listen).await.map_err(|e| {
+        let admin = std::net::TcpListener::bind(config.admin.listen).map_err(|e| {
             Failure::new(
                 exit::UNAVAILABLE,
                 format!("admin.listen: cannot bind {}: {e}", config.admin.listen),
@@ -294,11 +295,12 @@ impl Node {
         });
 
         let mut tasks = vec![
-            tokio::spawn(crate::admin::serve(shared.clone(), admin)),
             tokio::spawn(crate::inbound::accept_loop(shared.clone())),
             tokio::spawn(sample_loop(shared.clone())),
             tokio::spawn(view_loop(shared.clone())),
         ];
+        let admin_thread = crate::admin::spawn(shared.clone(), admin)
+            .map_err(|e| Failure::new(exit::SOFTWARE, format!("admin API: {e}")))?;
         let mut outbound = Vec::new();
         for (service, listener) in outbound_listeners {
             if let Ok(addr) = listener.local_addr() {
@@ -326,6 +328,7 @@ impl Node {
         );
         Ok(Node {
             shared,
+            admin_thread,
             tasks,
             quic_addr,
             admin_addr,
@@ -403,6 +406,7 @@ impl Node {
         for t in &self.tasks {
             t.abort();
         }
+        self.admin_thread.stop();
         tracing::info!(node = %shared.name, "stopped");
     }
 
@@ -411,6 +415,7 @@ impl Node {
         for t in &self.tasks {
             t.abort();
         }
+        self.admin_thread.stop();
         self.shared.endpoint.close(0, b"");
     }
 }

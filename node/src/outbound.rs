@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use meshnode_proto::StreamHeader;
 use meshnode_transport::tunnel::{self, OpenError};
@@ -18,6 +18,21 @@ use crate::node::Shared;
 
 /// Attempts per connection: the first try plus up to two retries on other endpoints.
 pub const MAX_ATTEMPTS: usize = 3;
+/// A tunnel open may take this many times the endpoint's peak-EWMA latency before it is
+/// abandoned and retried elsewhere: far above normal jitter, far below "dead".
+pub const OPEN_DEADLINE_FACTOR: f64 = 10.0;
+/// The shortest open deadline: below this, a busy but healthy target (a TCP accept queue, a
+/// GC pause) would be retried needlessly.
+pub const MIN_OPEN_DEADLINE: Duration = Duration::from_millis(500);
+
+/// The deadline for opening a tunnel to an endpoint whose peak-EWMA latency is `ewma_ms`:
+/// derived from what was measured, between [`MIN_OPEN_DEADLINE`] and the configured ceiling.
+pub fn open_deadline(ewma_ms: f64, ceiling: Duration) -> Duration {
+    let measured = Duration::from_secs_f64((ewma_ms.max(0.0) * OPEN_DEADLINE_FACTOR) / 1e3);
+    measured
+        .max(MIN_OPEN_DEADLINE)
+        .min(ceiling.max(MIN_OPEN_DEADLINE))
+}
 
 /// Accepts application connections for `service` until the task is stopped.
 pub(crate) async fn accept_loop(shared: Arc<Shared>, service: String, listener: TcpListener) {
@@ -66,6 +81,9 @@ enum AttemptError {
 
 async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: SocketAddr) {
     let started = Instant::now();
+    // One W3C trace per application connection; every attempt is its own span, and the far
+    // node logs the same trace id, so a tunnel can be followed across the mesh.
+    let trace_id = format!("{:032x}", rand::random::<u128>());
     let balancer = shared.balancer(&service);
     let budget = shared.budget(&service);
     budget.record_request(Instant::now());
@@ -122,7 +140,21 @@ async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: So
         };
         let inflight = balancer.start(&node);
         let mut open_started = Instant::now();
-        match open(&shared, &service, target, &mut open_started).await {
+        let traceparent = format!("00-{trace_id}-{:016x}-01", rand::random::<u64>());
+        let deadline = open_deadline(
+            balancer.snapshot(&node, Instant::now()).ewma_ms,
+            shared.open_timeout,
+        );
+        match open(
+            &shared,
+            &service,
+            target,
+            &traceparent,
+            deadline,
+            &mut open_started,
+        )
+        .await
+        {
             Ok(t) => {
                 balancer.record_success(&node, open_started.elapsed(), Instant::now());
                 shared
@@ -132,12 +164,13 @@ async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: So
                 let counters = shared.bytes(&service);
                 let outcome = tunnel::splice(tcp, t.send, t.recv, t.leftover, &counters).await;
                 drop(inflight);
-                tracing::debug!(
+                tracing::info!(
                     target: "meshnode::access",
                     direction = "outbound",
                     %service,
                     peer = %node,
                     %client,
+                    %trace_id,
                     attempts = attempt + 1,
                     to_peer = outcome.to_peer,
                     from_peer = outcome.from_peer,
@@ -206,6 +239,8 @@ async fn open(
     shared: &Shared,
     service: &str,
     target: &Target,
+    traceparent: &str,
+    deadline: Duration,
     open_started: &mut Instant,
 ) -> Result<tunnel::OpenTunnel, AttemptError> {
     let conn = shared
@@ -217,10 +252,10 @@ async fn open(
     let header = StreamHeader {
         service: service.to_string(),
         port: target.port,
-        traceparent: None,
-        deadline_ms: u32::try_from(shared.open_timeout.as_millis()).ok(),
+        traceparent: Some(traceparent.to_string()),
+        deadline_ms: u32::try_from(deadline.as_millis()).ok(),
     };
-    tunnel::open(&conn, &header, shared.open_timeout)
+    tunnel::open(&conn, &header, deadline)
         .await
         .map_err(AttemptError::Open)
 }
@@ -231,4 +266,19 @@ fn reset(tcp: TcpStream) {
     // Linger zero makes close send RST; it does not block, unlike a non-zero linger.
     let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
     drop(tcp);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_deadline_follows_measured_latency_within_bounds() {
+        let ceiling = Duration::from_secs(3);
+        assert_eq!(open_deadline(0.0, ceiling), MIN_OPEN_DEADLINE);
+        assert_eq!(open_deadline(1.0, ceiling), MIN_OPEN_DEADLINE);
+        assert_eq!(open_deadline(80.0, ceiling), Duration::from_millis(800));
+        assert_eq!(open_deadline(1_000.0, ceiling), ceiling);
+        assert_eq!(open_deadline(f64::NAN, ceiling), MIN_OPEN_DEADLINE);
+    }
 }

@@ -1,0 +1,265 @@
+//! `meshbench`: load generator and targets for comparing meshnode with other tunnels.
+//!
+//! ```text
+//! meshbench sink --listen 127.0.0.1:9000            # target for `bulk`
+//! meshbench echo --listen 127.0.0.1:9001            # target for `latency` and `bulk --target echo`
+//! meshbench bulk --connect 127.0.0.1:9000 --bytes 2GiB --repeat 3
+//! meshbench latency --connect 127.0.0.1:9001 --rate 1000 --duration 10s --size 1024 --json
+//! meshbench quic-bulk-server --listen 127.0.0.1:9443
+//! meshbench quic-bulk --connect 127.0.0.1:9443 --bytes 2GiB --repeat 3
+//! ```
+//! Servers print `meshbench <what> listening on ADDR` once bound, then run until SIGINT/SIGTERM.
+//! Clients print a human summary, or one JSON object with `--json`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use meshnode_bench::latency::{self, LatencyOptions};
+use meshnode_bench::quic;
+use meshnode_bench::relay::control::parse_duration;
+use meshnode_bench::tcp::{self, median, BulkRun, BulkTarget};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "meshbench",
+    version,
+    about = "meshnode benchmarks: load generator and targets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// TCP sink: reads length-prefixed transfers and acknowledges each with its byte count.
+    Sink {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// TCP echo server.
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// TCP bulk throughput against a sink (or an echo, verifying every byte read back).
+    Bulk {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Total bytes per run, split over the connections (suffixes K/M/G/KiB/MiB/GiB).
+        #[arg(long, value_parser = parse_size)]
+        bytes: u64,
+        /// Parallel connections.
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
+        #[arg(long, value_enum, default_value_t = BulkTarget::Sink)]
+        target: BulkTarget,
+        /// Runs (fresh connections each); the median is reported.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open-loop request/response latency against an echo server at a fixed rate.
+    Latency {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Requests per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Measured duration, e.g. `10s`.
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        duration: Duration,
+        /// Unrecorded lead-in, e.g. `1s`.
+        #[arg(long, value_parser = parse_duration, default_value = "1s")]
+        warmup: Duration,
+        /// Request (and response) size in bytes, at least 8.
+        #[arg(long, value_parser = parse_size, default_value = "1024")]
+        size: u64,
+        /// Connections in the pool; requests go round-robin and are pipelined.
+        #[arg(long, default_value_t = 4)]
+        conns: usize,
+        /// Spin (instead of sleeping) for this long before each send, for timer accuracy.
+        #[arg(long, value_parser = parse_duration, default_value = "100us")]
+        spin: Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Raw quinn bulk receiver (self-signed certificate): the QUIC throughput ceiling.
+    QuicBulkServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Raw quinn bulk sender: one connection, one stream per run.
+    QuicBulk {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, value_parser = parse_size)]
+        bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses `1024`, `64K`, `2GiB`, ... (K/M/G are decimal, KiB/MiB/GiB binary).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("bad size {text:?}"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1_000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}")),
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+/// Prints bulk runs as text or JSON, with their median.
+fn report_bulk(what: &str, conns: usize, runs: &[BulkRun], json: bool) {
+    let rates: Vec<f64> = runs.iter().map(|r| r.gbps).collect();
+    let med = median(&rates);
+    if json {
+        let out = json!({ "what": what, "conns": conns, "runs": runs, "median_gbps": med });
+        println!("{out}");
+    } else {
+        for (i, r) in runs.iter().enumerate() {
+            println!(
+                "{what} run {}: {} bytes in {:.3} s = {:.2} Gbit/s",
+                i + 1,
+                r.bytes,
+                r.seconds,
+                r.gbps
+            );
+        }
+        println!(
+            "{what} median over {} run(s), {conns} connection(s): {med:.2} Gbit/s",
+            runs.len()
+        );
+    }
+}
+
+async fn serve_tcp(what: &str, listen: SocketAddr) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    println!("meshbench {what} listening on {}", listener.local_addr()?);
+    Ok(listener)
+}
+
+/// Resolves when the process is asked to stop.
+async fn stop_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Sink { listen } => {
+            let listener = serve_tcp("sink", listen).await?;
+            tokio::select! { r = tcp::run_sink(listener) => r?, r = stop_signal() => r? }
+        }
+        Command::Echo { listen } => {
+            let listener = serve_tcp("echo", listen).await?;
+            tokio::select! { r = tcp::run_echo(listener) => r?, r = stop_signal() => r? }
+        }
+        Command::Bulk {
+            connect,
+            bytes,
+            conns,
+            target,
+            repeat,
+            json,
+        } => {
+            let runs = tokio::task::spawn_blocking(move || {
+                (0..repeat.max(1))
+                    .map(|_| tcp::bulk(connect, bytes, conns, target))
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })
+            .await??;
+            report_bulk("bulk", conns, &runs, json);
+        }
+        Command::Latency {
+            connect,
+            rate,
+            duration,
+            warmup,
+            size,
+            conns,
+            spin,
+            json,
+        } => {
+            let size = usize::try_from(size).context("--size is too large")?;
+            let opts = LatencyOptions {
+                addr: connect,
+                rate,
+                duration,
+                warmup,
+                size,
+                conns,
+                spin,
+                drain: Duration::from_secs(10),
+            };
+            let report = tokio::task::spawn_blocking(move || latency::run(&opts)).await??;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                let row = |name: &str, p: &latency::Percentiles| {
+                    println!(
+                        "{name:<12} p50 {:>8.1}  p90 {:>8.1}  p99 {:>8.1}  p99.9 {:>8.1}  max {:>9.1} µs",
+                        p.p50, p.p90, p.p99, p.p999, p.max
+                    )
+                };
+                println!(
+                    "{} requests at {} req/s, {} B, {} connection(s), {} missing",
+                    report.requests, report.rate, report.size, report.conns, report.missing
+                );
+                row("corrected", &report.corrected_us);
+                row("uncorrected", &report.uncorrected_us);
+                row("send late", &report.send_lateness_us);
+            }
+        }
+        Command::QuicBulkServer { listen } => {
+            let server = quic::serve(listen, |addr| {
+                println!("meshbench quic-bulk-server listening on {addr}");
+            });
+            tokio::select! { r = server => r?, r = stop_signal() => r? }
+        }
+        Command::QuicBulk {
+            connect,
+            bytes,
+            repeat,
+            json,
+        } => {
+            let (endpoint, connection) = quic::connect(connect).await?;
+            let mut runs = Vec::new();
+            for _ in 0..repeat.max(1) {
+                runs.push(quic::bulk(&connection, bytes).await?);
+            }
+            connection.close(0u32.into(), b"done");
+            endpoint.wait_idle().await;
+            report_bulk("quic-bulk", 1, &runs, json);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,279 @@
+//! Open-loop request/response latency against an echo server, corrected for coordinated omission.
+//!
+//! Request `i` is *scheduled* at `start + i / rate`, whatever happened to earlier requests, and
+//! sent on connection `i mod conns` of a pool (requests are pipelined, so a slow response never
+//! delays the next send). Its latency is measured from the scheduled time to the arrival of the
+//! last byte of its echo, so a stall is charged to every request it delayed (the correction for
+//! coordinated omission). The uncorrected latency (from the actual send) and the sender's own
+//! lateness are reported beside it, so the load generator's timer error is visible.
+//!
+//! Timing runs on plain OS threads: the sender sleeps until shortly before each scheduled time and
+//! spins the rest (`spin`), because async timers have millisecond granularity.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Parameters of one latency run.
+#[derive(Clone, Debug)]
+pub struct LatencyOptions {
+    /// Echo server (or the tunnel entry in front of one).
+    pub addr: SocketAddr,
+    /// Requests per second, over the whole pool.
+    pub rate: f64,
+    /// Measured duration (after the warm-up).
+    pub duration: Duration,
+    /// Leading period whose requests are sent but not recorded.
+    pub warmup: Duration,
+    /// Request and response size in bytes (at least 8: the sequence number).
+    pub size: usize,
+    /// Connections in the pool.
+    pub conns: usize,
+    /// How long before each scheduled send the sender stops sleeping and spins.
+    pub spin: Duration,
+    /// How long to wait for outstanding responses after the last send.
+    pub drain: Duration,
+}
+
+/// Percentiles of one latency distribution, in microseconds.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest value.
+    pub max: f64,
+    /// Arithmetic mean.
+    pub mean: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Percentiles {
+            p50: us(h.value_at_quantile(0.50)),
+            p90: us(h.value_at_quantile(0.90)),
+            p99: us(h.value_at_quantile(0.99)),
+            p999: us(h.value_at_quantile(0.999)),
+            max: us(h.max()),
+            mean: h.mean() / 1000.0,
+        }
+    }
+}
+
+/// The outcome of a latency run.
+#[derive(Clone, Debug, Serialize)]
+pub struct LatencyReport {
+    /// Target rate (requests/s).
+    pub rate: f64,
+    /// Request size in bytes.
+    pub size: usize,
+    /// Connections in the pool.
+    pub conns: usize,
+    /// Measured seconds (excluding warm-up).
+    pub seconds: f64,
+    /// Requests recorded (scheduled after the warm-up and answered).
+    pub requests: u64,
+    /// Requests sent but never answered within the drain time.
+    pub missing: u64,
+    /// Latency from the scheduled send time (corrected for coordinated omission).
+    pub corrected_us: Percentiles,
+    /// Latency from the actual send time.
+    pub uncorrected_us: Percentiles,
+    /// How late the sender was against the schedule.
+    pub send_lateness_us: Percentiles,
+}
+
+/// A request in flight: its sequence number, scheduled and actual send times, and whether it
+/// counts (sent after the warm-up).
+type Pending = (u64, Instant, Instant, bool);
+
+struct Conn {
+    stream: TcpStream,
+    pending: Arc<Mutex<VecDeque<Pending>>>,
+    sent: u64,
+    received: Arc<AtomicU64>,
+}
+
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 600_000_000_000, 3).context("creating a histogram")
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Sleeps until `deadline`, spinning for the last `spin`.
+fn wait_until(deadline: Instant, spin: Duration) {
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        let left = deadline - now;
+        if left > spin {
+            thread::sleep(left - spin);
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Reads echoed responses on one connection and records their latencies.
+fn read_responses(
+    mut stream: TcpStream,
+    size: usize,
+    pending: Arc<Mutex<VecDeque<Pending>>>,
+    received: Arc<AtomicU64>,
+) -> anyhow::Result<(Histogram<u64>, Histogram<u64>)> {
+    let (mut corrected, mut uncorrected) = (histogram()?, histogram()?);
+    let mut buf = vec![0u8; size];
+    loop {
+        if let Err(e) = stream.read_exact(&mut buf) {
+            // The pool is shut down once every response is in (or the drain time is over).
+            if e.kind() == std::io::ErrorKind::UnexpectedEof || received_all(&pending) {
+                return Ok((corrected, uncorrected));
+            }
+            return Err(e).context("reading a response");
+        }
+        let now = Instant::now();
+        let front = pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front();
+        let Some((seq, scheduled, sent, record)) = front else {
+            bail!("a response arrived for no request");
+        };
+        ensure!(
+            buf[..8] == seq.to_be_bytes(),
+            "response out of order (expected #{seq})"
+        );
+        if record {
+            corrected.saturating_record(nanos(now - scheduled));
+            uncorrected.saturating_record(nanos(now - sent));
+        }
+        received.fetch_add(1, Ordering::Release);
+    }
+}
+
+fn received_all(pending: &Mutex<VecDeque<Pending>>) -> bool {
+    pending
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .is_empty()
+}
+
+/// Runs one open-loop latency measurement.
+pub fn run(opts: &LatencyOptions) -> anyhow::Result<LatencyReport> {
+    ensure!(opts.size >= 8, "--size must be at least 8 bytes");
+    ensure!(
+        opts.rate > 0.0 && opts.rate.is_finite(),
+        "--rate must be positive"
+    );
+    ensure!(opts.conns > 0, "--conns must be at least 1");
+    let mut conns = Vec::with_capacity(opts.conns);
+    let mut readers = Vec::with_capacity(opts.conns);
+    for _ in 0..opts.conns {
+        let stream = TcpStream::connect(opts.addr)
+            .with_context(|| format!("connecting to {}", opts.addr))?;
+        stream.set_nodelay(true)?;
+        let pending = Arc::new(Mutex::new(VecDeque::new()));
+        let received = Arc::new(AtomicU64::new(0));
+        let (read, p, r, size) = (
+            stream.try_clone()?,
+            pending.clone(),
+            received.clone(),
+            opts.size,
+        );
+        readers.push(thread::spawn(move || read_responses(read, size, p, r)));
+        conns.push(Conn {
+            stream,
+            pending,
+            sent: 0,
+            received,
+        });
+    }
+
+    let mut request = vec![0xA5u8; opts.size];
+    let mut lateness = histogram()?;
+    let start = Instant::now() + Duration::from_millis(20);
+    let measure_from = start + opts.warmup;
+    let end = measure_from + opts.duration;
+    let mut send_error = None;
+    for i in 0u64.. {
+        let scheduled = start + Duration::from_secs_f64(i as f64 / opts.rate);
+        if scheduled >= end {
+            break;
+        }
+        wait_until(scheduled, opts.spin);
+        let conn = &mut conns[(i % opts.conns as u64) as usize];
+        request[..8].copy_from_slice(&i.to_be_bytes());
+        let sent = Instant::now();
+        let record = scheduled >= measure_from;
+        if record {
+            lateness.saturating_record(nanos(sent - scheduled));
+        }
+        conn.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back((i, scheduled, sent, record));
+        if let Err(e) = conn.stream.write_all(&request) {
+            send_error = Some(e);
+            break;
+        }
+        conn.sent += 1;
+    }
+
+    // Wait for the outstanding responses, then close the pool so the readers return.
+    let drain_until = Instant::now() + opts.drain;
+    while Instant::now() < drain_until
+        && conns
+            .iter()
+            .any(|c| c.received.load(Ordering::Acquire) < c.sent)
+    {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let mut missing = 0;
+    for conn in &conns {
+        missing += conn
+            .sent
+            .saturating_sub(conn.received.load(Ordering::Acquire));
+        let _ = conn.stream.shutdown(Shutdown::Both);
+    }
+    let (mut corrected, mut uncorrected) = (histogram()?, histogram()?);
+    for reader in readers {
+        let (c, u) = match reader.join() {
+            Ok(result) => result?,
+            Err(_) => bail!("a reader thread panicked"),
+        };
+        corrected.add(&c).context("merging histograms")?;
+        uncorrected.add(&u).context("merging histograms")?;
+    }
+    if let Some(e) = send_error {
+        return Err(e).context("sending a request");
+    }
+    Ok(LatencyReport {
+        rate: opts.rate,
+        size: opts.size,
+        conns: opts.conns,
+        seconds: opts.duration.as_secs_f64(),
+        requests: corrected.len(),
+        missing,
+        corrected_us: Percentiles::of(&corrected),
+        uncorrected_us: Percentiles::of(&uncorrected),
+        send_lateness_us: Percentiles::of(&lateness),
+    })
+}
