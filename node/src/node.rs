@@ -469,6 +469,29 @@ async fn sample_loop(shared: Arc<Shared>) {
 /// Brings sampled values (registry state, byte totals) into the metrics; called by the
 /// sampler and before every `/metrics` render so counters are exact when read.
 pub(crate) fn sync_metrics(shared: &Shared) {
+    let now = Instant::now();
+    let view = shared.view.borrow().clone();
+    let balancers: Vec<(String, Arc<Balancer>)> = lock(&shared.balancers)
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (service, b) in balancers {
+        for node in view
+            .services
+            .get(&service)
+            .into_iter()
+            .flat_map(|m| m.keys())
+        {
+            let ejections = b.snapshot(node, now).ejections_total;
+            if ejections > 0 {
+                shared.metrics.set_counter(
+                    "meshnode_endpoint_ejections_total",
+                    &[&service, node],
+                    ejections as f64,
+                );
+            }
+        }
+    }
     let status = shared.registry.status().borrow().clone();
     let connected = status.state == meshnode_registry::RegistryState::Connected;
     shared.metrics.set(

@@ -61,7 +61,10 @@ pub fn send_to(socket: &OsStr, state: &str) -> io::Result<()> {
     if sent != state.len() {
         return Err(io::Error::new(
             io::ErrorKind::WriteZero,
-            format!("short write to the notify socket: {sent} of {} bytes", state.len()),
+            format!(
+                "short write to the notify socket: {sent} of {} bytes",
+                state.len()
+            ),
         ));
     }
     Ok(())

@@ -211,3 +211,67 @@ async fn readyz_is_503_until_registered_then_200() -> Result<()> {
     })
     .await?
 }
+
+/// Every `meshnode_*` name in an expression, with histogram suffixes folded to the family.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("meshnode_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        out.push(family.to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr" | "query", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_metric_the_dashboard_queries_exists() -> Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples/grafana-dashboard.json");
+    let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let mut all = Vec::new();
+    exprs(&dash, &mut all);
+    assert!(all.len() >= 10, "too few queries: {}", all.len());
+    let exported = meshnode::metrics::Metrics::new().render();
+    let mut seen = 0;
+    for e in &all {
+        for name in metric_names(e) {
+            seen += 1;
+            assert!(
+                exported.contains(&format!("# HELP {name} ")),
+                "dashboard queries {name}, which meshnode does not export ({e})"
+            );
+        }
+    }
+    assert!(seen >= 10);
+    for name in SPEC_METRICS {
+        assert!(
+            all.iter().any(|e| e.contains(name)),
+            "the dashboard does not show {name}"
+        );
+    }
+    Ok(())
+}
