@@ -229,6 +229,7 @@ pub fn start_registry(config: &Config) -> Result<Registry, Failure> {
 
 /// `meshnode run`: start, wait for SIGTERM/SIGINT, drain.
 pub async fn run(path: &Path) -> Result<(), Failure> {
+    use tokio::signal::unix::{signal, SignalKind};
     let (config, identity) = load_checked(path)?;
     let registry = start_registry(&config)?;
     let node = Node::start(NodeParts {
@@ -237,20 +238,49 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
         registry,
     })
     .await?;
-    wait_for_signal().await?;
+    let watch = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| Failure::new(exit::SOFTWARE, format!("cannot watch {name}: {e}")))
+    };
+    let mut term = watch(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = watch(SignalKind::interrupt(), "SIGINT")?;
+    let mut hup = watch(SignalKind::hangup(), "SIGHUP")?;
+    {
+        let ready = node.wait_ready();
+        tokio::pin!(ready);
+        let mut announced = false;
+        loop {
+            tokio::select! {
+                _ = &mut ready, if !announced => {
+                    announced = true;
+                    crate::notify::ready();
+                    tracing::info!("ready");
+                }
+                _ = hup.recv() => {
+                    crate::notify::reloading();
+                    reload(&node, path).await;
+                    crate::notify::ready();
+                }
+                _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
+                _ = int.recv() => { tracing::info!("SIGINT received"); break; }
+            }
+        }
+    }
+    crate::notify::stopping();
     node.drain().await;
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<(), Failure> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())
-        .map_err(|e| Failure::new(exit::SOFTWARE, format!("cannot watch SIGTERM: {e}")))?;
-    let mut int = signal(SignalKind::interrupt())
-        .map_err(|e| Failure::new(exit::SOFTWARE, format!("cannot watch SIGINT: {e}")))?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGHUP: re-read and validate the config; a bad one is rejected and the old one kept.
+async fn reload(node: &Node, path: &Path) {
+    let config = match load_checked(path) {
+        Ok((config, _)) => config,
+        Err(f) => {
+            tracing::error!(error = %f, "reload rejected; the running config is kept");
+            return;
+        }
+    };
+    match node.reload(config).await {
+        Ok(summary) => tracing::info!("{summary}"),
+        Err(f) => tracing::error!(error = %f, "reload failed; the running config is kept"),
     }
-    Ok(())
 }

@@ -15,6 +15,7 @@ pub mod node;
 pub mod notify;
 pub mod outbound;
 pub mod pki_cmd;
+pub mod reload;
 pub mod status;
 pub mod status_cmd;
 

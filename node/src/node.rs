@@ -64,7 +64,7 @@ pub(crate) struct Shared {
     pub idle: Notify,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -200,7 +200,40 @@ pub struct Node {
     tasks: Vec<JoinHandle<()>>,
     quic_addr: SocketAddr,
     admin_addr: SocketAddr,
-    outbound: Vec<(String, SocketAddr)>,
+    pub(crate) outbounds: Mutex<Vec<OutboundListener>>,
+}
+
+/// One `[[outbound]]` listener and its accept task.
+pub(crate) struct OutboundListener {
+    pub service: String,
+    /// The address in the config (may have port 0).
+    pub configured: SocketAddr,
+    /// The address actually bound.
+    pub bound: SocketAddr,
+    pub task: JoinHandle<()>,
+}
+
+impl OutboundListener {
+    /// Binds and starts serving `service` on `listen`.
+    pub(crate) async fn start(
+        shared: &Arc<Shared>,
+        service: &str,
+        listen: SocketAddr,
+    ) -> std::io::Result<OutboundListener> {
+        let listener = TcpListener::bind(listen).await?;
+        let bound = listener.local_addr()?;
+        let task = tokio::spawn(crate::outbound::accept_loop(
+            shared.clone(),
+            service.to_string(),
+            listener,
+        ));
+        Ok(OutboundListener {
+            service: service.to_string(),
+            configured: listen,
+            bound,
+            task,
+        })
+    }
 }
 
 impl Node {
@@ -246,17 +279,6 @@ impl Node {
         let admin_addr = admin
             .local_addr()
             .map_err(|e| Failure::new(exit::UNAVAILABLE, e.to_string()))?;
-        let mut outbound_listeners = Vec::new();
-        for (i, o) in config.outbound.iter().enumerate() {
-            let l = TcpListener::bind(o.listen).await.map_err(|e| {
-                Failure::new(
-                    exit::UNAVAILABLE,
-                    format!("outbound[{i}].listen: cannot bind {}: {e}", o.listen),
-                )
-            })?;
-            outbound_listeners.push((o.service.clone(), l));
-        }
-
         let local: HashMap<String, ServiceConfig> = config
             .service
             .iter()
@@ -294,7 +316,7 @@ impl Node {
             config,
         });
 
-        let mut tasks = vec![
+        let tasks = vec![
             tokio::spawn(crate::inbound::accept_loop(shared.clone())),
             tokio::spawn(sample_loop(shared.clone())),
             tokio::spawn(view_loop(shared.clone())),
@@ -302,15 +324,20 @@ impl Node {
         let admin_thread = crate::admin::spawn(shared.clone(), admin)
             .map_err(|e| Failure::new(exit::SOFTWARE, format!("admin API: {e}")))?;
         let mut outbound = Vec::new();
-        for (service, listener) in outbound_listeners {
-            if let Ok(addr) = listener.local_addr() {
-                outbound.push((service.clone(), addr));
+        for (i, o) in shared.config.outbound.iter().enumerate() {
+            match OutboundListener::start(&shared, &o.service, o.listen).await {
+                Ok(l) => outbound.push(l),
+                Err(e) => {
+                    for t in tasks.iter().chain(outbound.iter().map(|o| &o.task)) {
+                        t.abort();
+                    }
+                    shared.endpoint.close(0, b"start-up failed");
+                    return Err(Failure::new(
+                        exit::UNAVAILABLE,
+                        format!("outbound[{i}].listen: cannot bind {}: {e}", o.listen),
+                    ));
+                }
             }
-            tasks.push(tokio::spawn(crate::outbound::accept_loop(
-                shared.clone(),
-                service,
-                listener,
-            )));
         }
         shared.listeners_bound.store(true, Ordering::SeqCst);
         shared
@@ -323,7 +350,7 @@ impl Node {
             quic = %quic_addr,
             %advertise,
             admin = %admin_addr,
-            outbound = ?outbound,
+            outbound = ?outbound.iter().map(|o| (&o.service, o.bound)).collect::<Vec<_>>(),
             "node started"
         );
         Ok(Node {
@@ -332,7 +359,7 @@ impl Node {
             tasks,
             quic_addr,
             admin_addr,
-            outbound,
+            outbounds: Mutex::new(outbound),
         })
     }
 
@@ -353,10 +380,10 @@ impl Node {
 
     /// The bound address of the outbound listener for `service`.
     pub fn outbound_addr(&self, service: &str) -> Option<SocketAddr> {
-        self.outbound
+        lock(&self.outbounds)
             .iter()
-            .find(|(s, _)| s == service)
-            .map(|(_, a)| *a)
+            .find(|o| o.service == service)
+            .map(|o| o.bound)
     }
 
     /// This node's metrics.
@@ -372,6 +399,18 @@ impl Node {
     /// Whether the node is ready (registered, listening, not draining).
     pub fn is_ready(&self) -> bool {
         self.shared.readiness_blockers().is_empty()
+    }
+
+    /// Resolves once the node is ready (listeners bound and registered once).
+    pub async fn wait_ready(&self) {
+        let mut status = self.shared.registry.status();
+        loop {
+            if self.is_ready() {
+                return;
+            }
+            // Readiness follows the registry; a short tick covers the rest.
+            let _ = tokio::time::timeout(Duration::from_millis(100), status.changed()).await;
+        }
     }
 
     /// Graceful shutdown (SPEC §8): readyz → 503, new tunnels refused with 503 (callers retry
@@ -406,6 +445,9 @@ impl Node {
         for t in &self.tasks {
             t.abort();
         }
+        for o in lock(&self.outbounds).iter() {
+            o.task.abort();
+        }
         self.admin_thread.stop();
         tracing::info!(node = %shared.name, "stopped");
     }
@@ -414,6 +456,9 @@ impl Node {
     pub fn kill(self) {
         for t in &self.tasks {
             t.abort();
+        }
+        for o in lock(&self.outbounds).iter() {
+            o.task.abort();
         }
         self.admin_thread.stop();
         self.shared.endpoint.close(0, b"");
