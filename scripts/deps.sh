@@ -9,6 +9,7 @@ if [ "${1:-}" = "--test" ]; then
   command -v etcd >/dev/null 2>&1 || want+=(etcd-server)
   command -v ip >/dev/null 2>&1 || want+=(iproute2)
   command -v nft >/dev/null 2>&1 || want+=(nftables)
+  command -v systemd-analyze >/dev/null 2>&1 || want+=(systemd)
 fi
 [ ${#want[@]} -eq 0 ] && exit 0
 

@@ -256,9 +256,15 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
                     tracing::info!("ready");
                 }
                 _ = hup.recv() => {
-                    crate::notify::reloading();
+                    // Only a node that announced READY may say RELOADING/READY again:
+                    // systemd must not see a start-up finish early.
+                    if announced {
+                        crate::notify::reloading();
+                    }
                     reload(&node, path).await;
-                    crate::notify::ready();
+                    if announced {
+                        crate::notify::ready();
+                    }
                 }
                 _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
                 _ = int.recv() => { tracing::info!("SIGINT received"); break; }
