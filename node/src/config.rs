@@ -62,8 +62,9 @@ pub struct NodeConfig {
     /// UDP address of the QUIC endpoint.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// What other nodes dial; defaults to `listen` unless that is unspecified.
-    pub advertise: Option<SocketAddr>,
+    /// What other nodes dial: `"ip:port"`, or `"auto"` (the address the host routes from,
+    /// followed when it changes); defaults to `listen` unless that is unspecified.
+    pub advertise: Option<Advertise>,
     /// Locality label.
     #[serde(default)]
     pub zone: String,
@@ -73,6 +74,28 @@ pub struct NodeConfig {
     /// Grace for in-flight tunnels on SIGTERM.
     #[serde(default = "default_drain", with = "duration")]
     pub drain_timeout: Duration,
+}
+
+/// `node.advertise`: a fixed address, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advertise {
+    /// Always this address.
+    Addr(SocketAddr),
+    /// The local address the host uses towards the registry and peers, on the bound port;
+    /// re-registered whenever it changes (connection migration).
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for Advertise {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "auto" {
+            return Ok(Advertise::Auto);
+        }
+        s.parse().map(Advertise::Addr).map_err(|_| {
+            serde::de::Error::custom(format!("{s:?} is neither \"auto\" nor an ip:port address"))
+        })
+    }
 }
 
 /// `[tls]`
@@ -331,9 +354,13 @@ impl Config {
         }
     }
 
-    /// The address other nodes dial.
-    pub fn advertise(&self) -> SocketAddr {
-        self.node.advertise.unwrap_or(self.node.listen)
+    /// The address other nodes dial, when the config fixes it (`None` for `auto`).
+    pub fn advertise(&self) -> Option<SocketAddr> {
+        match self.node.advertise {
+            Some(Advertise::Addr(a)) => Some(a),
+            Some(Advertise::Auto) => None,
+            None => Some(self.node.listen),
+        }
     }
 
     /// Transport settings: defaults overridden by `[transport]`.

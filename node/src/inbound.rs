@@ -47,6 +47,11 @@ async fn serve_connection(shared: Arc<Shared>, inbound: InboundConnection) {
         return;
     }
     tracing::debug!(%peer, remote = %conn.remote_address(), "peer connected");
+    tokio::spawn(crate::migrate::follow_peer_address(
+        shared.clone(),
+        peer.clone(),
+        conn.clone(),
+    ));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {

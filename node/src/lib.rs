@@ -11,6 +11,7 @@ pub mod demo;
 pub mod exit;
 pub mod inbound;
 pub mod metrics;
+pub mod migrate;
 pub mod node;
 pub mod notify;
 pub mod outbound;

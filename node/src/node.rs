@@ -55,6 +55,8 @@ pub(crate) struct Shared {
     pub balance_cfg: BalanceConfig,
     pub metrics: Metrics,
     pub bytes: Mutex<HashMap<String, Arc<TunnelCounters>>>,
+    /// Inbound connections: each caller's current address and the migrations seen.
+    pub inbound_paths: Mutex<HashMap<String, (SocketAddr, u64, usize)>>,
     /// Last seen remote address of each peer connection and the migrations counted.
     pub paths: Mutex<HashMap<String, (usize, SocketAddr, u64)>>,
     pub open_timeout: Duration,
@@ -267,7 +269,12 @@ impl Node {
             .local_addr()
             .map_err(|e| Failure::new(exit::UNAVAILABLE, format!("node.listen: {e}")))?;
         let advertise = match config.node.advertise {
-            Some(a) => a,
+            Some(crate::config::Advertise::Addr(a)) => a,
+            Some(crate::config::Advertise::Auto) => {
+                let refs = crate::migrate::references(&config, &registry.view().borrow());
+                let ip = crate::migrate::route_source(&refs).unwrap_or(quic_addr.ip());
+                SocketAddr::new(ip, quic_addr.port())
+            }
             None => quic_addr,
         };
         let admin = std::net::TcpListener::bind(config.admin.listen).map_err(|e| {
@@ -308,6 +315,7 @@ impl Node {
             metrics: Metrics::new(),
             bytes: Mutex::default(),
             paths: Mutex::default(),
+            inbound_paths: Mutex::default(),
             open_timeout,
             draining: AtomicBool::new(false),
             listeners_bound: AtomicBool::new(false),
@@ -316,11 +324,16 @@ impl Node {
             config,
         });
 
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(crate::inbound::accept_loop(shared.clone())),
             tokio::spawn(sample_loop(shared.clone())),
             tokio::spawn(view_loop(shared.clone())),
         ];
+        if shared.config.node.advertise == Some(crate::config::Advertise::Auto) {
+            tasks.push(tokio::spawn(crate::migrate::follow_local_address(
+                shared.clone(),
+            )));
+        }
         let admin_thread = crate::admin::spawn(shared.clone(), admin)
             .map_err(|e| Failure::new(exit::SOFTWARE, format!("admin API: {e}")))?;
         let mut outbound = Vec::new();

@@ -114,7 +114,7 @@ pub(crate) fn build(shared: &Shared) -> StatusDoc {
     let reg = shared.registry.status().borrow().clone();
     let view = shared.view.borrow().clone();
     let now = Instant::now();
-    let peers = shared
+    let peers: Vec<PeerStatus> = shared
         .pool
         .snapshot()
         .into_iter()
@@ -130,6 +130,24 @@ pub(crate) fn build(shared: &Shared) -> StatusDoc {
             name: p.name,
         })
         .collect();
+    // Callers that have not been dialled back appear through their inbound connection.
+    let mut peers: Vec<PeerStatus> = peers;
+    for (name, (addr, migrations, _)) in crate::node::lock(&shared.inbound_paths).iter() {
+        match peers.iter_mut().find(|p| &p.name == name) {
+            Some(p) => p.migrations += migrations,
+            None => peers.push(PeerStatus {
+                name: name.clone(),
+                addr: addr.to_string(),
+                state: "connected".into(),
+                rtt_ms: None,
+                streams_active: 0,
+                bytes_sent: 0,
+                bytes_received: 0,
+                migrations: *migrations,
+            }),
+        }
+    }
+    peers.sort_by(|a, b| a.name.cmp(&b.name));
     let local = shared.local_services();
     let mut services: BTreeMap<String, ServiceStatus> = BTreeMap::new();
     for (name, by_node) in &view.services {

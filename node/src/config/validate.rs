@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use meshnode_proto::identity::{validate_node_name, validate_service_name};
 
-use super::{Backend, Config};
+use super::{Advertise, Backend, Config};
 
 /// A config that cannot be used. Always exit code 78 (EX_CONFIG).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,7 +70,8 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_node_name(&self.node.name).map_err(|e| invalid("node.name", e.to_string()))?;
         match self.node.advertise {
-            Some(a) if a.ip().is_unspecified() || a.port() == 0 => {
+            Some(Advertise::Auto) => {}
+            Some(Advertise::Addr(a)) if a.ip().is_unspecified() || a.port() == 0 => {
                 return Err(invalid(
                     "node.advertise",
                     format!(
@@ -264,7 +265,10 @@ key = "node-a.key"
     #[test]
     fn minimal_config_parses_with_defaults() {
         let cfg = Config::parse(BASE).expect("valid");
-        assert_eq!(cfg.advertise().to_string(), "127.0.0.1:4433");
+        assert_eq!(
+            cfg.advertise(),
+            Some("127.0.0.1:4433".parse().expect("addr"))
+        );
         assert_eq!(cfg.registry.backend, Backend::Etcd);
         assert_eq!(cfg.node.drain_timeout, Duration::from_secs(10));
         assert_eq!(cfg.admin.listen.to_string(), "127.0.0.1:15000");
@@ -287,6 +291,19 @@ key = "node-a.key"
     fn short_lease_is_refused() {
         let e = err("[registry]\nlease_ttl = \"1s\"\n");
         assert!(e.contains("registry.lease_ttl"), "{e}");
+    }
+
+    #[test]
+    fn advertise_auto_is_accepted_with_an_unspecified_listen() {
+        let text = BASE.replace("127.0.0.1:4433\"", "0.0.0.0:4433\"\nadvertise = \"auto\"");
+        let cfg = Config::parse(&text).expect("valid");
+        assert_eq!(cfg.node.advertise, Some(Advertise::Auto));
+        let bad = BASE.replace(
+            "127.0.0.1:4433\"",
+            "127.0.0.1:4433\"\nadvertise = \"somewhere\"",
+        );
+        let e = Config::parse(&bad).expect_err("must fail").to_string();
+        assert!(e.contains("auto"), "{e}");
     }
 
     #[test]
