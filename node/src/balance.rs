@@ -231,7 +231,10 @@ impl Balancer {
     /// receiving traffic shows that it recovered.
     pub fn observe_rtt(&self, node: &str, rtt: Duration, now: Instant) {
         let decay = self.cfg.decay;
-        self.lock().entry(node).ewma.observe(rtt, now, decay);
+        self.lock()
+            .entry(node)
+            .ewma
+            .observe_smoothed(rtt, now, decay);
     }
 
     /// The peer is known dead (QUIC connection closed or reset): eject it now, with the usual

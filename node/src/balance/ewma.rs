@@ -41,6 +41,21 @@ impl PeakEwma {
         self.state = Some((next, at));
     }
 
+    /// Folds in a sample that is itself an average (the transport's smoothed RTT): blended
+    /// both ways, never taken as a peak. A smoothed RTT lags the path by seconds; as a peak it
+    /// would hold a recovered endpoint at its old latency until the transport caught up.
+    pub(super) fn observe_smoothed(&mut self, sample: Duration, now: Instant, decay: Duration) {
+        let sample_ns = sample.as_nanos() as f64;
+        match self.state {
+            None => self.state = Some((sample_ns, now)),
+            Some((estimate, at)) => {
+                let w = weight_of_past(now.saturating_duration_since(at), decay);
+                let at = if at > now { at } else { now };
+                self.state = Some((estimate * w + sample_ns * (1.0 - w), at));
+            }
+        }
+    }
+
     /// The estimate in nanoseconds, or `default` when there has been no sample yet.
     pub(super) fn estimate_ns(&self, default: Duration) -> f64 {
         match self.state {
@@ -77,6 +92,19 @@ mod tests {
 
     fn est_ms(e: &PeakEwma) -> f64 {
         e.estimate_ns(ms(1)) / 1e6
+    }
+
+    #[test]
+    fn smoothed_samples_never_jump_up() {
+        let base = Instant::now();
+        let mut e = PeakEwma::default();
+        e.observe(ms(1), base, ms(3000));
+        e.observe_smoothed(ms(20), base + ms(500), ms(3000));
+        let v = est_ms(&e);
+        assert!(
+            v > 1.0 && v < 20.0 * (1.0 - (-1.0f64 / 6.0).exp()) + 1.5,
+            "{v}"
+        );
     }
 
     #[test]
