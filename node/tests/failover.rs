@@ -164,7 +164,7 @@ async fn slower_endpoint_gets_little_traffic_and_recovers() -> Result<()> {
         assert!(share_c >= 0.85, "C share {share_c}");
         relay.set_delay(Duration::ZERO);
         let t = Traffic::start(m.out, INTERVAL);
-        let back = until("B to get traffic again", Duration::from_secs(30), || {
+        let back = until("B to get traffic again", Duration::from_secs(15), || {
             Ok(t.tagged(b'B') >= 20)
         })?;
         eprintln!("delay removed: B back to 20 connections after {back:?}");
