@@ -19,6 +19,7 @@
 #   LAT_CONNS     latency connection pool     [4]
 #   BASE_PORT     first of ~20 loopback ports [random in 20000-39999]
 #   OUT           directory for raw JSON      [a new temp dir]
+#   IDLE_TUNNELS  if > 0, also RSS of both nodes with that many idle meshnode tunnels open
 #   QUIET_LOAD    if set, first wait (up to 15 min) for the 1-minute load average to drop below it
 # Installs nothing. Needs jq; socat, stunnel4 and openssl for their rows
 # (apt-get install -y jq socat stunnel4 openssl).
@@ -329,6 +330,33 @@ EOT
   TUNNEL_PIDS=("$a_pid" "$b_pid")
   measure_path "meshnode L4" "127.0.0.1:$entry_sink" "127.0.0.1:$entry_echo" \
     "meshnode $("$MESHNODE_BIN" version | awk '{ print $2 }'), meshnode/1 over QUIC, TLS 1.3 mTLS, static registry"
+  if [[ ${IDLE_TUNNELS:-0} -gt 0 ]]; then
+    # Memory per idle tunnel: RSS of both nodes before and with IDLE_TUNNELS open tunnels.
+    local rss0 rss1 idle_pid
+    rss0=$(awk '/^VmRSS:/ { s += $2 } END { print s }' "/proc/$a_pid/status" "/proc/$b_pid/status")
+    log "meshnode L4: opening $IDLE_TUNNELS idle tunnels"
+    start idle "$MESHBENCH" idle --connect "127.0.0.1:$entry_echo" --conns "$IDLE_TUNNELS"
+    idle_pid=$STARTED_PID
+    for _ in $(seq 1200); do
+      grep -q "idle .* open" "$OUT/idle.log" && break
+      kill -0 "$idle_pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    if ! grep -q "idle $IDLE_TUNNELS open" "$OUT/idle.log"; then
+      log "idle tunnels: FAILED to open $IDLE_TUNNELS (see $OUT/idle.log); no number recorded"
+      kill "$idle_pid" "$a_pid" "$b_pid" 2>/dev/null || true
+      return 0
+    fi
+    sleep 1
+    rss1=$(awk '/^VmRSS:/ { s += $2 } END { print s }' "/proc/$a_pid/status" "/proc/$b_pid/status")
+    # Kept out of results.jsonl (the tables); printed and saved beside it.
+    jq -nc --argjson n "$IDLE_TUNNELS" --argjson r0 "$rss0" --argjson r1 "$rss1" \
+      '{path: "meshnode L4 idle tunnels", note: "RSS of both nodes, KiB", tunnels: $n,
+        rss_before_kib: $r0, rss_after_kib: $r1, kib_per_tunnel_both_nodes: (($r1 - $r0) / $n)}' \
+      | tee "$OUT/idle.json" >&2
+    log "idle tunnels: $rss0 KiB -> $rss1 KiB for $IDLE_TUNNELS tunnels (both nodes)"
+    kill "$idle_pid" 2>/dev/null || true
+  fi
   kill "$a_pid" "$b_pid" 2>/dev/null || true
 }
 

@@ -89,6 +89,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Opens N connections to an echo target (one byte each way, so every tunnel is really
+    /// open), prints "idle N open" and holds them until SIGINT/SIGTERM: memory per tunnel.
+    Idle {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 10_000)]
+        conns: usize,
+    },
     /// Raw quinn bulk receiver (self-signed certificate): the QUIC throughput ceiling.
     QuicBulkServer {
         #[arg(long)]
@@ -175,6 +183,22 @@ async fn stop_signal() -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Idle { connect, conns } => {
+            let mut held = Vec::with_capacity(conns);
+            for i in 0..conns {
+                let mut s = tokio::net::TcpStream::connect(connect)
+                    .await
+                    .with_context(|| format!("connection {i}"))?;
+                tokio::io::AsyncWriteExt::write_all(&mut s, b"x").await?;
+                let mut b = [0u8; 1];
+                tokio::io::AsyncReadExt::read_exact(&mut s, &mut b)
+                    .await
+                    .with_context(|| format!("echo on connection {i}"))?;
+                held.push(s);
+            }
+            println!("idle {} open", held.len());
+            stop_signal().await?;
+        }
         Command::Sink { listen } => {
             let listener = serve_tcp("sink", listen).await?;
             tokio::select! { r = tcp::run_sink(listener) => r?, r = stop_signal() => r? }
