@@ -60,13 +60,21 @@ async fn three(relay_b: bool) -> Result<(Three, Option<meshnode_bench::relay::Re
     ))
 }
 
+/// Starts the client and waits until both B and C have served it.
+fn traffic_on_both(out: std::net::SocketAddr) -> Result<Traffic> {
+    let t = Traffic::start(out, INTERVAL);
+    until("traffic on both", Duration::from_secs(10), || {
+        Ok(t.tagged(b'B') > 0 && t.tagged(b'C') > 0)
+    })?;
+    Ok(t)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_an_endpoint_fails_no_connection() -> Result<()> {
     let _serial = SERIAL.lock().await;
     tokio::time::timeout(Duration::from_secs(120), async {
         let (mut m, _) = three(false).await?;
-        let t = Traffic::start(m.out, INTERVAL);
-        until("traffic on both", Duration::from_secs(10), || Ok(t.tagged(b'B') > 0 && t.tagged(b'C') > 0))?;
+        let t = traffic_on_both(m.out)?;
         m.b.signal(libc::SIGKILL)?;
         let killed = Instant::now();
         m.b.wait_exit(Duration::from_secs(5))?;
@@ -105,8 +113,7 @@ async fn blackholed_endpoint_is_left_within_a_second_and_returns() -> Result<()>
     tokio::time::timeout(Duration::from_secs(120), async {
         let (m, relay) = three(true).await?;
         let relay = relay.expect("relay");
-        let t = Traffic::start(m.out, INTERVAL);
-        until("traffic on both", Duration::from_secs(10), || Ok(t.tagged(b'B') > 0 && t.tagged(b'C') > 0))?;
+        let t = traffic_on_both(m.out)?;
         relay.set_blackhole(true);
         let start = Instant::now();
         let failed_before = t.failed.load(std::sync::atomic::Ordering::Relaxed);
@@ -180,8 +187,7 @@ async fn restarted_endpoint_serves_again_within_a_second() -> Result<()> {
     let _serial = SERIAL.lock().await;
     tokio::time::timeout(Duration::from_secs(120), async {
         let (mut m, _) = three(false).await?;
-        let t = Traffic::start(m.out, INTERVAL);
-        until("traffic on both", Duration::from_secs(10), || Ok(t.tagged(b'B') > 0 && t.tagged(b'C') > 0))?;
+        let t = traffic_on_both(m.out)?;
         m.b.signal(libc::SIGKILL)?;
         m.b.wait_exit(Duration::from_secs(5))?;
         let mut b2 = m.b.restart()?;
@@ -204,10 +210,7 @@ async fn rolling_restart_fails_no_connection() -> Result<()> {
     let _serial = SERIAL.lock().await;
     tokio::time::timeout(Duration::from_secs(120), async {
         let (m, _) = three(false).await?;
-        let t = Traffic::start(m.out, INTERVAL);
-        until("traffic on both", Duration::from_secs(10), || {
-            Ok(t.tagged(b'B') > 0 && t.tagged(b'C') > 0)
-        })?;
+        let t = traffic_on_both(m.out)?;
         let mut procs = [m.b, m.c];
         for p in procs.iter_mut() {
             p.signal(libc::SIGTERM)?;
