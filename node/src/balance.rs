@@ -263,6 +263,11 @@ impl Balancer {
         self.lock().endpoints.retain(|node, _| keep(node));
     }
 
+    /// Every endpoint this balancer holds state for.
+    pub fn nodes(&self) -> Vec<String> {
+        self.lock().endpoints.keys().cloned().collect()
+    }
+
     /// State and counters of `node` at `now`; an unknown node reads as healthy and idle.
     pub fn snapshot(&self, node: &str, now: Instant) -> EndpointSnapshot {
         let mut table = self.lock();

@@ -528,23 +528,18 @@ async fn sample_loop(shared: Arc<Shared>) {
 /// sampler and before every `/metrics` render so counters are exact when read.
 pub(crate) fn sync_metrics(shared: &Shared) {
     let now = Instant::now();
-    let view = shared.view.borrow().clone();
     let balancers: Vec<(String, Arc<Balancer>)> = lock(&shared.balancers)
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     for (service, b) in balancers {
-        for node in view
-            .services
-            .get(&service)
-            .into_iter()
-            .flat_map(|m| m.keys())
-        {
-            let ejections = b.snapshot(node, now).ejections_total;
+        // Every endpoint the balancer holds, including ones just gone from the view.
+        for node in b.nodes() {
+            let ejections = b.snapshot(&node, now).ejections_total;
             if ejections > 0 {
                 shared.metrics.set_counter(
                     "meshnode_endpoint_ejections_total",
-                    &[&service, node],
+                    &[&service, &node],
                     ejections as f64,
                 );
             }
@@ -582,6 +577,8 @@ pub(crate) fn sync_metrics(shared: &Shared) {
 async fn view_loop(shared: Arc<Shared>) {
     let mut view = shared.view.clone();
     while view.changed().await.is_ok() {
+        // Export what the balancers know of endpoints about to be forgotten (ejections).
+        sync_metrics(&shared);
         let v = view.borrow_and_update().clone();
         shared.pool.retain(|n| v.nodes.contains_key(n));
         let balancers: Vec<Arc<Balancer>> = lock(&shared.balancers).values().cloned().collect();

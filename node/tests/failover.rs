@@ -93,14 +93,6 @@ async fn sigkill_of_an_endpoint_fails_no_connection() -> Result<()> {
         assert!(failed <= 2, "more failures than connections in flight at the kill: {failed}");
         assert!(t.worst() < Duration::from_millis(1500), "worst {:?}", t.worst());
         assert_eq!(t.tagged(b'B'), b_at_kill, "B served after it was killed");
-        let (_, metrics) = m.a.get("/metrics")?;
-        let ejected = metrics
-            .lines()
-            .find(|l| l.starts_with("meshnode_endpoint_ejections_total{service=\"echo\",peer=\"node-b\"}"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        assert!(ejected >= 1.0, "node-b's ejection is not counted:\n{metrics}");
         drop(m.c);
         Ok(())
     })
