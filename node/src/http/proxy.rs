@@ -233,6 +233,7 @@ async fn forward(
                                 }
                                 let (mut rparts, ()) = head.into_parts();
                                 strip_hop_by_hop(&mut rparts.headers);
+                                rparts.version = http::Version::HTTP_11;
                                 let (tx, rbody) = body::channel();
                                 tokio::spawn(async move {
                                     body::pump_client_recv(recv, None, tx).await;
