@@ -21,6 +21,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
+/// Request bodies the test applications saw cut short (`/sink`).
+static SINK_CUT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 type TestBody = BoxBody<Bytes, hyper::Error>;
 
 fn text(s: impl Into<Bytes>) -> TestBody {
@@ -38,6 +41,12 @@ async fn app(tag: &'static str, fail503: bool) -> Result<SocketAddr> {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
                     let resp: Response<TestBody> = match req.uri().path() {
                         "/echo" => Response::new(req.into_body().boxed()),
+                        "/sink" => {
+                            if req.into_body().collect().await.is_err() {
+                                SINK_CUT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            Response::new(text(tag))
+                        }
                         "/slow" => {
                             tokio::time::sleep(Duration::from_secs(5)).await;
                             Response::new(text(tag))
@@ -298,13 +307,19 @@ async fn client_gone_mid_body_cancels_the_far_side_without_harm() -> Result<()> 
         let m = mesh("").await?;
         for _ in 0..5 {
             let mut s = TcpStream::connect(m.proxy).await?;
-            s.write_all(b"POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 10000000\r\n\r\n")
+            s.write_all(b"POST /sink HTTP/1.1\r\nHost: web\r\nContent-Length: 10000000\r\n\r\n")
                 .await?;
             s.write_all(&vec![b'x'; 1 << 20]).await?;
             tokio::time::sleep(Duration::from_millis(50)).await;
             drop(s);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The far side's target sees its request body cut short, not completed.
+        eventually(
+            "targets to see the cut bodies",
+            Duration::from_secs(5),
+            || SINK_CUT.load(std::sync::atomic::Ordering::SeqCst) >= 5,
+        )
+        .await?;
         let (status, _, _) = call(&client(), m.proxy, "GET", "web", "/", Bytes::new()).await?;
         assert_eq!(status, StatusCode::OK);
         Ok(())
@@ -353,6 +368,25 @@ async fn connect_through_the_proxy_reaches_a_tcp_service() -> Result<()> {
         // A port the service does not advertise is refused.
         let answer = raw(m.proxy, b"CONNECT echo:8 HTTP/1.1\r\nHost: echo:8\r\n\r\n").await?;
         assert!(answer.starts_with("HTTP/1.1 404"), "{answer:?}");
+        Ok(())
+    })
+    .await?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn allow_lists_are_enforced_by_the_far_node() -> Result<()> {
+    tokio::time::timeout(LIMIT, async {
+        let private = app("P", false).await?;
+        let m = mesh(&http_service("private", private, "allow = [\"node-c\"]")).await?;
+        wait_endpoints(&m.a, "private", 1).await?;
+        let (status, h, _) = call(&client(), m.proxy, "GET", "private", "/", Bytes::new()).await?;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(h.contains_key("meshnode-error"));
+        let forbidden = m.a.metrics().get(
+            "meshnode_http_requests_total",
+            &["private", "node-b", "403"],
+        );
+        assert_eq!(forbidden, 1.0);
         Ok(())
     })
     .await?

@@ -252,7 +252,13 @@ async fn forward(
                 let code = r.status();
                 let refused =
                     code == StatusCode::BAD_GATEWAY || code == StatusCode::SERVICE_UNAVAILABLE;
-                (refused && body_empty && idempotent).then_some(
+                // The far node says the target never saw the request: any method may go
+                // elsewhere, as long as there is no body to replay.
+                let unreached = r
+                    .headers()
+                    .get(super::MESH_ERROR)
+                    .is_some_and(|v| v == "node draining" || v == "target refused");
+                (refused && body_empty && (idempotent || unreached)).then_some(
                     if code == StatusCode::BAD_GATEWAY {
                         "status_502"
                     } else {
