@@ -10,8 +10,6 @@
 //! `stop_sending` is only called between reads.
 
 pub(crate) mod body;
-pub(crate) mod client;
-pub(crate) mod connect;
 pub(crate) mod headers;
 pub(crate) mod proxy;
 pub(crate) mod server;
@@ -43,7 +41,7 @@ pub(crate) struct HttpState {
         Body,
     >,
     /// One h3 client per peer connection.
-    pub peers: client::H3Clients,
+    pub peers: proxy::H3Clients,
 }
 
 impl HttpState {
@@ -58,7 +56,7 @@ impl HttpState {
                 .build(connector);
         HttpState {
             targets,
-            peers: client::H3Clients::default(),
+            peers: proxy::H3Clients::default(),
         }
     }
 }
