@@ -254,12 +254,24 @@ pub struct ServiceConfig {
     pub weight: u32,
     /// Only these nodes may call it.
     pub allow: Option<Vec<String>>,
+    /// HTTP services: how long the target may take to send its response headers before the
+    /// caller gets 504; default [`DEFAULT_REQUEST_TIMEOUT`] (30 s).
+    #[serde(default, with = "duration::option")]
+    pub request_timeout: Option<Duration>,
 }
+
+/// Default per-request timeout of HTTP services (`[[service]] request_timeout`).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl ServiceConfig {
     /// The advertised port.
     pub fn port(&self) -> u16 {
         self.port.unwrap_or(self.target.port())
+    }
+
+    /// The per-request timeout of an HTTP service.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT)
     }
 }
 

@@ -38,12 +38,8 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
 
 async fn serve_connection(shared: Arc<Shared>, inbound: InboundConnection) {
     let InboundConnection { conn, peer, alpn } = inbound;
-    if alpn != Alpn::Meshnode {
-        // HTTP/3 is not served by this build: say so instead of hanging.
-        conn.close(
-            quinn_code(StatusCode::NotFound),
-            b"h3 is not served by this node",
-        );
+    if alpn == Alpn::H3 {
+        crate::http::server::serve(shared, peer, conn).await;
         return;
     }
     tracing::debug!(%peer, remote = %conn.remote_address(), "peer connected");
@@ -168,9 +164,11 @@ async fn serve_stream(
     );
 }
 
-type Refusal = (StatusCode, String, &'static str);
+/// A refused tunnel: status, reason, and the `meshnode_inbound_rejected_total` label.
+pub(crate) type Refusal = (StatusCode, String, &'static str);
 
-async fn authorise_and_connect(
+/// Checks a tunnel request (draining, service, port, `allow`) and connects to the target.
+pub(crate) async fn authorise_and_connect(
     shared: &Shared,
     peer: &str,
     service: &str,

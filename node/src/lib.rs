@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod exit;
+pub mod http;
 pub mod inbound;
 pub mod metrics;
 pub mod migrate;

@@ -64,6 +64,8 @@ pub(crate) struct Shared {
     pub listeners_bound: AtomicBool,
     pub active: AtomicUsize,
     pub idle: Notify,
+    /// HTTP clients: pooled HTTP/1.1 to local targets, h3 to peers.
+    pub http: crate::http::HttpState,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -202,6 +204,7 @@ pub struct Node {
     tasks: Vec<JoinHandle<()>>,
     quic_addr: SocketAddr,
     admin_addr: SocketAddr,
+    http_proxy_addr: Option<SocketAddr>,
     pub(crate) outbounds: Mutex<Vec<OutboundListener>>,
 }
 
@@ -321,6 +324,7 @@ impl Node {
             listeners_bound: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
+            http: crate::http::HttpState::new(),
             config,
         });
 
@@ -352,6 +356,32 @@ impl Node {
                 }
             }
         }
+        let mut http_proxy_addr = None;
+        if let Some(p) = &shared.config.http_proxy {
+            let bound = match TcpListener::bind(p.listen).await {
+                Ok(l) => l.local_addr().map(|a| (l, a)),
+                Err(e) => Err(e),
+            };
+            match bound {
+                Ok((listener, addr)) => {
+                    http_proxy_addr = Some(addr);
+                    tasks.push(tokio::spawn(crate::http::proxy::accept_loop(
+                        shared.clone(),
+                        listener,
+                    )));
+                }
+                Err(e) => {
+                    for t in tasks.iter().chain(outbound.iter().map(|o| &o.task)) {
+                        t.abort();
+                    }
+                    shared.endpoint.close(0, b"start-up failed");
+                    return Err(Failure::new(
+                        exit::UNAVAILABLE,
+                        format!("http_proxy.listen: cannot bind {}: {e}", p.listen),
+                    ));
+                }
+            }
+        }
         shared.listeners_bound.store(true, Ordering::SeqCst);
         shared
             .registry
@@ -372,6 +402,7 @@ impl Node {
             tasks,
             quic_addr,
             admin_addr,
+            http_proxy_addr,
             outbounds: Mutex::new(outbound),
         })
     }
@@ -389,6 +420,11 @@ impl Node {
     /// The bound admin API address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The bound address of the `[http_proxy]` listener, if configured.
+    pub fn http_proxy_addr(&self) -> Option<SocketAddr> {
+        self.http_proxy_addr
     }
 
     /// The bound address of the outbound listener for `service`.
@@ -581,6 +617,7 @@ async fn view_loop(shared: Arc<Shared>) {
         sync_metrics(&shared);
         let v = view.borrow_and_update().clone();
         shared.pool.retain(|n| v.nodes.contains_key(n));
+        shared.http.peers.retain(|n| v.nodes.contains_key(n));
         let balancers: Vec<Arc<Balancer>> = lock(&shared.balancers).values().cloned().collect();
         for b in balancers {
             b.retain(|n| v.nodes.contains_key(n));

@@ -52,14 +52,16 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, service: String, listener: 
     }
 }
 
-struct Target {
-    node: String,
-    addr: SocketAddr,
-    port: u16,
-    weight: u32,
+/// One endpoint of a service as the balancer sees it.
+pub(crate) struct Target {
+    pub node: String,
+    pub addr: SocketAddr,
+    pub port: u16,
+    pub weight: u32,
 }
 
-fn targets(shared: &Shared, service: &str) -> Vec<Target> {
+/// The endpoints of `service` in the current view.
+pub(crate) fn targets(shared: &Shared, service: &str) -> Vec<Target> {
     let view = shared.view.borrow().clone();
     view.endpoints(service)
         .filter_map(|(svc, node)| {
@@ -74,7 +76,7 @@ fn targets(shared: &Shared, service: &str) -> Vec<Target> {
 }
 
 /// Why an attempt failed, for metrics and logs.
-enum AttemptError {
+pub(crate) enum AttemptError {
     Connect(String),
     Open(OpenError),
 }
@@ -217,7 +219,7 @@ async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: So
     reset(tcp);
 }
 
-fn open_result(e: &OpenError) -> &'static str {
+pub(crate) fn open_result(e: &OpenError) -> &'static str {
     match e {
         OpenError::Refused(s) => match s.code.as_u16() {
             403 => "forbidden",
@@ -235,7 +237,7 @@ fn open_result(e: &OpenError) -> &'static str {
 
 /// Opens a tunnel to `target`. `open_started` is reset once a connection is at hand, so the
 /// latency sample is the tunnel open alone, not a first dial's handshake.
-async fn open(
+pub(crate) async fn open(
     shared: &Shared,
     service: &str,
     target: &Target,

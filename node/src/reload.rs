@@ -27,6 +27,9 @@ impl Node {
         if new.admin.listen != old.admin.listen {
             needs_restart.push("admin.listen");
         }
+        if new.http_proxy.as_ref().map(|p| p.listen) != old.http_proxy.as_ref().map(|p| p.listen) {
+            needs_restart.push("http_proxy");
+        }
         if new.tls.ca != old.tls.ca {
             needs_restart.push("tls.ca");
         }

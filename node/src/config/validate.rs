@@ -109,14 +109,6 @@ impl Config {
                 ));
             }
         }
-        if self.http_proxy.is_some() {
-            // Refused rather than ignored: a proxy that silently does not listen would look
-            // like a network fault to the applications pointed at it.
-            return Err(invalid(
-                "http_proxy",
-                "the HTTP proxy is not available in this version of meshnode; use [[outbound]] (L4) tunnels",
-            ));
-        }
         if let Some(p) = &self.http_proxy {
             if p.listen.port() != 0 && !listeners.insert(p.listen) {
                 return Err(invalid(

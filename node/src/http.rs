@@ -1,0 +1,82 @@
+//! HTTP between nodes (SPEC §5, §8): the local HTTP/1.1 proxy on `[http_proxy] listen`
+//! (caller side), HTTP/3 between nodes on the `h3` ALPN, and the h3 server that forwards each
+//! request to the local target over pooled HTTP/1.1 (callee side). Standard CONNECT
+//! (RFC 9114 §4.4) on `h3` opens a TCP tunnel to a service's target.
+//!
+//! Bodies stream both ways through bounded channels; nothing is buffered whole.
+//!
+//! h3-quinn panics if `stop_sending` is called on a receive stream whose pending `recv_data`
+//! was cancelled, so every `recv_data` here runs to completion in a task of its own and
+//! `stop_sending` is only called between reads.
+
+pub(crate) mod body;
+pub(crate) mod headers;
+pub(crate) mod proxy;
+pub(crate) mod server;
+pub(crate) mod sniff;
+pub(crate) mod tunnel;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+pub use body::Body;
+
+/// The header that names a mesh error on `h3` responses and proxy answers.
+pub const MESH_ERROR: &str = "meshnode-error";
+/// Largest request header block the proxy and the h3 server accept (431 above it).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Deadline for connecting to a local HTTP target (502 when it passes or is refused).
+pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an idle pooled HTTP/1.1 connection to a target is kept.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// HTTP state of a node: the pooled HTTP/1.1 client to local targets and the cached h3
+/// clients to peers.
+pub(crate) struct HttpState {
+    /// HTTP/1.1 client to this node's targets (keep-alive pool).
+    pub targets: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Body,
+    >,
+    /// One h3 client per peer connection.
+    pub peers: proxy::H3Clients,
+}
+
+impl HttpState {
+    /// A fresh state with an empty pool.
+    pub fn new() -> HttpState {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(TARGET_CONNECT_TIMEOUT));
+        let targets =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .build(connector);
+        HttpState {
+            targets,
+            peers: proxy::H3Clients::default(),
+        }
+    }
+}
+
+/// A mesh error answer: `code`, the `meshnode-error: reason` header and a one-line body.
+pub fn mesh_error(code: StatusCode, reason: &str) -> Response<Body> {
+    let mut resp = Response::new(body::full(Bytes::from(format!("meshnode: {reason}\n"))));
+    *resp.status_mut() = code;
+    if let Ok(v) = HeaderValue::from_str(reason) {
+        resp.headers_mut().insert(MESH_ERROR, v);
+    }
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Methods that may be retried after a 502/503 from an endpoint (SPEC §8).
+pub fn is_idempotent(m: &http::Method) -> bool {
+    use http::Method as M;
+    [M::GET, M::HEAD, M::OPTIONS, M::PUT, M::DELETE].contains(m)
+}
