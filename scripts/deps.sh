@@ -11,6 +11,11 @@ if [ "${1:-}" = "--test" ]; then
   command -v nft >/dev/null 2>&1 || want+=(nftables)
   command -v systemd-analyze >/dev/null 2>&1 || want+=(systemd)
 fi
+if [ "${1:-}" = "--test" ] && ! python3 -c "import aioquic" >/dev/null 2>&1; then
+  # An independent HTTP/3 implementation for the CONNECT interop test.
+  echo "installing: aioquic (pip)" >&2
+  python3 -m pip install --quiet aioquic >/dev/null
+fi
 [ ${#want[@]} -eq 0 ] && exit 0
 
 sudo=""
