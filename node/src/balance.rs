@@ -170,7 +170,7 @@ impl Balancer {
             nodes.push(c.node);
             choices.push(Choice {
                 weight: c.weight.max(1),
-                cost: cost(ep, &self.cfg, c.weight),
+                cost: cost(ep, &self.cfg, c.weight, now),
                 available: ep.health.available(),
                 wants_probe: ep.health.wants_probe(),
                 draining: ep.draining,
@@ -317,10 +317,14 @@ impl Table {
 }
 
 /// `ewma × (inflight + 1) / (weight / 100)`, in nanoseconds.
-fn cost(ep: &Endpoint, cfg: &BalanceConfig, weight: u32) -> f64 {
+/// The pick cost. The latency term decays with the time since the endpoint's last sample
+/// (as tower's peak-EWMA does on read): an endpoint that gets neither picks nor transport RTT
+/// samples (no live connection) would otherwise keep its worst estimate forever and never be
+/// picked again to prove it recovered.
+fn cost(ep: &Endpoint, cfg: &BalanceConfig, weight: u32, now: Instant) -> f64 {
     let load = f64::from(ep.inflight.load(Ordering::Relaxed)) + 1.0;
     let scale = f64::from(weight.max(1)) / f64::from(DEFAULT_WEIGHT);
-    ep.ewma.estimate_ns(cfg.default_rtt) * load / scale
+    ep.ewma.decayed_ns(cfg.default_rtt, now, cfg.decay) * load / scale
 }
 
 fn snapshot_of(ep: &Endpoint, cfg: &BalanceConfig) -> EndpointSnapshot {

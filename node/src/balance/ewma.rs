@@ -64,6 +64,17 @@ impl PeakEwma {
         }
     }
 
+    /// The estimate as seen at `now`: decayed towards zero by the time since the last sample,
+    /// so that silence makes an endpoint look cheaper and it gets picked to be measured again.
+    pub(super) fn decayed_ns(&self, default: Duration, now: Instant, decay: Duration) -> f64 {
+        match self.state {
+            Some((estimate, at)) => {
+                estimate * weight_of_past(now.saturating_duration_since(at), decay)
+            }
+            None => default.as_nanos() as f64,
+        }
+    }
+
     /// Whether any sample has been observed.
     #[cfg(test)]
     pub(super) fn has_samples(&self) -> bool {
