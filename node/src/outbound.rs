@@ -13,7 +13,7 @@ use meshnode_transport::tunnel::{self, OpenError};
 use meshnode_transport::Alpn;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::balance::Candidate;
+use crate::balance::{Balancer, Candidate};
 use crate::node::Shared;
 
 /// Attempts per connection: the first try plus up to two retries on other endpoints.
@@ -75,6 +75,33 @@ pub(crate) fn targets(shared: &Shared, service: &str) -> Vec<Target> {
         .collect()
 }
 
+/// Picks an endpoint of `all` for the next attempt, skipping those already `tried` — unless
+/// every endpoint failed once already: a second try on one of them still beats failing the
+/// application (a transient overload, a connection being replaced).
+pub(crate) fn pick_endpoint(
+    balancer: &Balancer,
+    all: &[Target],
+    tried: &[String],
+) -> Option<String> {
+    let candidates: Vec<Candidate<'_>> = all
+        .iter()
+        .map(|t| Candidate {
+            node: &t.node,
+            weight: t.weight,
+        })
+        .collect();
+    let mut exclude: Vec<&str> = tried.iter().map(String::as_str).collect();
+    if !candidates.is_empty() && candidates.iter().all(|c| exclude.contains(&c.node)) {
+        exclude.clear();
+    }
+    balancer.pick(
+        &candidates,
+        &exclude,
+        Instant::now(),
+        &mut rand::thread_rng(),
+    )
+}
+
 /// Why an attempt failed, for metrics and logs.
 pub(crate) enum AttemptError {
     Connect(String),
@@ -92,19 +119,6 @@ async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: So
     let mut tried: Vec<String> = Vec::new();
     for attempt in 0..MAX_ATTEMPTS {
         let all = targets(&shared, &service);
-        let candidates: Vec<Candidate<'_>> = all
-            .iter()
-            .map(|t| Candidate {
-                node: &t.node,
-                weight: t.weight,
-            })
-            .collect();
-        let mut exclude: Vec<&str> = tried.iter().map(String::as_str).collect();
-        if !candidates.is_empty() && candidates.iter().all(|c| exclude.contains(&c.node)) {
-            // Every endpoint failed once already: a second try on one of them still beats
-            // failing the application (a transient overload, a connection being replaced).
-            exclude.clear();
-        }
         // The budget is checked before `pick`, so every endpoint picked gets an outcome
         // reported (a picked probe that never reported would keep its endpoint out).
         if attempt > 0 && !budget.try_retry(Instant::now()) {
@@ -116,12 +130,7 @@ async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: So
             reset(tcp);
             return;
         }
-        let picked = balancer.pick(
-            &candidates,
-            &exclude,
-            Instant::now(),
-            &mut rand::thread_rng(),
-        );
+        let picked = pick_endpoint(&balancer, &all, &tried);
         let Some(node) = picked else {
             let result = if tried.is_empty() {
                 "no_endpoint"

@@ -24,9 +24,9 @@ use tokio::net::TcpListener;
 use super::body::{self, Body};
 use super::headers::{add_forwarded_for, ensure_traceparent, host_of, strip_hop_by_hop};
 use super::{is_idempotent, mesh_error, MAX_HEADER_BYTES};
-use crate::balance::Candidate;
+
 use crate::node::{lock, Shared};
-use crate::outbound::{targets, MAX_ATTEMPTS};
+use crate::outbound::{pick_endpoint, targets, MAX_ATTEMPTS};
 
 /// Accepts proxy clients until the task is stopped.
 pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
@@ -149,23 +149,7 @@ async fn forward(
     let mut tried: Vec<String> = Vec::new();
     for attempt in 0..MAX_ATTEMPTS {
         let all = targets(&shared, &service);
-        let candidates: Vec<Candidate<'_>> = all
-            .iter()
-            .map(|t| Candidate {
-                node: &t.node,
-                weight: t.weight,
-            })
-            .collect();
-        let mut exclude: Vec<&str> = tried.iter().map(String::as_str).collect();
-        if !candidates.is_empty() && candidates.iter().all(|c| exclude.contains(&c.node)) {
-            exclude.clear();
-        }
-        let picked = balancer.pick(
-            &candidates,
-            &exclude,
-            Instant::now(),
-            &mut rand::thread_rng(),
-        );
+        let picked = pick_endpoint(&balancer, &all, &tried);
         let Some(node) = picked else {
             return finish(
                 &shared,

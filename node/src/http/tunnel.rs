@@ -13,9 +13,11 @@ use tokio::io::AsyncWriteExt;
 use super::body::{self, Body};
 use super::headers::host_of;
 use super::mesh_error;
-use crate::balance::Candidate;
+
 use crate::node::Shared;
-use crate::outbound::{open, open_deadline, open_result, targets, AttemptError, MAX_ATTEMPTS};
+use crate::outbound::{
+    open, open_deadline, open_result, pick_endpoint, targets, AttemptError, MAX_ATTEMPTS,
+};
 
 /// Answers a CONNECT request: 200 once a tunnel is open, else a mesh error.
 pub(crate) async fn connect(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
@@ -47,23 +49,7 @@ pub(crate) async fn connect(shared: Arc<Shared>, mut req: Request<Incoming>) -> 
         for t in &mut all {
             t.port = port;
         }
-        let candidates: Vec<Candidate<'_>> = all
-            .iter()
-            .map(|t| Candidate {
-                node: &t.node,
-                weight: t.weight,
-            })
-            .collect();
-        let mut exclude: Vec<&str> = tried.iter().map(String::as_str).collect();
-        if !candidates.is_empty() && candidates.iter().all(|c| exclude.contains(&c.node)) {
-            exclude.clear();
-        }
-        let picked = balancer.pick(
-            &candidates,
-            &exclude,
-            Instant::now(),
-            &mut rand::thread_rng(),
-        );
+        let picked = pick_endpoint(&balancer, &all, &tried);
         let Some(node) = picked else { break };
         let Some(target) = all.iter().find(|t| t.node == node) else {
             break;
