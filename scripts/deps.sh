@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs the system packages meshnode's build and tests need, if they are missing:
-#   protoc (etcd-client's build script), etcd (registry tests). Debian/Ubuntu, apt.
+#   protoc and its well-known types (etcd-client's build script), etcd (registry tests). Debian/Ubuntu, apt.
 set -euo pipefail
 
 want=()
 command -v protoc >/dev/null 2>&1 || want+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/descriptor.proto, imported by etcd's protos) come
+# from libprotobuf-dev, which protobuf-compiler only recommends: without it the build fails.
+[ -e /usr/include/google/protobuf/descriptor.proto ] || want+=(libprotobuf-dev)
 if [ "${1:-}" = "--test" ]; then
   command -v etcd >/dev/null 2>&1 || want+=(etcd-server)
   command -v ip >/dev/null 2>&1 || want+=(iproute2)
