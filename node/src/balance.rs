@@ -107,6 +107,13 @@ struct Endpoint {
     /// Shared with the guards, so a guard outliving `retain` never touches a new entry.
     inflight: Arc<AtomicU32>,
     draining: bool,
+    /// The peer's connection died or could not be dialled ([`Balancer::mark_down`]). A down
+    /// endpoint that was ejected returns only through [`Balancer::mark_up`] (a new connection):
+    /// probing it with an application's request would make that request wait for a dial
+    /// timeout while the node's reconnector already knows the answer.
+    down: bool,
+    /// When its last answer (tunnel open, time to first byte) was recorded.
+    last_answer: Option<Instant>,
     health: Health,
     requests_total: u64,
     failures_total: u64,
@@ -168,11 +175,13 @@ impl Balancer {
             }
             ep.health.refresh(now);
             nodes.push(c.node);
+            // Down and ejected: waits for a new connection, not for a probe.
+            let waits_for_reconnect = ep.down && ep.health.is_out();
             choices.push(Choice {
                 weight: c.weight.max(1),
                 cost: cost(ep, &self.cfg, c.weight, now),
-                available: ep.health.available(),
-                wants_probe: ep.health.wants_probe(),
+                available: ep.health.available() && !waits_for_reconnect,
+                wants_probe: ep.health.wants_probe() && !waits_for_reconnect,
                 draining: ep.draining,
                 ejected_at: ep.health.ejected_at(),
             });
@@ -204,6 +213,9 @@ impl Balancer {
         let mut table = self.lock();
         let ep = table.entry(node);
         ep.ewma.observe(latency, now, self.cfg.decay);
+        ep.last_answer = Some(now);
+        // An answer came over a live connection, so the peer is not down.
+        ep.down = false;
         if ep.health.on_success(now) {
             tracing::info!(node, "endpoint back after a successful probe");
         }
@@ -226,23 +238,33 @@ impl Balancer {
         }
     }
 
-    /// A transport RTT sample of the peer; folds into the same peak-EWMA as answers. Call it
-    /// periodically for every known peer, picked or not: it is how an endpoint that stopped
-    /// receiving traffic shows that it recovered.
+    /// A transport RTT sample of the peer (call it periodically for every known peer).
+    ///
+    /// It is the estimate of an endpoint without recent answers (never picked yet, or idle
+    /// longer than `rtt_fallback_after`), and ignored while answers are fresh: an answer
+    /// measures the same path plus the far node's work, at once, while QUIC's smoothed RTT
+    /// trails a change by seconds and would hold a recovered endpoint at its old latency.
     pub fn observe_rtt(&self, node: &str, rtt: Duration, now: Instant) {
-        let decay = self.cfg.decay;
-        self.lock()
-            .entry(node)
-            .ewma
-            .observe_smoothed(rtt, now, decay);
+        let (decay, fresh_for) = (self.cfg.decay, self.cfg.rtt_fallback_after);
+        let mut table = self.lock();
+        let ep = table.entry(node);
+        let answers_fresh = ep
+            .last_answer
+            .is_some_and(|at| now.saturating_duration_since(at) < fresh_for);
+        if !answers_fresh {
+            ep.ewma.observe_smoothed(rtt, now, decay);
+        }
     }
 
-    /// The peer is known dead (QUIC connection closed or reset): eject it now, with the usual
-    /// back-off. When the ejection cap leaves no room, its next failure ejects it instead.
+    /// The peer is known dead (QUIC connection closed or reset, or a dial failed): eject it
+    /// now. It comes back with [`Balancer::mark_up`] when a connection to it succeeds, not by
+    /// probing with an application's request. When the ejection cap leaves no room, it stays
+    /// in service and its next failure ejects it.
     pub fn mark_down(&self, node: &str, now: Instant) {
         let mut table = self.lock();
         let may_eject = table.may_eject(node, self.cfg.max_ejected_fraction);
         let ep = table.entry(node);
+        ep.down = true;
         if let Some(backoff) = ep.health.on_down(now, may_eject, &self.cfg) {
             tracing::info!(
                 node,
@@ -250,6 +272,33 @@ impl Balancer {
                 "endpoint ejected: peer down"
             );
         }
+    }
+
+    /// A new connection to the peer succeeded: a down endpoint returns to service at once,
+    /// whatever its back-off (a restarted or reconnected peer is fresh evidence). Does nothing
+    /// for an endpoint that was not down; one ejected for failed answers still needs a probe.
+    pub fn mark_up(&self, node: &str, now: Instant) {
+        let mut table = self.lock();
+        let Some(ep) = table.endpoints.get_mut(node) else {
+            return;
+        };
+        if !std::mem::take(&mut ep.down) {
+            return;
+        }
+        if ep.health.on_up(now) {
+            tracing::info!(node, "endpoint back: peer reachable again");
+        }
+    }
+
+    /// Endpoints marked down and not yet reconnected: what the node's reconnector dials.
+    pub fn down_nodes(&self) -> Vec<String> {
+        let table = self.lock();
+        table
+            .endpoints
+            .iter()
+            .filter(|(_, ep)| ep.down)
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// Marks `node` as draining (the peer said it is going away) or not; draining endpoints get

@@ -16,6 +16,7 @@ pub mod migrate;
 pub mod node;
 pub mod notify;
 pub mod outbound;
+pub mod peer_health;
 pub mod pki_cmd;
 pub mod reload;
 pub mod status;

@@ -80,6 +80,11 @@ impl Shared {
             .clone()
     }
 
+    /// Every service's balancer.
+    pub fn all_balancers(&self) -> Vec<Arc<Balancer>> {
+        lock(&self.balancers).values().cloned().collect()
+    }
+
     pub fn balancer_if_any(&self, service: &str) -> Option<Arc<Balancer>> {
         lock(&self.balancers).get(service).cloned()
     }
@@ -328,10 +333,20 @@ impl Node {
             config,
         });
 
+        let reconnect_wake = Arc::new(Notify::new());
         let mut tasks = vec![
             tokio::spawn(crate::inbound::accept_loop(shared.clone())),
             tokio::spawn(sample_loop(shared.clone())),
             tokio::spawn(view_loop(shared.clone())),
+            tokio::spawn(crate::peer_health::follow_pool_events(
+                shared.clone(),
+                shared.pool.subscribe(),
+                reconnect_wake.clone(),
+            )),
+            tokio::spawn(crate::peer_health::reconnect_loop(
+                shared.clone(),
+                reconnect_wake,
+            )),
         ];
         if shared.config.node.advertise == Some(crate::config::Advertise::Auto) {
             tasks.push(tokio::spawn(crate::migrate::follow_local_address(

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use meshnode_proto::{ALPN_H3, ALPN_MESHNODE};
 
@@ -218,6 +219,18 @@ impl MeshEndpoint {
         addr: SocketAddr,
         alpn: Alpn,
     ) -> Result<quinn::Connection, ConnectError> {
+        self.connect_within(peer, addr, alpn, self.transport.connect_timeout)
+            .await
+    }
+
+    /// [`MeshEndpoint::connect`] with its own handshake timeout instead of the configured one.
+    pub async fn connect_within(
+        &self,
+        peer: &str,
+        addr: SocketAddr,
+        alpn: Alpn,
+        timeout: Duration,
+    ) -> Result<quinn::Connection, ConnectError> {
         let cfg = match alpn {
             Alpn::Meshnode => self.client_meshnode.clone(),
             Alpn::H3 => self.client_h3.clone(),
@@ -229,7 +242,6 @@ impl MeshEndpoint {
                     addr,
                     reason: e.to_string(),
                 })?;
-        let timeout = self.transport.connect_timeout;
         match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => Err(ConnectError::Handshake {

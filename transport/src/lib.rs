@@ -16,6 +16,6 @@ pub mod tunnel;
 
 pub use config::TransportConfig;
 pub use endpoint::{Alpn, ConnectError, EndpointOptions, InboundConnection, MeshEndpoint};
-pub use peers::{PeerInfo, PeerPool, PeerState};
+pub use peers::{PeerEvent, PeerInfo, PeerPool, PeerState};
 pub use quinn;
 pub use tls::Identity;

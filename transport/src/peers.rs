@@ -36,6 +36,59 @@ impl PeerState {
     }
 }
 
+/// A change in this node's connection to a peer, as the pool saw it. The node turns these into
+/// balancer state: a lost connection marks the peer down at once, a new one brings it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// A dial succeeded: the peer is reachable and its identity checked.
+    Connected {
+        /// Peer node name.
+        peer: String,
+        /// Protocol of the connection.
+        alpn: Alpn,
+    },
+    /// A dial failed (timed out, refused, wrong identity).
+    DialFailed {
+        /// Peer node name.
+        peer: String,
+        /// Protocol of the connection.
+        alpn: Alpn,
+    },
+    /// A live connection died: idle timeout (silent peer), stateless reset (restarted peer),
+    /// or closed by the peer for a reason other than draining.
+    Lost {
+        /// Peer node name.
+        peer: String,
+        /// Protocol of the connection.
+        alpn: Alpn,
+        /// quinn's reason, for logs.
+        reason: String,
+    },
+    /// The peer closed the connection with [`CLOSE_DRAINING`]: it is going away.
+    Draining {
+        /// Peer node name.
+        peer: String,
+        /// Protocol of the connection.
+        alpn: Alpn,
+    },
+}
+
+impl PeerEvent {
+    /// The peer this event is about.
+    pub fn peer(&self) -> &str {
+        match self {
+            PeerEvent::Connected { peer, .. }
+            | PeerEvent::DialFailed { peer, .. }
+            | PeerEvent::Lost { peer, .. }
+            | PeerEvent::Draining { peer, .. } => peer,
+        }
+    }
+}
+
+/// Events buffered per subscriber; a subscriber that falls further behind loses the oldest
+/// (it is told how many) and should resynchronise from [`PeerPool::snapshot`].
+const EVENT_BUFFER: usize = 1024;
+
 /// A point-in-time view of one peer connection, for status and metrics.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
@@ -80,6 +133,7 @@ type Entries = Arc<Mutex<HashMap<(String, Alpn), Arc<Entry>>>>;
 pub struct PeerPool {
     endpoint: MeshEndpoint,
     entries: Entries,
+    events: tokio::sync::broadcast::Sender<PeerEvent>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -93,7 +147,18 @@ impl PeerPool {
         PeerPool {
             endpoint,
             entries: Arc::default(),
+            events: tokio::sync::broadcast::channel(EVENT_BUFFER).0,
         }
+    }
+
+    /// Connection events from now on (see [`PeerEvent`]).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<PeerEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, event: PeerEvent) {
+        // No subscriber is not an error: events are advice, the pool works without them.
+        let _ = self.events.send(event);
     }
 
     /// The endpoint this pool dials from.
@@ -134,6 +199,28 @@ impl PeerPool {
         addr: SocketAddr,
         alpn: Alpn,
     ) -> Result<quinn::Connection, ConnectError> {
+        self.connect(peer, addr, alpn, None).await
+    }
+
+    /// [`PeerPool::connection`], but a dial it makes gives up after `timeout` instead of the
+    /// configured connect timeout (a reconnector's quick, repeated tries).
+    pub async fn connection_within(
+        &self,
+        peer: &str,
+        addr: SocketAddr,
+        alpn: Alpn,
+        timeout: Duration,
+    ) -> Result<quinn::Connection, ConnectError> {
+        self.connect(peer, addr, alpn, Some(timeout)).await
+    }
+
+    async fn connect(
+        &self,
+        peer: &str,
+        addr: SocketAddr,
+        alpn: Alpn,
+        timeout: Option<Duration>,
+    ) -> Result<quinn::Connection, ConnectError> {
         let entry = self.entry(peer, alpn, addr);
         if let Some(conn) = Self::live(&entry, addr) {
             return Ok(conn);
@@ -148,7 +235,11 @@ impl PeerPool {
             slot.addr = addr;
             slot.state = PeerState::Connecting;
         }
-        match self.endpoint.connect(peer, addr, alpn).await {
+        let dialled = match timeout {
+            Some(t) => self.endpoint.connect_within(peer, addr, alpn, t).await,
+            None => self.endpoint.connect(peer, addr, alpn).await,
+        };
+        match dialled {
             Ok(conn) => {
                 {
                     let mut slot = lock(&entry.slot);
@@ -156,18 +247,27 @@ impl PeerPool {
                     slot.state = PeerState::Connected;
                 }
                 tracing::debug!(peer, %addr, ?alpn, "connected to peer");
-                self.watch_close(peer.to_string(), entry.clone(), conn.clone());
+                self.watch_close(peer.to_string(), alpn, entry.clone(), conn.clone());
+                self.emit(PeerEvent::Connected {
+                    peer: peer.to_string(),
+                    alpn,
+                });
                 Ok(conn)
             }
             Err(e) => {
                 lock(&entry.slot).state = PeerState::Down;
+                self.emit(PeerEvent::DialFailed {
+                    peer: peer.to_string(),
+                    alpn,
+                });
                 Err(e)
             }
         }
     }
 
     /// Marks the peer down the moment its connection closes, so it is skipped at once.
-    fn watch_close(&self, peer: String, entry: Arc<Entry>, conn: quinn::Connection) {
+    fn watch_close(&self, peer: String, alpn: Alpn, entry: Arc<Entry>, conn: quinn::Connection) {
+        let pool = self.clone();
         tokio::spawn(async move {
             let reason = conn.closed().await;
             let draining = matches!(
@@ -175,20 +275,39 @@ impl PeerPool {
                 quinn::ConnectionError::ApplicationClosed(c)
                     if c.error_code == quinn::VarInt::from_u32(CLOSE_DRAINING)
             );
-            let mut slot = lock(&entry.slot);
-            let same = slot
-                .conn
-                .as_ref()
-                .is_some_and(|c| c.stable_id() == conn.stable_id());
-            if same {
-                slot.conn = None;
-                slot.state = if draining {
-                    PeerState::Draining
-                } else {
-                    PeerState::Down
-                };
-                tracing::info!(%peer, %reason, "peer connection closed");
+            let same = {
+                let mut slot = lock(&entry.slot);
+                let same = slot
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.stable_id() == conn.stable_id());
+                if same {
+                    slot.conn = None;
+                    slot.state = if draining {
+                        PeerState::Draining
+                    } else {
+                        PeerState::Down
+                    };
+                }
+                same
+            };
+            if !same {
+                return;
             }
+            tracing::info!(%peer, %reason, "peer connection closed");
+            let event = if draining {
+                PeerEvent::Draining { peer, alpn }
+            } else if matches!(reason, quinn::ConnectionError::LocallyClosed) {
+                // This node closed it (the peer left the registry, or this node is stopping).
+                return;
+            } else {
+                PeerEvent::Lost {
+                    peer,
+                    alpn,
+                    reason: reason.to_string(),
+                }
+            };
+            pool.emit(event);
         });
     }
 

@@ -4,11 +4,18 @@ use std::time::Duration;
 
 use super::RetryBudget;
 
-/// SPEC §8: "the EWMA decays over ~10 s", read as: a slow spell's excess has faded to ~4 % ten
-/// seconds later (`exp(-10 / 3)`). A 10 s time constant instead kept an endpoint that had been
-/// 20 ms slower starved for over 30 s after it recovered (measured in
-/// `node/tests/failover.rs`), while SPEC §8 wants traffic back "within seconds".
-pub const DEFAULT_DECAY: Duration = Duration::from_secs(3);
+/// SPEC §8: "the EWMA decays over ~10 s", read as: a slow spell is forgotten ten seconds later
+/// (its excess is down to `exp(-10)`). The time constant bounds how long a recovered endpoint
+/// waits: it is picked again once its decayed estimate drops to the others' cost, after
+/// `decay × ln(slow / fast)` — 3.7 s for a path 40× slower with 1 s, 11 s with 3 s, 37 s with
+/// Linkerd's 10 s (measured in `node/tests/failover.rs`), and SPEC §8 wants traffic back
+/// "within seconds". A single slow answer still sets the estimate at once (peak), so a short
+/// constant does not make the balancer slower to leave a bad path.
+pub const DEFAULT_DECAY: Duration = Duration::from_secs(1);
+/// How long answers stay the only evidence: the transport's smoothed RTT feeds an endpoint's
+/// estimate only after this long without an answer. Longer than the time a healthy but slower
+/// endpoint waits between picks (`decay × ln(ratio)`), so under traffic it never applies.
+pub const DEFAULT_RTT_FALLBACK_AFTER: Duration = Duration::from_secs(10);
 /// Latency assumed before the first sample: a LAN round trip, so a new endpoint is tried soon
 /// rather than starved (Linkerd assumes 30 ms for the wider internet; a mesh is mostly one site).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
@@ -39,6 +46,8 @@ pub struct BalanceConfig {
     pub decay: Duration,
     /// Latency assumed for an endpoint with no samples yet.
     pub default_rtt: Duration,
+    /// Transport RTT samples are used only after this long without an answer.
+    pub rtt_fallback_after: Duration,
     /// Consecutive failures that eject an endpoint.
     pub failures_to_eject: u32,
     /// Length of the first ejection; doubles with each re-ejection.
@@ -61,6 +70,7 @@ impl Default for BalanceConfig {
         BalanceConfig {
             decay: DEFAULT_DECAY,
             default_rtt: DEFAULT_RTT,
+            rtt_fallback_after: DEFAULT_RTT_FALLBACK_AFTER,
             failures_to_eject: DEFAULT_FAILURES_TO_EJECT,
             eject_base: DEFAULT_EJECT_BASE,
             eject_max: DEFAULT_EJECT_MAX,

@@ -6,6 +6,7 @@
 //!   Ejected --(now >= until)--> Probing{no probe}
 //!   Probing{no probe} --(picked)--> Probing{probe sent}
 //!   Probing --(success)--> Healthy            Probing --(failure | mark_down)--> Ejected{2x}
+//!   Ejected | Probing --(mark_up: a new connection to a peer that was down)--> Healthy
 //! ```
 //!
 //! Pure: time is a parameter, and whether the service may lose one more endpoint (the
@@ -125,6 +126,19 @@ impl Health {
                 false
             }
         }
+    }
+
+    /// The peer is reachable again (a new connection). Returns `true` when this brought an
+    /// ejected endpoint back. The back-off level stays, so an endpoint that keeps dying still
+    /// backs off further after its next failures.
+    pub(super) fn on_up(&mut self, now: Instant) -> bool {
+        if matches!(self.phase, Phase::Healthy) {
+            return false;
+        }
+        self.phase = Phase::Healthy;
+        self.consecutive_failures = 0;
+        self.healthy_since = Some(now);
+        true
     }
 
     /// An attempt failed. `may_eject` says whether the service can lose one more endpoint.

@@ -7,9 +7,10 @@
 //! endpoint that recovered wins its traffic back over a few decay constants whether it is
 //! sampled once a second (transport RTT) or a thousand times (answers).
 //!
-//! Reading the estimate does not change it: an endpoint that is not sampled keeps its last
-//! estimate. The balancer's callers feed the peer's transport RTT periodically for exactly
-//! that reason, so an endpoint that stopped receiving picks still gets fresh evidence.
+//! The pick cost reads the estimate decayed towards zero by the time since its last sample
+//! ([`PeakEwma::decayed_ns`], as tower's peak-EWMA does): an endpoint that lost every P2C
+//! contest gets cheaper the longer it waits, so it is picked again and measured, and a
+//! recovered path wins its traffic back without anyone having to tell it.
 
 use std::time::{Duration, Instant};
 

@@ -33,6 +33,8 @@ struct Sim {
     rng: StdRng,
     open: Vec<(Instant, String, Duration, InflightGuard)>,
     next_rtt_sample: Instant,
+    /// A transport RTT that trails the path: this node's samples stay at this value.
+    lagging_rtt: Option<(&'static str, Duration)>,
 }
 
 /// How often the simulated transport reports each peer's RTT.
@@ -47,6 +49,7 @@ impl Sim {
             rng: StdRng::seed_from_u64(seed),
             open: Vec::new(),
             next_rtt_sample: now,
+            lagging_rtt: None,
         }
     }
 
@@ -68,8 +71,11 @@ impl Sim {
         }
         while self.next_rtt_sample <= now {
             for c in cs {
-                self.bal
-                    .observe_rtt(c.node, latency_of(c.node), self.next_rtt_sample);
+                let rtt = match self.lagging_rtt {
+                    Some((node, rtt)) if node == c.node => rtt,
+                    _ => latency_of(c.node),
+                };
+                self.bal.observe_rtt(c.node, rtt, self.next_rtt_sample);
             }
             self.next_rtt_sample += RTT_SAMPLE_EVERY;
         }
@@ -97,7 +103,8 @@ impl Sim {
 
 /// Two endpoints, "slow" 11 ms and "fast" 1 ms, ~10 requests in flight. Returns how many of
 /// the first 1,000 picks went to "fast", then, once "slow" is back to 1 ms, its share of the
-/// picks in each of the following 30 simulated seconds.
+/// picks in each of the following 30 simulated seconds. Throughout the recovery the transport
+/// keeps reporting the old 11 ms RTT for "slow", as a smoothed RTT that trails the path would.
 fn slow_then_healed(decay: Duration) -> (usize, Vec<f64>) {
     let cs = cands(&["fast", "slow"]);
     let mut sim = Sim::new(
@@ -112,10 +119,9 @@ fn slow_then_healed(decay: Duration) -> (usize, Vec<f64>) {
     let fast = (0..1_000)
         .filter(|_| sim.request(every, &cs, slow_path) == "fast")
         .count();
+    sim.lagging_rtt = Some(("slow", ms(11)));
     let healed = |_: &str| ms(1);
-    // Each simulated second: 0.2 s of traffic, measured, then 0.8 s with RTT samples only.
-    // The estimate decays with time, not with the number of samples, so the quiet part changes
-    // nothing but the test's run time.
+    // Each simulated second: 0.2 s of traffic, measured, then 0.8 s without requests.
     let measured = 2_000;
     let shares = (0..30)
         .map(|_| {
@@ -133,14 +139,15 @@ fn slow_then_healed(decay: Duration) -> (usize, Vec<f64>) {
 fn slow_endpoint_gets_little_traffic_and_wins_it_back_after_recovering() {
     let (fast, shares) = slow_then_healed(DEFAULT_DECAY);
     assert!(fast >= 850, "fast endpoint got {fast} of 1000");
-    // The excess latency decays as exp(-t / 10 s): 11 ms looks like 2.3 ms after ~20 s, when a
-    // 30 % share balances the cost of the ~7 requests in flight on "fast".
+    // The 11 ms estimate decays on read as exp(-t / 1 s) until "slow" wins a P2C contest; its
+    // first 1 ms answer then counts, and the lagging transport RTT is ignored while answers
+    // are fresh. A 30 % share balances the ~7 requests in flight on "fast".
     let back = shares.iter().position(|&s| s >= 0.30);
     assert!(
-        matches!(back, Some(s) if s < 20),
+        matches!(back, Some(s) if s <= 4),
         "slow share per second after recovery: {shares:.2?}"
     );
-    // Once back, it stays back: the estimate only keeps falling.
+    // Once back, it stays back.
     assert!(
         shares[back.unwrap_or(0)..].iter().all(|&s| s >= 0.25),
         "{shares:.2?}"
@@ -148,14 +155,39 @@ fn slow_endpoint_gets_little_traffic_and_wins_it_back_after_recovering() {
 }
 
 #[test]
-fn shorter_decay_brings_a_recovered_endpoint_back_sooner() {
-    let (fast, shares) = slow_then_healed(Duration::from_secs(3));
-    assert!(fast >= 850, "fast endpoint got {fast} of 1000");
-    let back = shares.iter().position(|&s| s >= 0.30);
+fn longer_decay_keeps_a_recovered_endpoint_waiting_longer() {
+    let back = |decay| {
+        let (fast, shares) = slow_then_healed(decay);
+        assert!(fast >= 850, "fast endpoint got {fast} of 1000");
+        shares.iter().position(|&s| s >= 0.30)
+    };
+    // With 3 s (the previous default) "slow" waits longer; with a long enough constant it
+    // outlasts `rtt_fallback_after` and the lagging RTT holds it out for good — why answers,
+    // not the smoothed RTT, must decide and why the constant is short.
+    let (short, long) = (back(DEFAULT_DECAY), back(Duration::from_secs(3)));
+    let short = short.expect("back with the default decay");
     assert!(
-        matches!(back, Some(s) if s < 8),
-        "slow share per second after recovery: {shares:.2?}"
+        long.is_none_or(|l| short < l),
+        "back after {short} s with the default decay, {long:?} s with 3 s"
     );
+}
+
+#[test]
+fn transport_rtt_is_the_estimate_only_without_fresh_answers() {
+    let bal = Balancer::new(BalanceConfig::default());
+    let t0 = Instant::now();
+    // Never answered: the RTT is all there is.
+    bal.observe_rtt("a", ms(8), t0);
+    assert!((bal.snapshot("a", t0).ewma_ms - 8.0).abs() < 1e-9);
+    // An answer takes over, and RTT samples are ignored while it is fresh...
+    bal.record_success("a", ms(20), t0);
+    bal.observe_rtt("a", ms(2), t0 + ms(500));
+    assert!((bal.snapshot("a", t0).ewma_ms - 20.0).abs() < 1e-9);
+    // ...but not once answers have stopped for longer than `rtt_fallback_after`.
+    let later = t0 + DEFAULT_RTT_FALLBACK_AFTER + ms(1);
+    bal.observe_rtt("a", ms(2), later);
+    let est = bal.snapshot("a", later).ewma_ms;
+    assert!(est < 3.0, "{est}");
 }
 
 #[test]

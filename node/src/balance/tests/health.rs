@@ -109,12 +109,39 @@ fn mark_down_ejects_at_once_within_the_cap() {
         EndpointState::Healthy,
         "the half rule still applies"
     );
-    // a's probe succeeds; b, still armed, goes at its very next failure.
-    let t1 = t0 + ms(1_000);
-    assert_eq!(picks(&bal, &ab, &[], t1, 1), ["a"]);
-    bal.record_success("a", ms(1), t1);
+    // a is not probed with a request while down, however long its back-off has run: b gets
+    // everything until a new connection to a succeeds (`mark_up`).
+    let t1 = t0 + ms(5_000);
+    assert_eq!(picks(&bal, &ab, &[], t1, 20), vec!["b"; 20]);
+    bal.mark_up("a", t1);
+    assert_eq!(bal.snapshot("a", t1).state, EndpointState::Healthy);
+    // b, still armed, goes at its very next failure.
     bal.record_failure("b", t1);
     assert_eq!(bal.snapshot("b", t1).state, EndpointState::Ejected);
+}
+
+#[test]
+fn mark_up_returns_only_down_endpoints_and_an_answer_clears_down() {
+    let bal = Balancer::new(BalanceConfig::default());
+    let abc = ["a", "b", "c"];
+    let t0 = Instant::now();
+    known(&bal, &abc, t0);
+    // Ejected for failed answers, not down: a new connection proves nothing about them.
+    for _ in 0..3 {
+        bal.record_failure("a", t0);
+    }
+    assert_eq!(bal.snapshot("a", t0).state, EndpointState::Ejected);
+    bal.mark_up("a", t0);
+    assert_eq!(bal.snapshot("a", t0).state, EndpointState::Ejected);
+    // Down while the cap kept it in service: still picked, and an answer clears "down".
+    bal.mark_down("b", t0);
+    assert_eq!(bal.snapshot("b", t0).state, EndpointState::Healthy);
+    assert_eq!(bal.down_nodes(), ["b"]);
+    bal.record_success("b", ms(1), t0);
+    assert!(bal.down_nodes().is_empty());
+    // mark_up of an unknown node is harmless.
+    bal.mark_up("zz", t0);
+    assert_eq!(bal.snapshot("zz", t0).state, EndpointState::Healthy);
 }
 
 #[test]

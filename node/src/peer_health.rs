@@ -1,0 +1,265 @@
+//! Peer health from the transport (SPEC §8, Failover): the pool's connection events drive every
+//! service's balancer, and a reconnector dials the peers that are down.
+//!
+//! - A connection that dies (idle timeout of a silent peer, stateless reset from a restarted
+//!   one) marks the peer down at once: no new work goes there.
+//! - A connection closed with the draining code marks it draining.
+//! - A successful dial brings a down peer back at once, whatever its ejection back-off: the
+//!   handshake proved the peer's process is up and holds its identity.
+//! - The reconnector dials each down peer that is still in the registry, one dial at a time per
+//!   peer, so a restarted or unblocked peer is back within one handshake of answering. A failed
+//!   dial waits a little longer before the next (see [`retry_delay`]).
+//!
+//! Application requests never serve as the probe of a down peer: they would wait for a dial
+//! timeout that the reconnector pays instead.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meshnode_transport::{Alpn, PeerEvent};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::Notify;
+
+use crate::balance::Balancer;
+use crate::node::{lock, Shared};
+
+/// How often the reconnector looks for down peers (it is also woken when one goes down).
+pub const RECONNECT_TICK: Duration = Duration::from_millis(100);
+/// Wait after the first failed dial; doubles per consecutive failure up to [`RECONNECT_MAX`].
+pub const RECONNECT_BASE: Duration = Duration::from_millis(100);
+/// Longest wait between dials to a peer that stays down (on top of the dial's own timeout).
+pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Handshake timeout of the first reconnect dial; doubles per failure up to the configured
+/// connect timeout. A dial resends its Initial on QUIC's probe timer, whose gaps double too
+/// (30, 60, 120, 240 ms... from a 10 ms initial RTT): short first dials keep those gaps short
+/// while a restarting peer is coming up, and later full-length dials still reach a peer whose
+/// round trip is long.
+pub const RECONNECT_FIRST_DIAL: Duration = Duration::from_millis(250);
+
+/// Applies the pool's connection events to the balancers until the pool is gone; wakes the
+/// reconnector when a peer goes down. `events` is subscribed before any dial can happen.
+pub(crate) async fn follow_pool_events(
+    shared: Arc<Shared>,
+    mut events: tokio::sync::broadcast::Receiver<PeerEvent>,
+    wake: Arc<Notify>,
+) {
+    loop {
+        match events.recv().await {
+            Ok(event) => {
+                apply(&shared.all_balancers(), &event, Instant::now());
+                if matches!(event, PeerEvent::Lost { .. }) {
+                    wake.notify_one();
+                }
+            }
+            Err(RecvError::Lagged(missed)) => {
+                // Missed "lost" events are caught by failed opens and the reconnector; missed
+                // "connected" events by the reconnector's own success.
+                tracing::warn!(missed, "peer events lagged behind");
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// One event's effect on every balancer.
+fn apply(balancers: &[Arc<Balancer>], event: &PeerEvent, now: Instant) {
+    let peer = event.peer();
+    match event {
+        PeerEvent::Connected { .. } => {
+            for b in balancers {
+                b.set_draining(peer, false);
+                b.mark_up(peer, now);
+            }
+        }
+        PeerEvent::Lost { reason, .. } => {
+            tracing::info!(peer, %reason, "peer marked down: connection lost");
+            for b in balancers {
+                b.mark_down(peer, now);
+            }
+        }
+        PeerEvent::DialFailed { .. } => {
+            for b in balancers {
+                b.mark_down(peer, now);
+            }
+        }
+        PeerEvent::Draining { .. } => {
+            tracing::info!(peer, "peer draining: no new work");
+            for b in balancers {
+                b.set_draining(peer, true);
+            }
+        }
+    }
+}
+
+/// Per down peer: whether a dial is running, failures in a row, and when the next may start.
+#[derive(Default)]
+struct Attempts {
+    dialing: bool,
+    failures: u32,
+    next: Option<Instant>,
+}
+
+/// The wait after `failures` consecutive failed dials: `RECONNECT_BASE × 2^(failures-1)`,
+/// capped at [`RECONNECT_MAX`].
+pub fn retry_delay(failures: u32) -> Duration {
+    let shift = failures.saturating_sub(1).min(16);
+    RECONNECT_BASE
+        .checked_mul(1 << shift)
+        .unwrap_or(RECONNECT_MAX)
+        .min(RECONNECT_MAX)
+}
+
+/// The handshake timeout of a reconnect dial after `failures` failed ones:
+/// [`RECONNECT_FIRST_DIAL`] doubled per failure, at most `ceiling` (the connect timeout).
+pub fn dial_timeout(failures: u32, ceiling: Duration) -> Duration {
+    RECONNECT_FIRST_DIAL
+        .checked_mul(1 << failures.min(16))
+        .unwrap_or(ceiling)
+        .min(ceiling.max(RECONNECT_FIRST_DIAL))
+}
+
+/// Dials every peer some balancer holds as down, while it is in the registry.
+pub(crate) async fn reconnect_loop(shared: Arc<Shared>, wake: Arc<Notify>) {
+    let attempts: Arc<Mutex<HashMap<String, Attempts>>> = Arc::default();
+    let connect_timeout = shared.config.transport().connect_timeout;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(RECONNECT_TICK) => {}
+            _ = wake.notified() => {}
+        }
+        let mut down: Vec<String> = shared
+            .all_balancers()
+            .iter()
+            .flat_map(|b| b.down_nodes())
+            .collect();
+        down.sort();
+        down.dedup();
+        let view = shared.view.borrow().clone();
+        let now = Instant::now();
+        let mut table = lock(&attempts);
+        // Forget peers that are no longer down (back, or gone from the registry).
+        table.retain(|node, a| a.dialing || down.contains(node));
+        for node in down {
+            if node == shared.name {
+                continue;
+            }
+            let Some(addr) = view
+                .nodes
+                .get(&node)
+                .and_then(|n| n.addr.parse::<SocketAddr>().ok())
+            else {
+                continue;
+            };
+            let a = table.entry(node.clone()).or_default();
+            if a.dialing || a.next.is_some_and(|t| now < t) {
+                continue;
+            }
+            a.dialing = true;
+            let timeout = dial_timeout(a.failures, connect_timeout);
+            let (shared, attempts) = (shared.clone(), attempts.clone());
+            tokio::spawn(async move {
+                let result = shared
+                    .pool
+                    .connection_within(&node, addr, Alpn::Meshnode, timeout)
+                    .await;
+                let ok = result.is_ok();
+                if ok {
+                    // The pool announces a new connection itself; a connection that was already
+                    // up (the peer was marked down by another protocol's failure) is not
+                    // announced, so mark it up here as well.
+                    let now = Instant::now();
+                    for b in shared.all_balancers() {
+                        b.mark_up(&node, now);
+                    }
+                }
+                let mut table = lock(&attempts);
+                if let Some(a) = table.get_mut(&node) {
+                    a.dialing = false;
+                    if ok {
+                        a.failures = 0;
+                        a.next = None;
+                    } else {
+                        a.failures = a.failures.saturating_add(1);
+                        a.next = Some(Instant::now() + retry_delay(a.failures));
+                    }
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::{BalanceConfig, Candidate, EndpointState};
+
+    #[test]
+    fn retry_delay_doubles_up_to_the_cap() {
+        assert_eq!(retry_delay(0), RECONNECT_BASE);
+        assert_eq!(retry_delay(1), RECONNECT_BASE);
+        assert_eq!(retry_delay(2), RECONNECT_BASE * 2);
+        assert_eq!(retry_delay(3), RECONNECT_BASE * 4);
+        assert_eq!(retry_delay(40), RECONNECT_MAX);
+        assert_eq!(retry_delay(u32::MAX), RECONNECT_MAX);
+    }
+
+    #[test]
+    fn dial_timeout_grows_to_the_connect_timeout() {
+        let ceiling = Duration::from_secs(1);
+        assert_eq!(dial_timeout(0, ceiling), RECONNECT_FIRST_DIAL);
+        assert_eq!(dial_timeout(1, ceiling), RECONNECT_FIRST_DIAL * 2);
+        assert_eq!(dial_timeout(2, ceiling), ceiling);
+        assert_eq!(dial_timeout(u32::MAX, ceiling), ceiling);
+        // A connect timeout below the first dial's does not shrink it to nothing.
+        assert_eq!(dial_timeout(3, Duration::ZERO), RECONNECT_FIRST_DIAL);
+    }
+
+    fn event(kind: &str, peer: &str) -> PeerEvent {
+        let (peer, alpn) = (peer.to_string(), Alpn::Meshnode);
+        match kind {
+            "connected" => PeerEvent::Connected { peer, alpn },
+            "lost" => PeerEvent::Lost {
+                peer,
+                alpn,
+                reason: "timed out".into(),
+            },
+            "dial_failed" => PeerEvent::DialFailed { peer, alpn },
+            _ => PeerEvent::Draining { peer, alpn },
+        }
+    }
+
+    #[test]
+    fn events_move_the_peer_through_down_draining_and_back() {
+        let b = Arc::new(Balancer::new(BalanceConfig::default()));
+        let all = [b.clone()];
+        let t0 = Instant::now();
+        let cands: Vec<Candidate<'_>> = ["a", "b", "c"]
+            .iter()
+            .map(|&node| Candidate { node, weight: 100 })
+            .collect();
+        let mut rng = rand::thread_rng();
+        b.pick(&cands, &[], t0, &mut rng);
+
+        apply(&all, &event("lost", "a"), t0);
+        assert_eq!(b.snapshot("a", t0).state, EndpointState::Ejected);
+        assert_eq!(b.down_nodes(), ["a"]);
+        // Long past the back-off, a down peer still gets no application request.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..50 {
+            assert_ne!(b.pick(&cands, &[], later, &mut rng).as_deref(), Some("a"));
+        }
+        apply(&all, &event("connected", "a"), later);
+        assert_eq!(b.snapshot("a", later).state, EndpointState::Healthy);
+        assert!(b.down_nodes().is_empty());
+
+        apply(&all, &event("draining", "b"), later);
+        assert_eq!(b.snapshot("b", later).state, EndpointState::Draining);
+        apply(&all, &event("connected", "b"), later);
+        assert_eq!(b.snapshot("b", later).state, EndpointState::Healthy);
+
+        apply(&all, &event("dial_failed", "c"), later);
+        assert_eq!(b.snapshot("c", later).state, EndpointState::Ejected);
+    }
+}
