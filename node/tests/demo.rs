@@ -10,7 +10,10 @@ use anyhow::{Context, Result};
 fn demo_runs_fails_over_and_reports_zero_failures() -> Result<()> {
     let out = Command::new(common::meshnode_bin())
         .args(["demo", "--duration", "12"])
-        .env("MESHNODE_LOG", "warn")
+        .env(
+            "MESHNODE_LOG",
+            "warn,meshnode::peer_health=info,meshnode::balance=info",
+        )
         .output()
         .context("running meshnode demo")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -47,7 +50,12 @@ fn demo_runs_fails_over_and_reports_zero_failures() -> Result<()> {
         num_after("node-c").context("node-c")?,
     );
     assert!(ok > 500, "{summary}");
-    assert_eq!(failed, 0, "{summary}");
+    assert_eq!(
+        failed,
+        0,
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(b > 0 && c > 0, "both endpoints must serve: {summary}");
     Ok(())
 }

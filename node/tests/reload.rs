@@ -67,12 +67,17 @@ async fn sighup_changes_services_and_keeps_tunnels() -> Result<()> {
         assert_eq!(&buf, b"two");
 
         // New tunnels to echo are now refused by node-b's allow list (403): the client is reset.
-        let mut s = TcpStream::connect(out).await?;
-        let _ = s.write_all(b"x").await;
-        let mut one = [0u8; 1];
-        let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut one))
-            .await
-            .context("read")?;
+        // The refusal can be quick enough that the reset beats the end of `connect` itself.
+        let r = match TcpStream::connect(out).await {
+            Err(e) => Err(e),
+            Ok(mut s) => {
+                let _ = s.write_all(b"x").await;
+                let mut one = [0u8; 1];
+                tokio::time::timeout(Duration::from_secs(10), s.read(&mut one))
+                    .await
+                    .context("read")?
+            }
+        };
         assert!(
             matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
             "expected a reset after the allow list changed, got {r:?}"
