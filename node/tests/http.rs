@@ -51,6 +51,39 @@ async fn app(tag: &'static str, fail503: bool) -> Result<SocketAddr> {
                             tokio::time::sleep(Duration::from_secs(5)).await;
                             Response::new(text(tag))
                         }
+                        "/trailers-in" => {
+                            // Answers "<body>|x-sum=<trailer>" from what arrived.
+                            let collected = match req.into_body().collect().await {
+                                Ok(c) => c,
+                                Err(_) => return Ok(Response::new(text("cut"))),
+                            };
+                            let sum = collected
+                                .trailers()
+                                .and_then(|t| t.get("x-sum"))
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("none")
+                                .to_string();
+                            let body = collected.to_bytes();
+                            let answer = format!("{}|x-sum={sum}", String::from_utf8_lossy(&body));
+                            Response::new(text(answer))
+                        }
+                        "/trailers-out" => {
+                            let mut trailers = hyper::HeaderMap::new();
+                            trailers.insert("x-sum", hyper::header::HeaderValue::from_static("42"));
+                            let frames: Vec<Result<hyper::body::Frame<Bytes>, hyper::Error>> = vec![
+                                Ok(hyper::body::Frame::data(Bytes::from_static(b"hello"))),
+                                Ok(hyper::body::Frame::trailers(trailers)),
+                            ];
+                            let body =
+                                http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+                            let mut r = Response::new(BodyExt::boxed(body));
+                            r.headers_mut().insert(
+                                "trailer",
+                                hyper::header::HeaderValue::from_static("x-sum"),
+                            );
+                            r
+                        }
+                        p if p.starts_with("/path/") => Response::new(text(format!("{tag}{p}"))),
                         "/status503" if fail503 => {
                             let mut r = Response::new(text(tag));
                             *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
@@ -396,6 +429,107 @@ async fn allow_lists_are_enforced_by_the_far_node() -> Result<()> {
             &["private", "node-b", "403"],
         );
         assert_eq!(forbidden, 1.0);
+        Ok(())
+    })
+    .await?
+}
+
+/// Reads from `s` until `done` holds for what arrived (or fails after 10 s).
+async fn read_until(s: &mut TcpStream, done: impl Fn(&str) -> bool) -> Result<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if done(&text) {
+            return Ok(text);
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) => bail!("connection closed; got {text:?}"),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => bail!("read failed: {e}; got {text:?}"),
+            Err(_) => bail!("timed out; got {text:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_requests_are_answered_in_order() -> Result<()> {
+    tokio::time::timeout(LIMIT, async {
+        let m = mesh("").await?;
+        let mut s = TcpStream::connect(m.proxy).await?;
+        // Three requests in one write; each may go to a different node.
+        s.write_all(
+            b"GET /path/one HTTP/1.1\r\nHost: web\r\n\r\n\
+              GET /path/two HTTP/1.1\r\nHost: web\r\n\r\n\
+              GET /path/three HTTP/1.1\r\nHost: web\r\n\r\n",
+        )
+        .await?;
+        let got = read_until(&mut s, |t| t.contains("/path/three")).await?;
+        let pos = |p: &str| {
+            got.find(p)
+                .with_context(|| format!("{p} missing in {got:?}"))
+        };
+        let (one, two, three) = (pos("/path/one")?, pos("/path/two")?, pos("/path/three")?);
+        assert!(one < two && two < three, "out of order: {got:?}");
+        assert_eq!(got.matches("HTTP/1.1 200").count(), 3, "{got:?}");
+        // The connection stays usable after the pipeline.
+        s.write_all(b"GET /path/four HTTP/1.1\r\nHost: web\r\n\r\n")
+            .await?;
+        read_until(&mut s, |t| t.contains("/path/four")).await?;
+        drop(m.a);
+        Ok(())
+    })
+    .await?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expect_100_continue_gets_an_interim_answer_before_the_body() -> Result<()> {
+    tokio::time::timeout(LIMIT, async {
+        let m = mesh("").await?;
+        let mut s = TcpStream::connect(m.proxy).await?;
+        s.write_all(
+            b"POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 11\r\n\
+              Expect: 100-continue\r\n\r\n",
+        )
+        .await?;
+        // The body is withheld until the proxy says continue, as curl does (for up to 1 s).
+        read_until(&mut s, |t| t.contains("HTTP/1.1 100 Continue\r\n\r\n")).await?;
+        s.write_all(b"hello world").await?;
+        let got = read_until(&mut s, |t| t.contains("hello world")).await?;
+        assert!(got.contains("HTTP/1.1 200"), "{got:?}");
+        drop(m.a);
+        Ok(())
+    })
+    .await?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chunked_bodies_and_trailers_cross_the_mesh_both_ways() -> Result<()> {
+    tokio::time::timeout(LIMIT, async {
+        let m = mesh("").await?;
+        // Request: a chunked body with a trailer reaches the application whole.
+        let mut s = TcpStream::connect(m.proxy).await?;
+        s.write_all(
+            b"POST /trailers-in HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\
+              Trailer: x-sum\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 42\r\n\r\n",
+        )
+        .await?;
+        let got = read_until(&mut s, |t| t.contains("|x-sum=")).await?;
+        assert!(got.contains("hello world|x-sum=42"), "{got:?}");
+
+        // Response: a client that accepts trailers gets the application's trailers.
+        let mut s = TcpStream::connect(m.proxy).await?;
+        s.write_all(b"GET /trailers-out HTTP/1.1\r\nHost: web\r\nTE: trailers\r\n\r\n")
+            .await?;
+        let got = read_until(&mut s, |t| {
+            t.contains("\r\n0\r\n") && t.ends_with("\r\n\r\n")
+        })
+        .await?;
+        assert!(got.contains("hello"), "{got:?}");
+        assert!(got.to_ascii_lowercase().contains("x-sum: 42"), "{got:?}");
+        drop(m.a);
         Ok(())
     })
     .await?

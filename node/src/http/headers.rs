@@ -3,7 +3,9 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded.
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded. `Trailer` is not one of them (RFC
+/// 2616 listed it by mistake): it names the trailer fields to come, end to end, and hyper
+/// sends only the trailers it names.
 const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
@@ -11,13 +13,21 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authenticate",
     "proxy-authorization",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
 ];
 
-/// Removes hop-by-hop headers and every header the `Connection` header names.
+/// Removes hop-by-hop headers and every header the `Connection` header names. `te: trailers`
+/// is kept (the one `TE` HTTP/3 allows): it says the client accepts trailers, and each hop
+/// passes that on so the application's trailers reach it (hyper sends response trailers only
+/// to a request that said so).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let accepts_trailers = headers
+        .get_all(http::header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
@@ -30,6 +40,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for h in HOP_BY_HOP {
         headers.remove(*h);
+    }
+    if accepts_trailers {
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -87,6 +100,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn te_is_reduced_to_trailers_or_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("gzip, Trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
     }
 
     #[test]

@@ -108,7 +108,24 @@ async fn handle(shared: Arc<Shared>, client: SocketAddr, req: Request<Incoming>)
             .inc("meshnode_http_requests_total", &[&service, "", "404"]);
         return mesh_error(StatusCode::NOT_FOUND, &format!("unknown service {service}"));
     }
-    forward(shared, client, service, req).await
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let started = Instant::now();
+    let resp = forward(shared, client, service.clone(), req).await;
+    // One access-log line per request (off unless MESHNODE_LOG enables meshnode::access), at
+    // the response head: the body may stream for a long time after.
+    tracing::info!(
+        target: "meshnode::access",
+        direction = "http",
+        %service,
+        %client,
+        %method,
+        path,
+        status = resp.status().as_u16(),
+        mesh_error = resp.headers().contains_key(super::MESH_ERROR),
+        head_ms = started.elapsed().as_millis() as u64,
+        "http request answered"
+    );
+    resp
 }
 
 /// The outcome of one attempt that did not produce the final answer.
