@@ -107,7 +107,7 @@ async fn chunked_bodies_and_error_statuses() {
                 let mut buf = Vec::new();
                 while let Some(seq) = read_request(&mut s, &mut buf).await {
                     let n: u64 = seq.parse().unwrap();
-                    let resp = if n % 2 == 0 {
+                    let resp = if n.is_multiple_of(2) {
                         format!(
                             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nx-seq: {seq}\r\n\r\n\
                              2;ext=1\r\nab\r\n3\r\ncde\r\n0\r\nx-trailer: 1\r\n\r\n"
