@@ -1,23 +1,27 @@
 # Renders bench/run.sh's results (a JSON array of rows, `jq -s`) as a markdown table.
-# Arguments: $table ("bulk" or "latency"), $conns (the space-separated BULK_CONNS).
+# Arguments: $table ("bulk", "latency", "http", "loss" or "procs"), $conns (the space-separated
+# BULK_CONNS). Rows carry `table` ("http", "loss"); rows without it belong to bulk and latency.
 def num($d): if . == null then "–" else (. * pow(10; $d) | round / pow(10; $d) | tostring) end;
 # A ratio only where it means something: both known and a positive denominator.
 def ratio($a; $b): if $a == null or $b == null or $b <= 0 then "–" else ($a / $b | num(2)) + "×" end;
 def row($cells): "| " + ($cells | join(" | ")) + " |";
 def find($p): (map(select(.path == $p)) | first) // {};
+def mib: if . then . / 1024 else null end | num(1);
 
 ($conns | split(" ") | map(select(length > 0))) as $cs
-| find("direct TCP") as $d
-| find("stunnel pair") as $s
+| . as $all
+| map(select(.table == null)) as $tcp
+| ($tcp | find("direct TCP")) as $d
+| ($tcp | find("stunnel pair")) as $s
 | if $table == "bulk" then
     row(["path"] + ($cs | map("\(.) conn Gbit/s", "× direct", "× stunnel")) + ["notes"]),
     row(["---"] + ($cs | map("---:", "---:", "---:")) + ["---"]),
-    (.[] | . as $r
+    ($tcp[] | . as $r
       | row([$r.path]
           + ($cs | map(. as $c | ($r.bulk[$c] // null) as $g
               | ($g | num(2)), ratio($g; $d.bulk[$c]), ratio($g; $s.bulk[$c])))
           + [$r.note // ""]))
-  else
+  elif $table == "latency" then
     ($d.latency.corrected_us // {}) as $dl
     | (($s.latency.corrected_us // {}) as $sl
       | {p50: (if $sl.p50 then $sl.p50 - $dl.p50 else null end),
@@ -27,16 +31,68 @@ def find($p): (map(select(.path == $p)) | first) // {};
            "path peak RSS (MiB)", "missing", "notes"]),
       row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:",
            "---:", "---"]),
-      (.[] | . as $r | ($r.latency.corrected_us // null) as $l
+      ($tcp[] | . as $r | ($r.latency.corrected_us // null) as $l
         | if $l == null then
             row([$r.path, "–", "–", "–", "–", "–", "–", "–", "–", "–",
-                 ($r.peak_rss_kib | if . then . / 1024 else null end | num(1)), "–", $r.note // ""])
+                 ($r.peak_rss_kib | mib), "–", $r.note // ""])
           else
             ($l.p50 - $dl.p50) as $a50 | ($l.p99 - $dl.p99) as $a99
             | row([$r.path, ($l.p50 | num(1)), ($l.p90 | num(1)), ($l.p99 | num(1)),
                    ($l.p999 | num(1)), ($a50 | num(1)), ($a99 | num(1)),
                    ratio($a50; $sa.p50), ratio($a99; $sa.p99), ($r.cpu_cores | num(3)),
-                   ($r.peak_rss_kib | if . then . / 1024 else null end | num(1)),
+                   ($r.peak_rss_kib | mib),
                    ($r.latency.missing | tostring), $r.note // ""])
           end)
+  elif $table == "http" then
+    # One row per path and rate; ratios and "added" against direct HTTP at the same rate.
+    ($all | map(select(.table == "http"))) as $h
+    | ($h | find("direct HTTP")) as $hd
+    | row(["path", "target req/s", "achieved req/s", "p50", "p90", "p99", "p99.9", "p50 × direct",
+           "p99 × direct", "added p50", "added p99", "errors", "missing", "path CPU (cores)",
+           "notes"]),
+      row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:",
+           "---:", "---:", "---:", "---"]),
+      ($h[] | . as $r | select($r.http) | ($r.http | keys_unsorted[]) as $rate
+        | ($r.http[$rate]) as $x | ($hd.http[$rate].corrected_us // null) as $dl
+        | if $x == null then
+            row([$r.path, $rate, "failed", "–", "–", "–", "–", "–", "–", "–", "–", "–", "–", "–",
+                 $r.note // ""])
+          else
+            ($x.corrected_us) as $l
+            | row([$r.path, $rate, ($x.achieved_rps | num(0)), ($l.p50 | num(1)),
+                   ($l.p90 | num(1)), ($l.p99 | num(1)), ($l.p999 | num(1)),
+                   ratio($l.p50; $dl.p50), ratio($l.p99; $dl.p99),
+                   (if $dl then $l.p50 - $dl.p50 else null end | num(1)),
+                   (if $dl then $l.p99 - $dl.p99 else null end | num(1)),
+                   ($x.errors | tostring), ($x.missing | tostring),
+                   ($r.cpu_cores[$rate] // null | num(3)), $r.note // ""])
+          end),
+      ($h[] | select(.http == null) | row([.path, "–", "–", "–", "–", "–", "–", "–", "–", "–",
+                                           "–", "–", "–", "–", .note // ""]))
+  elif $table == "loss" then
+    # Ratios against the same path with no loss and no bulk.
+    ($all | map(select(.table == "loss"))) as $ls
+    | row(["path", "loss %", "bulk running", "bulk Gbit/s", "p50", "p90", "p99", "p99.9",
+           "p99 × quiet", "p99.9 × quiet", "missing"]),
+      row(["---", "---:", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"]),
+      ($ls[] | . as $r
+        | if $r.latency == null and $r.note then
+            row([$r.path, "–", "–", "–", "–", "–", "–", "–", "–", "–", $r.note])
+          else
+            (($ls | map(select(.path == $r.path and .loss_pct == 0 and .bulk == false))
+              | first.latency.corrected_us) // null) as $q
+            | ($r.latency.corrected_us // {}) as $l
+            | row([$r.path, ($r.loss_pct | tostring), (if $r.bulk then "yes" else "no" end),
+                   ($r.bulk_gbps | num(3)), ($l.p50 | num(1)), ($l.p90 | num(1)),
+                   ($l.p99 | num(1)), ($l.p999 | num(1)), ratio($l.p99; $q.p99),
+                   ratio($l.p999; $q.p999), ($r.latency.missing // null | tostring)])
+          end)
+  else
+    # procs: each process of each row (the loss rows' processes once, at their last row).
+    row(["path", "process", "CPU s (life)", "peak RSS (MiB)"]),
+    row(["---", "---", "---:", "---:"]),
+    ($all | map(select(.procs and (.procs | length) > 0))
+      | group_by(.path) | map(last) | .[]
+      | . as $r | .procs[]
+      | row([$r.path, .name, (.cpu_s | num(2)), (.peak_rss_kib | mib)]))
   end

@@ -3,11 +3,16 @@
 #
 # Usage: bench/run.sh                (after: cargo build --release -p meshnode-bench)
 #
-# Paths: direct TCP, socat pair (relay without crypto), stunnel pair (TLS 1.3), raw quinn (bulk
-# only: no TCP legs), and meshnode L4 when MESHNODE_BIN is set (see meshnode_l4 below).
+# Paths: direct TCP, socat pair (relay without crypto), stunnel pair (TLS 1.3), haproxy pair
+# (TLS 1.3, mode tcp), raw quinn (bulk only: no TCP legs), and meshnode L4 when MESHNODE_BIN is
+# set (see meshnode_l4 below).
 # For each: bulk throughput (median of BULK_REPEAT runs, per entry of BULK_CONNS) against a
 # `meshbench sink`, then open-loop latency (LAT_RATE req/s, LAT_SIZE bytes, LAT_DURATION) against
 # a `meshbench echo`. Prints markdown tables with ratios vs direct TCP and vs the stunnel pair.
+# HTTP: open-loop HTTP/1.1 GETs (`meshbench http`, each rate of HTTP_RATES) against a
+# `meshbench http-echo`, direct and through meshnode's HTTP proxy (node A) to node B's
+# `protocol = "http"` service. Every row records CPU seconds and peak RSS of each process of the
+# path. With LOSS_PCT, the loss scenario (loss_scenario below) runs last.
 #
 # Environment (defaults in brackets):
 #   MESHBENCH     meshbench binary            [target/release/meshbench]
@@ -17,16 +22,23 @@
 #   LAT_RATE      requests/s                  [1000]      LAT_SIZE     request bytes   [1024]
 #   LAT_DURATION  measured time               [10s]       LAT_WARMUP   unrecorded lead [1s]
 #   LAT_CONNS     latency connection pool     [4]
+#   HTTP_RATES    HTTP requests/s to test     ["1000 4000"]
+#   HTTP_SIZE     HTTP response body bytes    [1024]      HTTP_CONNS   keep-alive pool [LAT_CONNS]
+#   LOSS_PCT      if set (e.g. 1): the loss scenario through meshrelay, and (as root, with
+#                 nft) the stunnel pair across a veth pair with the same random loss
+#   LOSS_BULK     size of the background bulk transfer of the loss scenario [1000GiB: it is
+#                 stopped when the probe ends; its rate is read from /proc/PID/io]
 #   BASE_PORT     first of ~20 loopback ports [random in 20000-39999]
 #   OUT           directory for raw JSON      [a new temp dir]
 #   IDLE_TUNNELS  if > 0, also RSS of both nodes with that many idle meshnode tunnels open
 #   QUIET_LOAD    if set, first wait (up to 15 min) for the 1-minute load average to drop below it
-# Installs nothing. Needs jq; socat, stunnel4 and openssl for their rows
-# (apt-get install -y jq socat stunnel4 openssl).
+# Installs nothing. Needs jq; socat, stunnel4, haproxy, curl and openssl for their rows
+# (apt-get install -y jq socat stunnel4 haproxy curl openssl).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MESHBENCH=${MESHBENCH:-$ROOT/target/release/meshbench}
+MESHRELAY=${MESHRELAY:-$(dirname "$MESHBENCH")/meshrelay}
 BULK_BYTES=${BULK_BYTES:-2GiB}
 BULK_REPEAT=${BULK_REPEAT:-3}
 BULK_CONNS=${BULK_CONNS:-1}
@@ -35,12 +47,19 @@ LAT_SIZE=${LAT_SIZE:-1024}
 LAT_DURATION=${LAT_DURATION:-10s}
 LAT_WARMUP=${LAT_WARMUP:-1s}
 LAT_CONNS=${LAT_CONNS:-4}
+HTTP_RATES=${HTTP_RATES:-1000 4000}
+HTTP_SIZE=${HTTP_SIZE:-1024}
+HTTP_CONNS=${HTTP_CONNS:-$LAT_CONNS}
+LOSS_PCT=${LOSS_PCT:-}
+LOSS_BULK=${LOSS_BULK:-1000GiB}
 BASE_PORT=${BASE_PORT:-$((20000 + RANDOM % 20000))}
 OUT=${OUT:-$(mktemp -d /tmp/meshbench.XXXXXX)}
 RESULTS=$OUT/results.jsonl
 CLK_TCK=$(getconf CLK_TCK)
 PIDS=()           # every process this script started, killed by PID on exit
 TUNNEL_PIDS=()    # the processes of the path being measured (CPU and RSS are read from these)
+TUNNEL_NAMES=()   # their names, same order
+CLEANUP_CMDS=()   # extra teardown (network namespace, veth), run on exit
 
 mkdir -p "$OUT"
 : >"$RESULTS"
@@ -49,6 +68,8 @@ cleanup() {
   local pid
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  local cmd
+  for cmd in "${CLEANUP_CMDS[@]}"; do eval "$cmd" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 
@@ -61,6 +82,9 @@ MISSING=()
 command -v socat >/dev/null || MISSING+=(socat)
 [[ -n $STUNNEL ]] || MISSING+=(stunnel4)
 command -v openssl >/dev/null || MISSING+=(openssl)
+HAPROXY=$(command -v haproxy || { [[ -x /usr/sbin/haproxy ]] && echo /usr/sbin/haproxy; } || true)
+[[ -n $HAPROXY ]] || MISSING+=(haproxy)
+command -v curl >/dev/null || MISSING+=(curl)
 ((${#MISSING[@]} == 0)) || log "missing: ${MISSING[*]} (apt-get install -y ${MISSING[*]}); their rows are skipped"
 has() { [[ " ${MISSING[*]} " != *" $1 "* ]]; }
 
@@ -121,11 +145,38 @@ peak_rss_kib() {
   echo "$total"
 }
 
+# proc_json: a JSON array with each TUNNEL_PIDS process's name, CPU seconds over its life so far
+# (user + system, reaped children included) and peak RSS (VmHWM).
+proc_json() {
+  local i out='[]'
+  for i in "${!TUNNEL_PIDS[@]}"; do
+    out=$(jq -c --arg n "${TUNNEL_NAMES[$i]:-pid ${TUNNEL_PIDS[$i]}}" \
+      --argjson t "$(cpu_ticks "${TUNNEL_PIDS[$i]}")" --argjson hz "$CLK_TCK" \
+      --argjson k "$(peak_rss_kib "${TUNNEL_PIDS[$i]}")" \
+      '. + [{name: $n, cpu_s: ($t / $hz), peak_rss_kib: $k}]' <<<"$out")
+  done
+  echo "$out"
+}
+
+# path_procs NAME PID [NAME PID]...: sets TUNNEL_NAMES and TUNNEL_PIDS.
+path_procs() {
+  TUNNEL_NAMES=()
+  TUNNEL_PIDS=()
+  while (($# >= 2)); do
+    TUNNEL_NAMES+=("$1")
+    TUNNEL_PIDS+=("$2")
+    shift 2
+  done
+}
+
 # record JSON: appends one result object.
 record() { echo "$1" >>"$RESULTS"; }
 
-# skip_row PATH REASON: a row that was not measured, and why.
-skip_row() { record "$(jq -nc --arg p "$1" --arg r "$2" '{path: $p, note: $r}')"; }
+# skip_row PATH REASON [TABLE]: a row that was not measured, and why.
+skip_row() {
+  record "$(jq -nc --arg p "$1" --arg r "$2" --arg t "${3:-}" \
+    '{path: $p, note: $r} + (if $t == "" then {} else {table: $t} end)')"
+}
 
 # measure_path NAME SINK_ADDR ECHO_ADDR [NOTE]: bulk and latency through one path; the path's
 # processes must be in TUNNEL_PIDS (empty for direct TCP).
@@ -152,28 +203,72 @@ measure_path() {
     rss=$(peak_rss_kib "${TUNNEL_PIDS[@]}")
   fi
   record "$(jq -nc --arg p "$name" --arg n "$note" --argjson b "$bulk" --argjson l "$lat" \
-    --argjson c "$cores" --argjson r "$rss" \
-    '{path: $p, note: $n, bulk: $b, latency: $l, cpu_cores: $c, peak_rss_kib: $r}')"
+    --argjson c "$cores" --argjson r "$rss" --argjson procs "$(proc_json)" \
+    '{path: $p, note: $n, bulk: $b, latency: $l, cpu_cores: $c, peak_rss_kib: $r, procs: $procs}')"
+}
+
+# measure_http NAME ADDR HOST [NOTE]: open-loop HTTP/1.1 at each of HTTP_RATES through one path
+# (ADDR: the http-echo itself, or a proxy routing by Host: HOST); its processes in TUNNEL_PIDS.
+measure_http() {
+  local name=$1 addr=$2 host=$3 note=${4:-} rate one runs='{}' cores='{}' cpu0 cpu1 t0 t1 c
+  for rate in $HTTP_RATES; do
+    log "$name: HTTP $rate req/s, $HTTP_SIZE B bodies, $HTTP_CONNS connections for $LAT_DURATION"
+    cpu0=$(cpu_ticks "${TUNNEL_PIDS[@]}")
+    t0=$(date +%s.%N)
+    if ! one=$("$MESHBENCH" http --connect "$addr" --host "$host" --rate "$rate" \
+      --duration "$LAT_DURATION" --warmup "$LAT_WARMUP" --conns "$HTTP_CONNS" \
+      --expect-size "$HTTP_SIZE" --json); then
+      log "$name: HTTP at $rate req/s FAILED"
+      one=null
+    fi
+    t1=$(date +%s.%N)
+    cpu1=$(cpu_ticks "${TUNNEL_PIDS[@]}")
+    runs=$(jq -c --arg r "$rate" --argjson o "$one" '. + {($r): $o}' <<<"$runs")
+    if ((${#TUNNEL_PIDS[@]} > 0)); then
+      c=$(jq -n "($cpu1 - $cpu0) / $CLK_TCK / ($t1 - $t0)")
+      cores=$(jq -c --arg r "$rate" --argjson c "$c" '. + {($r): $c}' <<<"$cores")
+    fi
+  done
+  record "$(jq -nc --arg p "$name" --arg n "$note" --argjson h "$runs" --argjson c "$cores" \
+    --argjson procs "$(proc_json)" \
+    '{table: "http", path: $p, note: $n, http: $h, cpu_cores: $c, procs: $procs}')"
 }
 
 # --- the targets --------------------------------------------------------------------------
 port SINK_PORT
 port ECHO_PORT
+port HTTP_PORT
 start sink "$MESHBENCH" sink --listen "127.0.0.1:$SINK_PORT"
 start echo "$MESHBENCH" echo --listen "127.0.0.1:$ECHO_PORT"
+start http-echo "$MESHBENCH" http-echo --listen "127.0.0.1:$HTTP_PORT" --size "$HTTP_SIZE"
 wait_listen "$SINK_PORT"
 wait_listen "$ECHO_PORT"
+wait_listen "$HTTP_PORT"
 
 # --- direct TCP ---------------------------------------------------------------------------
 direct() {
-  TUNNEL_PIDS=()
+  path_procs
   measure_path "direct TCP" "127.0.0.1:$SINK_PORT" "127.0.0.1:$ECHO_PORT"
+}
+
+# --- direct HTTP: meshbench http straight to the http-echo ----------------------------------
+direct_http() {
+  path_procs
+  measure_http "direct HTTP" "127.0.0.1:$HTTP_PORT" localhost "meshbench http-echo (hyper 1, HTTP/1.1 keep-alive)"
+}
+
+# tls_cert DIR: a throw-away P-256 certificate for CN/SAN localhost: DIR/cert.pem, DIR/key.pem.
+tls_cert() {
+  mkdir -p "$1"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+    -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+    -keyout "$1/key.pem" -out "$1/cert.pem" 2>/dev/null
 }
 
 # --- socat pair: entry relay -> exit relay -> target, no crypto ----------------------------
 socat_pair() {
   if ! has socat; then skip_row "socat pair" "skipped (socat missing)"; return 0; fi
-  local target entry mid pids=()
+  local target entry mid pids=() names=()
   local -A entries=()
   for target in "$SINK_PORT" "$ECHO_PORT"; do
     port entry
@@ -181,14 +276,17 @@ socat_pair() {
     start "socat-exit-$target" socat "TCP-LISTEN:$mid,bind=127.0.0.1,reuseaddr,fork,nodelay" \
       "TCP:127.0.0.1:$target,nodelay"
     pids+=("$STARTED_PID")
+    names+=("socat exit ($([[ $target == "$SINK_PORT" ]] && echo sink || echo echo))")
     start "socat-entry-$target" socat "TCP-LISTEN:$entry,bind=127.0.0.1,reuseaddr,fork,nodelay" \
       "TCP:127.0.0.1:$mid,nodelay"
     pids+=("$STARTED_PID")
+    names+=("socat entry ($([[ $target == "$SINK_PORT" ]] && echo sink || echo echo))")
     wait_listen "$mid"
     wait_listen "$entry"
     entries[$target]=$entry
   done
   TUNNEL_PIDS=("${pids[@]}")
+  TUNNEL_NAMES=("${names[@]}")
   measure_path "socat pair" "127.0.0.1:${entries[$SINK_PORT]}" "127.0.0.1:${entries[$ECHO_PORT]}" \
     "socat $(socat -V | awk '/socat version/ { print $3 }'), default buffers, nodelay, fork"
   for target in "${pids[@]}"; do kill "$target" 2>/dev/null || true; done
@@ -202,10 +300,7 @@ stunnel_pair() {
   fi
   local dir=$OUT/stunnel target entry mid exit_conf entry_conf cipher
   local -A entries=()
-  mkdir -p "$dir"
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
-    -subj /CN=localhost -addext subjectAltName=DNS:localhost \
-    -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
+  tls_cert "$dir"
   exit_conf=$dir/exit.conf
   entry_conf=$dir/entry.conf
   local common="foreground = yes
@@ -229,11 +324,60 @@ socket = r:TCP_NODELAY=1"
   start stunnel-entry "$STUNNEL" "$entry_conf"
   local entry_pid=$STARTED_PID
   for target in "$SINK_PORT" "$ECHO_PORT"; do wait_listen "${entries[$target]}"; done
-  TUNNEL_PIDS=("$exit_pid" "$entry_pid")
+  path_procs "stunnel exit" "$exit_pid" "stunnel entry" "$entry_pid"
   measure_path "stunnel pair" "127.0.0.1:${entries[$SINK_PORT]}" "127.0.0.1:${entries[$ECHO_PORT]}" \
     "stunnel $("$STUNNEL" -version 2>&1 | awk '/^stunnel/ { print $2; exit }'), TLS 1.3, P-256 cert, nodelay"
   cipher=$(grep -ohE 'TLSv1\.3 ciphersuite: [A-Z0-9_]+' "$dir/entry.log" | head -1 || true)
   [[ -z $cipher ]] || log "stunnel negotiated $cipher"
+  kill "$exit_pid" "$entry_pid" 2>/dev/null || true
+}
+
+# --- haproxy pair: entry (TLS client) -> exit (TLS server) -> target, TLS 1.3, mode tcp -------
+haproxy_pair() {
+  if ! has haproxy || ! has openssl; then
+    skip_row "haproxy pair" "skipped (haproxy or openssl missing)"
+    return 0
+  fi
+  local dir=$OUT/haproxy target entry mid
+  local -A entries=()
+  tls_cert "$dir"
+  cat "$dir/cert.pem" "$dir/key.pem" >"$dir/combined.pem"
+  # Defaults: as many threads as CPUs; haproxy sets TCP_NODELAY on its sockets itself.
+  local common="global
+  ssl-default-bind-options ssl-min-ver TLSv1.3
+  ssl-default-server-options ssl-min-ver TLSv1.3
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h"
+  printf '%s\n' "$common" >"$dir/exit.cfg"
+  printf '%s\n' "$common" >"$dir/entry.cfg"
+  for target in "$SINK_PORT" "$ECHO_PORT"; do
+    port entry
+    port mid
+    printf 'listen t%s\n  bind 127.0.0.1:%s ssl crt %s/combined.pem\n  server s 127.0.0.1:%s\n' \
+      "$target" "$mid" "$dir" "$target" >>"$dir/exit.cfg"
+    printf 'listen t%s\n  bind 127.0.0.1:%s\n  server s 127.0.0.1:%s ssl verify required ca-file %s/cert.pem verifyhost localhost sni str(localhost)\n' \
+      "$target" "$entry" "$mid" "$dir" >>"$dir/entry.cfg"
+    entries[$target]=$entry
+  done
+  "$HAPROXY" -c -q -f "$dir/exit.cfg" && "$HAPROXY" -c -q -f "$dir/entry.cfg" || {
+    skip_row "haproxy pair" "skipped (haproxy rejected the config; see $dir)"
+    return 0
+  }
+  start haproxy-exit "$HAPROXY" -db -f "$dir/exit.cfg"
+  local exit_pid=$STARTED_PID
+  start haproxy-entry "$HAPROXY" -db -f "$dir/entry.cfg"
+  local entry_pid=$STARTED_PID
+  for target in "$SINK_PORT" "$ECHO_PORT"; do wait_listen "${entries[$target]}"; done
+  path_procs "haproxy exit" "$exit_pid" "haproxy entry" "$entry_pid"
+  local cipher
+  cipher=$(echo | openssl s_client -connect "127.0.0.1:$mid" -servername localhost 2>/dev/null \
+    | awk '/^New, / { print $2, $NF; exit }' || true)
+  [[ -z $cipher ]] || log "haproxy exit negotiates $cipher"
+  measure_path "haproxy pair" "127.0.0.1:${entries[$SINK_PORT]}" "127.0.0.1:${entries[$ECHO_PORT]}" \
+    "haproxy $("$HAPROXY" -v | awk 'NR == 1 { print $3 }'), mode tcp, TLS 1.3${cipher:+ ($cipher)}, P-256 cert"
   kill "$exit_pid" "$entry_pid" 2>/dev/null || true
 }
 
@@ -253,83 +397,125 @@ raw_quinn() {
   kill "$pid" 2>/dev/null || true
 }
 
-# --- meshnode L4: entry node A -> QUIC/mTLS -> exit node B -> target -------------------------
-meshnode_l4() {
+# --- meshnode: two `meshnode run` processes with a static registry ------------------------------
+# mesh_ready: 0 if MESHNODE_BIN is usable (the PKI made once); else 1, having said why.
+MESH_PKI=
+mesh_ready() {
   if [[ -z ${MESHNODE_BIN:-} ]]; then
-    echo "meshnode: skipped (MESHNODE_BIN unset)"
-    skip_row "meshnode L4" "pending (MESHNODE_BIN unset)"
-    return 0
+    MESH_SKIP="pending (MESHNODE_BIN unset)"
+    return 1
   fi
   if [[ ! -x $MESHNODE_BIN ]]; then
-    echo "meshnode: skipped ($MESHNODE_BIN is not executable)"
-    skip_row "meshnode L4" "skipped ($MESHNODE_BIN is not executable)"
-    return 0
+    MESH_SKIP="skipped ($MESHNODE_BIN is not executable)"
+    return 1
   fi
-  local dir=$OUT/meshnode qa qb aa ab entry_sink entry_echo n
+  if [[ -z $MESH_PKI ]]; then
+    MESH_PKI=$OUT/meshnode-pki
+    mkdir -p "$MESH_PKI"
+    "$MESHNODE_BIN" ca init --dir "$MESH_PKI/ca" --trust-domain bench.mesh >/dev/null
+    local n
+    for n in node-a node-b; do
+      "$MESHNODE_BIN" cert issue --ca-dir "$MESH_PKI/ca" --name "$n" --out "$MESH_PKI" >/dev/null
+    done
+  fi
+}
+
+# mesh_pair NAME QB ADVERTISE B_SERVICES A_PEER_SERVICES A_LOCAL: writes the configs of node B
+# (QUIC on 127.0.0.1:QB, advertising ADVERTISE, hosting the B_SERVICES TOML) and node A (which
+# knows B's services as A_PEER_SERVICES and has the A_LOCAL TOML: outbounds, http_proxy), starts
+# B then A, and sets A_PID and B_PID. Readiness is the caller's: wait for A's listeners.
+# MESH_A_IP / MESH_B_IP (default 127.0.0.1) are the nodes' QUIC addresses; with MESH_B_NETNS,
+# node B runs in that network namespace.
+mesh_pair() {
+  local name=$1 qb=$2 adv=$3 b_services=$4 a_peers=$5 a_local=$6 dir=$OUT/$1 qa aa ab
   mkdir -p "$dir"
-  "$MESHNODE_BIN" ca init --dir "$dir/ca" --trust-domain bench.mesh >/dev/null
-  for n in node-a node-b; do
-    "$MESHNODE_BIN" cert issue --ca-dir "$dir/ca" --name "$n" --out "$dir" >/dev/null
-  done
-  port qa; port qb; port aa; port ab; port entry_sink; port entry_echo
+  port qa; port aa; port ab
   cat >"$dir/b.toml" <<EOT
 [node]
 name = "node-b"
-listen = "127.0.0.1:$qb"
+listen = "${MESH_B_IP:-127.0.0.1}:$qb"
+advertise = "$adv"
 state_dir = "$dir/state-b"
 [tls]
-ca = "$dir/ca/ca.pem"
-cert = "$dir/node-b.pem"
-key = "$dir/node-b.key"
+ca = "$MESH_PKI/ca/ca.pem"
+cert = "$MESH_PKI/node-b.pem"
+key = "$MESH_PKI/node-b.key"
 [registry]
 backend = "static"
 [[registry.peers]]
 name = "node-a"
-addr = "127.0.0.1:$qa"
+addr = "${MESH_A_IP:-127.0.0.1}:$qa"
 [admin]
 listen = "127.0.0.1:$ab"
-[[service]]
-name = "sink"
-protocol = "tcp"
-target = "127.0.0.1:$SINK_PORT"
-[[service]]
-name = "echo"
-protocol = "tcp"
-target = "127.0.0.1:$ECHO_PORT"
+$b_services
 EOT
   cat >"$dir/a.toml" <<EOT
 [node]
 name = "node-a"
-listen = "127.0.0.1:$qa"
+listen = "${MESH_A_IP:-127.0.0.1}:$qa"
 state_dir = "$dir/state-a"
 [tls]
-ca = "$dir/ca/ca.pem"
-cert = "$dir/node-a.pem"
-key = "$dir/node-a.key"
+ca = "$MESH_PKI/ca/ca.pem"
+cert = "$MESH_PKI/node-a.pem"
+key = "$MESH_PKI/node-a.key"
 [registry]
 backend = "static"
 [[registry.peers]]
 name = "node-b"
-addr = "127.0.0.1:$qb"
-services = [{ name = "sink", protocol = "tcp", port = $SINK_PORT }, { name = "echo", protocol = "tcp", port = $ECHO_PORT }]
+addr = "$adv"
+services = [$a_peers]
 [admin]
 listen = "127.0.0.1:$aa"
-[[outbound]]
-service = "sink"
-listen = "127.0.0.1:$entry_sink"
-[[outbound]]
-service = "echo"
-listen = "127.0.0.1:$entry_echo"
+$a_local
 EOT
-  MESHNODE_LOG=warn start meshnode-b "$MESHNODE_BIN" run -c "$dir/b.toml"
-  local b_pid=$STARTED_PID
-  MESHNODE_LOG=warn start meshnode-a "$MESHNODE_BIN" run -c "$dir/a.toml"
-  local a_pid=$STARTED_PID
-  wait_listen "$entry_sink"
-  wait_listen "$entry_echo"
-  TUNNEL_PIDS=("$a_pid" "$b_pid")
+  local in_ns=()
+  [[ -z ${MESH_B_NETNS:-} ]] || in_ns=(ip netns exec "$MESH_B_NETNS")
+  MESHNODE_LOG=warn start "$name-b" "${in_ns[@]}" "$MESHNODE_BIN" run -c "$dir/b.toml"
+  B_PID=$STARTED_PID
+  MESHNODE_LOG=warn start "$name-a" "$MESHNODE_BIN" run -c "$dir/a.toml"
+  A_PID=$STARTED_PID
+}
+
+mesh_version() { "$MESHNODE_BIN" version | awk '{ print $2 }'; }
+
+# The TCP services sink and echo on B (targets 127.0.0.1:SINK [SINK_PORT] and :ECHO
+# [ECHO_PORT] as B sees them), outbounds for both on A (ports ENTRY_SINK, ENTRY_ECHO).
+mesh_l4_pair() {
+  local name=$1 qb=$2 adv=$3 sink=${4:-$SINK_PORT} echo_port=${5:-$ECHO_PORT}
+  port ENTRY_SINK; port ENTRY_ECHO
+  mesh_pair "$name" "$qb" "$adv" "[[service]]
+name = \"sink\"
+protocol = \"tcp\"
+target = \"127.0.0.1:$sink\"
+[[service]]
+name = \"echo\"
+protocol = \"tcp\"
+target = \"127.0.0.1:$echo_port\"" \
+    "{ name = \"sink\", protocol = \"tcp\", port = $sink }, { name = \"echo\", protocol = \"tcp\", port = $echo_port }" \
+    "[[outbound]]
+service = \"sink\"
+listen = \"127.0.0.1:$ENTRY_SINK\"
+[[outbound]]
+service = \"echo\"
+listen = \"127.0.0.1:$ENTRY_ECHO\""
+  wait_listen "$ENTRY_SINK"
+  wait_listen "$ENTRY_ECHO"
+}
+
+# --- meshnode L4: entry node A -> QUIC/mTLS -> exit node B -> target -------------------------
+meshnode_l4() {
+  if ! mesh_ready; then
+    echo "meshnode: $MESH_SKIP"
+    skip_row "meshnode L4" "$MESH_SKIP"
+    return 0
+  fi
+  local qb a_pid b_pid entry_sink entry_echo
+  port qb
+  mesh_l4_pair meshnode-l4 "$qb" "127.0.0.1:$qb"
+  a_pid=$A_PID b_pid=$B_PID entry_sink=$ENTRY_SINK entry_echo=$ENTRY_ECHO
+  path_procs "meshnode A" "$a_pid" "meshnode B" "$b_pid"
   measure_path "meshnode L4" "127.0.0.1:$entry_sink" "127.0.0.1:$entry_echo" \
-    "meshnode $("$MESHNODE_BIN" version | awk '{ print $2 }'), meshnode/1 over QUIC, TLS 1.3 mTLS, static registry"
+    "meshnode $(mesh_version), meshnode/1 over QUIC, TLS 1.3 mTLS, static registry"
   if [[ ${IDLE_TUNNELS:-0} -gt 0 ]]; then
     # Memory per idle tunnel: RSS of both nodes before and with IDLE_TUNNELS open tunnels.
     local rss0 rss1 idle_pid
@@ -360,11 +546,265 @@ EOT
   kill "$a_pid" "$b_pid" 2>/dev/null || true
 }
 
+# --- meshnode HTTP: HTTP/1.1 to node A's proxy -> h3 over QUIC/mTLS -> node B -> http-echo -----
+meshnode_http() {
+  if ! mesh_ready; then
+    skip_row "meshnode HTTP" "$MESH_SKIP" http
+    return 0
+  fi
+  if ! has curl; then
+    skip_row "meshnode HTTP" "skipped (curl missing: it checks the path end to end first)" http
+    return 0
+  fi
+  local qb px ok=
+  port qb; port px
+  mesh_pair meshnode-http "$qb" "127.0.0.1:$qb" "[[service]]
+name = \"web\"
+protocol = \"http\"
+target = \"127.0.0.1:$HTTP_PORT\"" "{ name = \"web\", protocol = \"http\", port = $HTTP_PORT }" \
+    "[http_proxy]
+listen = \"127.0.0.1:$px\""
+  wait_listen "$px"
+  # Ready once one request has made the whole trip (A dials B for the first one).
+  for _ in $(seq 200); do
+    curl -sf -o /dev/null -H 'Host: web' "http://127.0.0.1:$px/" && { ok=1; break; }
+    sleep 0.05
+  done
+  if [[ -z $ok ]]; then
+    skip_row "meshnode HTTP" "FAILED: no answer through the proxy (see $OUT/meshnode-http-*.log)" http
+    kill "$A_PID" "$B_PID" 2>/dev/null || true
+    return 0
+  fi
+  path_procs "meshnode A" "$A_PID" "meshnode B" "$B_PID"
+  measure_http "meshnode HTTP" "127.0.0.1:$px" web \
+    "meshnode $(mesh_version): HTTP/1.1 to A's proxy (Host: web), h3 over QUIC/mTLS to B, HTTP/1.1 to http-echo"
+  kill "$A_PID" "$B_PID" 2>/dev/null || true
+}
+
+# --- loss scenario ----------------------------------------------------------------------------
+# relay_ctl PORT COMMAND: one command on meshrelay's control port; prints the answer.
+relay_ctl() {
+  local ans
+  exec 7<>"/dev/tcp/127.0.0.1/$1"
+  printf '%s\n' "$2" >&7
+  IFS= read -r ans <&7
+  exec 7>&-
+  [[ $ans != error* ]] || { log "meshrelay: '$2' -> $ans"; return 1; }
+  echo "$ans"
+}
+
+# acked PORT: bytes the peer acknowledged on the established TCP connections to loopback PORT
+# (the bulk client's side of its connection to the path's entry).
+acked() {
+  ss -Htin state established "( dst 127.0.0.1 and dport = :$1 )" \
+    | grep -o 'bytes_acked:[0-9]*' | awk -F: '{ s += $2 } END { print s + 0 }'
+}
+
+# probe_under PATH PCT SINK ECHO BULK: the small-request latency probe (LAT_* settings) against
+# ECHO, with (BULK=yes) a bulk transfer to SINK between the same two hops running all along;
+# records a "loss" row. The bulk's rate is what the path's entry acknowledged over the probe.
+probe_under() {
+  local name=$1 pct=$2 sink=$3 echo_addr=$4 bulk=$5 bpid= w0 w1 t0 t1 lat gbps=null
+  if [[ $bulk == yes ]]; then
+    start "bulk-${name// /-}-$pct" "$MESHBENCH" bulk --connect "$sink" --bytes "$LOSS_BULK" --json
+    bpid=$STARTED_PID
+    for _ in $(seq 400); do
+      (($(acked "${sink##*:}") > 4194304)) && break
+      kill -0 "$bpid" 2>/dev/null || break
+      sleep 0.05
+    done
+    w0=$(acked "${sink##*:}")
+    t0=$(date +%s.%N)
+  fi
+  log "$name, loss $pct %, bulk $bulk: latency $LAT_RATE req/s x $LAT_SIZE B for $LAT_DURATION"
+  lat=$("$MESHBENCH" latency --connect "$echo_addr" --rate "$LAT_RATE" --size "$LAT_SIZE" \
+    --duration "$LAT_DURATION" --warmup "$LAT_WARMUP" --conns "$LAT_CONNS" --json) || {
+    log "$name: latency probe FAILED"
+    lat=null
+  }
+  if [[ -n $bpid ]]; then
+    w1=$(acked "${sink##*:}")
+    t1=$(date +%s.%N)
+    if kill -0 "$bpid" 2>/dev/null; then
+      gbps=$(jq -n "($w1 - $w0) * 8 / ($t1 - $t0) / 1e9")
+      kill "$bpid" 2>/dev/null || true
+    else
+      log "$name: the bulk transfer ended early (see $OUT/bulk-*.log)"
+    fi
+    wait "$bpid" 2>/dev/null || true
+  fi
+  record "$(jq -nc --arg p "$name" --argjson pct "$pct" --arg b "$bulk" --argjson l "$lat" \
+    --argjson g "$gbps" --argjson procs "$(proc_json)" \
+    '{table: "loss", path: $p, loss_pct: $pct, bulk: ($b == "yes"), latency: $l,
+      bulk_gbps: $g, procs: $procs}')"
+}
+
+# meshnode L4 with node B advertising a meshrelay, so A -> B QUIC crosses the relay's loss.
+loss_meshnode() {
+  if ! mesh_ready || [[ ! -x $MESHRELAY ]]; then
+    skip_row "meshnode L4 via meshrelay" "skipped (${MESH_SKIP:-$MESHRELAY missing})" loss
+    return 0
+  fi
+  local qb rp cp relay_pid pct bulk
+  port qb; port rp; port cp
+  start meshrelay "$MESHRELAY" --listen "127.0.0.1:$rp" --upstream "127.0.0.1:$qb" \
+    --control "127.0.0.1:$cp"
+  relay_pid=$STARTED_PID
+  for _ in $(seq 200); do grep -q '^meshrelay listen=' "$OUT/meshrelay.log" && break; sleep 0.05; done
+  mesh_l4_pair meshnode-loss "$qb" "127.0.0.1:$rp"
+  path_procs "meshnode A" "$A_PID" "meshnode B" "$B_PID" "meshrelay" "$relay_pid"
+  for pct in 0 "$LOSS_PCT"; do
+    relay_ctl "$cp" "loss $(awk -v x="$pct" 'BEGIN { print x / 100 }')" >/dev/null
+    for bulk in no yes; do
+      probe_under "meshnode L4 via meshrelay" "$pct" "127.0.0.1:$ENTRY_SINK" \
+        "127.0.0.1:$ENTRY_ECHO" "$bulk"
+    done
+  done
+  log "meshrelay stats: $(relay_ctl "$cp" stats)"
+  kill "$A_PID" "$B_PID" "$relay_pid" 2>/dev/null || true
+}
+
+# netns_up: a network namespace and a veth pair made here (host side NET.1, namespace side NET.2,
+# a /30 of 10.251.0.0/16 unused on this host), an nftables table in the namespace for the loss,
+# and a sink and an echo inside it on its loopback (ports NS_SINK, NS_ECHO). Both are deleted on
+# exit. Root and nft only: returns 1 otherwise.
+NS=
+netns_up() {
+  [[ -z $NS ]] || return 0
+  ((EUID == 0)) && command -v nft >/dev/null || return 1
+  local sub
+  for _ in $(seq 50); do
+    sub=$((RANDOM % 250 + 2))
+    ip -o addr | grep -q "10\.251\.$sub\." || break
+  done
+  NET=10.251.$sub
+  NS=meshbench$$
+  NS_PEER=mbn$$
+  local host=mbh$$
+  ip netns add "$NS"
+  CLEANUP_CMDS+=("ip netns del $NS")
+  ip link add "$host" type veth peer name "$NS_PEER"
+  CLEANUP_CMDS+=("ip link del $host")
+  ip link set "$NS_PEER" netns "$NS"
+  ip addr add "$NET.1/30" dev "$host"
+  ip link set "$host" up
+  ip netns exec "$NS" ip addr add "$NET.2/30" dev "$NS_PEER"
+  ip netns exec "$NS" ip link set "$NS_PEER" up
+  ip netns exec "$NS" ip link set lo up
+  ip netns exec "$NS" nft -f - <<EOT
+table inet meshbench_loss {
+  chain in { type filter hook input priority 0; policy accept; }
+  chain out { type filter hook output priority 0; policy accept; }
+}
+EOT
+  port NS_SINK; port NS_ECHO
+  start netns-sink ip netns exec "$NS" "$MESHBENCH" sink --listen "127.0.0.1:$NS_SINK"
+  start netns-echo ip netns exec "$NS" "$MESHBENCH" echo --listen "127.0.0.1:$NS_ECHO"
+  ns_wait_listen "$NS_SINK"
+  ns_wait_listen "$NS_ECHO"
+}
+
+ns_wait_listen() {
+  for _ in $(seq 200); do
+    ip netns exec "$NS" ss -Htln "( sport = :$1 )" | grep -q . && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on port $1 in $NS" >&2
+  return 1
+}
+
+# netns_loss PCT: drop PCT % of the packets at random, both ways, on the namespace's veth end.
+netns_loss() {
+  local per_mille
+  ip netns exec "$NS" nft flush chain inet meshbench_loss in
+  ip netns exec "$NS" nft flush chain inet meshbench_loss out
+  per_mille=$(awk -v x="$1" 'BEGIN { printf "%d", x * 10 + 0.5 }')
+  if ((per_mille > 0)); then
+    ip netns exec "$NS" nft add rule inet meshbench_loss in iifname "$NS_PEER" numgen random mod 1000 \< "$per_mille" counter drop
+    ip netns exec "$NS" nft add rule inet meshbench_loss out oifname "$NS_PEER" numgen random mod 1000 \< "$per_mille" counter drop
+  fi
+}
+
+nft_counters() { ip netns exec "$NS" nft list ruleset | grep -o 'counter packets [0-9]*' | tr '\n' ' '; }
+
+# The stunnel pair with its TLS leg across the veth pair: entry in the host namespace, exit (and
+# its sink and echo) in the namespace. The bulk and the probe are separate TCP connections.
+loss_stunnel_netns() {
+  local name="stunnel pair via lossy veth"
+  if ! has stunnel4 || ! has openssl || ! netns_up; then
+    skip_row "$name" "skipped (needs root, nft, stunnel4, openssl)" loss
+    return 0
+  fi
+  local dir=$OUT/stunnel-netns mid1 mid2 e1 e2 exit_pid entry_pid pct bulk
+  port mid1; port mid2; port e1; port e2
+  tls_cert "$dir"
+  local common="foreground = yes
+pid =
+sslVersionMin = TLSv1.3
+socket = l:TCP_NODELAY=1
+socket = r:TCP_NODELAY=1"
+  printf '%s\noutput = %s/exit.log\ncert = %s/cert.pem\nkey = %s/key.pem\n[s]\naccept = %s:%s\nconnect = 127.0.0.1:%s\n[e]\naccept = %s:%s\nconnect = 127.0.0.1:%s\n' \
+    "$common" "$dir" "$dir" "$dir" "$NET.2" "$mid1" "$NS_SINK" "$NET.2" "$mid2" "$NS_ECHO" >"$dir/exit.conf"
+  printf '%s\noutput = %s/entry.log\nclient = yes\nCAfile = %s/cert.pem\nverifyChain = yes\ncheckHost = localhost\n[s]\naccept = 127.0.0.1:%s\nconnect = %s:%s\n[e]\naccept = 127.0.0.1:%s\nconnect = %s:%s\n' \
+    "$common" "$dir" "$dir" "$e1" "$NET.2" "$mid1" "$e2" "$NET.2" "$mid2" >"$dir/entry.conf"
+  start netns-stunnel-exit ip netns exec "$NS" "$STUNNEL" "$dir/exit.conf"
+  exit_pid=$STARTED_PID
+  start netns-stunnel-entry "$STUNNEL" "$dir/entry.conf"
+  entry_pid=$STARTED_PID
+  wait_listen "$e1"
+  wait_listen "$e2"
+  ns_wait_listen "$mid2"
+  path_procs "stunnel exit (netns)" "$exit_pid" "stunnel entry" "$entry_pid"
+  for pct in 0 "$LOSS_PCT"; do
+    netns_loss "$pct"
+    for bulk in no yes; do
+      probe_under "$name" "$pct" "127.0.0.1:$e1" "127.0.0.1:$e2" "$bulk"
+    done
+  done
+  log "$name: nft drops $(nft_counters)"
+  kill "$exit_pid" "$entry_pid" 2>/dev/null || true
+}
+
+# meshnode L4 across the same veth pair: node A in the host namespace, node B (and its sink and
+# echo) in the namespace, QUIC between NET.1 and NET.2. Bulk and probe share A's one QUIC
+# connection to B (separate streams).
+loss_meshnode_netns() {
+  local name="meshnode L4 via lossy veth"
+  if ! mesh_ready || ! netns_up; then
+    skip_row "$name" "skipped (${MESH_SKIP:-needs root and nft})" loss
+    return 0
+  fi
+  local qb pct bulk
+  port qb
+  MESH_A_IP=$NET.1 MESH_B_IP=$NET.2 MESH_B_NETNS=$NS \
+    mesh_l4_pair meshnode-netns "$qb" "$NET.2:$qb" "$NS_SINK" "$NS_ECHO"
+  path_procs "meshnode A" "$A_PID" "meshnode B (netns)" "$B_PID"
+  for pct in 0 "$LOSS_PCT"; do
+    netns_loss "$pct"
+    for bulk in no yes; do
+      probe_under "$name" "$pct" "127.0.0.1:$ENTRY_SINK" "127.0.0.1:$ENTRY_ECHO" "$bulk"
+    done
+  done
+  log "$name: nft drops $(nft_counters)"
+  kill "$A_PID" "$B_PID" 2>/dev/null || true
+}
+
+loss_scenario() {
+  [[ -n $LOSS_PCT ]] || return 0
+  loss_meshnode
+  loss_meshnode_netns
+  loss_stunnel_netns
+}
+
 direct
 socat_pair
 stunnel_pair
+haproxy_pair
 raw_quinn
 meshnode_l4
+direct_http
+meshnode_http
+loss_scenario
 
 # --- report ------------------------------------------------------------------------------------
 {
@@ -376,6 +816,20 @@ meshnode_l4
   echo "Latency at $LAT_RATE req/s, $LAT_SIZE B, $LAT_DURATION, $LAT_CONNS connections (µs, from the scheduled send; added = path - direct):"
   echo
   jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table latency "$RESULTS"
+  echo
+  echo "HTTP/1.1 GETs, open loop, $HTTP_SIZE B bodies, $HTTP_CONNS keep-alive connections, $LAT_DURATION per rate (µs from the scheduled send; ratios and added vs direct HTTP at the same rate):"
+  echo
+  jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table http "$RESULTS"
+  if [[ -n $LOSS_PCT ]]; then
+    echo
+    echo "Loss scenario: latency probe at $LAT_RATE req/s, $LAT_SIZE B, $LAT_CONNS connections, $LAT_DURATION, with and without a bulk transfer between the same two hops (µs; × quiet = vs the same path at 0 % loss without bulk):"
+    echo
+    jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table loss "$RESULTS"
+  fi
+  echo
+  echo "Processes of each path: CPU seconds (user + system over the process's life: start-up, bulk and latency runs) and peak RSS (VmHWM):"
+  echo
+  jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table procs "$RESULTS"
   echo
   echo "Load average (1/5/15 min) before: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "Raw results: $RESULTS"

@@ -9,9 +9,13 @@
 //!
 //! Timing runs on plain OS threads: the sender sleeps until shortly before each scheduled time and
 //! spins the rest (`spin`), because async timers have millisecond granularity.
+//!
+//! What a request and a response look like on the wire is a [`Protocol`]: [`Echo`] (fixed-size
+//! messages carrying the sequence number, against `meshbench echo`) here, HTTP/1.1 in
+//! [`crate::http`]. The schedule, the pool and the histograms are shared.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -89,12 +93,60 @@ pub struct LatencyReport {
     pub requests: u64,
     /// Requests sent but never answered within the drain time.
     pub missing: u64,
+    /// Requests answered with a failure (HTTP: a status other than 2xx); not in the histograms.
+    pub errors: u64,
+    /// Successful answers per second over the measured time.
+    pub achieved_rps: f64,
     /// Latency from the scheduled send time (corrected for coordinated omission).
     pub corrected_us: Percentiles,
     /// Latency from the actual send time.
     pub uncorrected_us: Percentiles,
     /// How late the sender was against the schedule.
     pub send_lateness_us: Percentiles,
+}
+
+/// One decoded response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The sequence number the response carries, if the protocol echoes one (checked against
+    /// the request it must answer: responses come back in order on each connection).
+    pub seq: Option<u64>,
+    /// Whether it is a success (recorded in the histograms) or an error (counted).
+    pub ok: bool,
+}
+
+/// The wire format of one request/response exchange.
+pub trait Protocol: Send + Sync + 'static {
+    /// Appends request number `seq` to `out`.
+    fn encode(&self, seq: u64, out: &mut Vec<u8>);
+    /// Reads one whole response. End of input before its first byte is
+    /// `ErrorKind::UnexpectedEof`; a malformed response is `ErrorKind::InvalidData`.
+    fn decode(&self, input: &mut BufReader<TcpStream>) -> io::Result<Answer>;
+}
+
+/// Fixed-size messages whose first 8 bytes are the big-endian sequence number, echoed back.
+#[derive(Clone, Copy, Debug)]
+pub struct Echo {
+    /// Request (and response) size, at least 8.
+    pub size: usize,
+}
+
+impl Protocol for Echo {
+    fn encode(&self, seq: u64, out: &mut Vec<u8>) {
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.resize(out.len() + self.size.saturating_sub(8), 0xA5);
+    }
+
+    fn decode(&self, input: &mut BufReader<TcpStream>) -> io::Result<Answer> {
+        let mut buf = vec![0u8; self.size];
+        input.read_exact(&mut buf)?;
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&buf[..8]);
+        Ok(Answer {
+            seq: Some(u64::from_be_bytes(seq)),
+            ok: true,
+        })
+    }
 }
 
 /// A request in flight: its sequence number, scheduled and actual send times, and whether it
@@ -132,23 +184,35 @@ fn wait_until(deadline: Instant, spin: Duration) {
     }
 }
 
-/// Reads echoed responses on one connection and records their latencies.
-fn read_responses(
-    mut stream: TcpStream,
-    size: usize,
+/// What one reader thread measured.
+struct ReaderResult {
+    corrected: Histogram<u64>,
+    uncorrected: Histogram<u64>,
+    errors: u64,
+}
+
+/// Reads responses on one connection and records their latencies.
+fn read_responses<P: Protocol>(
+    stream: TcpStream,
+    protocol: Arc<P>,
     pending: Arc<Mutex<VecDeque<Pending>>>,
     received: Arc<AtomicU64>,
-) -> anyhow::Result<(Histogram<u64>, Histogram<u64>)> {
-    let (mut corrected, mut uncorrected) = (histogram()?, histogram()?);
-    let mut buf = vec![0u8; size];
+) -> anyhow::Result<ReaderResult> {
+    let mut out = ReaderResult {
+        corrected: histogram()?,
+        uncorrected: histogram()?,
+        errors: 0,
+    };
+    let mut input = BufReader::with_capacity(64 * 1024, stream);
     loop {
-        if let Err(e) = stream.read_exact(&mut buf) {
+        let answer = match protocol.decode(&mut input) {
+            Ok(a) => a,
             // The pool is shut down once every response is in (or the drain time is over).
-            if e.kind() == std::io::ErrorKind::UnexpectedEof || received_all(&pending) {
-                return Ok((corrected, uncorrected));
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof || received_all(&pending) => {
+                return Ok(out)
             }
-            return Err(e).context("reading a response");
-        }
+            Err(e) => return Err(e).context("reading a response"),
+        };
         let now = Instant::now();
         let front = pending
             .lock()
@@ -157,13 +221,19 @@ fn read_responses(
         let Some((seq, scheduled, sent, record)) = front else {
             bail!("a response arrived for no request");
         };
-        ensure!(
-            buf[..8] == seq.to_be_bytes(),
-            "response out of order (expected #{seq})"
-        );
+        if let Some(got) = answer.seq {
+            ensure!(
+                got == seq,
+                "response out of order (expected #{seq}, got #{got})"
+            );
+        }
         if record {
-            corrected.saturating_record(nanos(now - scheduled));
-            uncorrected.saturating_record(nanos(now - sent));
+            if answer.ok {
+                out.corrected.saturating_record(nanos(now - scheduled));
+                out.uncorrected.saturating_record(nanos(now - sent));
+            } else {
+                out.errors += 1;
+            }
         }
         received.fetch_add(1, Ordering::Release);
     }
@@ -176,14 +246,20 @@ fn received_all(pending: &Mutex<VecDeque<Pending>>) -> bool {
         .is_empty()
 }
 
-/// Runs one open-loop latency measurement.
+/// Runs one open-loop latency measurement against an echo server.
 pub fn run(opts: &LatencyOptions) -> anyhow::Result<LatencyReport> {
     ensure!(opts.size >= 8, "--size must be at least 8 bytes");
+    run_with(opts, Echo { size: opts.size })
+}
+
+/// Runs one open-loop latency measurement speaking `protocol`. `opts.size` is only reported.
+pub fn run_with<P: Protocol>(opts: &LatencyOptions, protocol: P) -> anyhow::Result<LatencyReport> {
     ensure!(
         opts.rate > 0.0 && opts.rate.is_finite(),
         "--rate must be positive"
     );
     ensure!(opts.conns > 0, "--conns must be at least 1");
+    let protocol = Arc::new(protocol);
     let mut conns = Vec::with_capacity(opts.conns);
     let mut readers = Vec::with_capacity(opts.conns);
     for _ in 0..opts.conns {
@@ -192,13 +268,13 @@ pub fn run(opts: &LatencyOptions) -> anyhow::Result<LatencyReport> {
         stream.set_nodelay(true)?;
         let pending = Arc::new(Mutex::new(VecDeque::new()));
         let received = Arc::new(AtomicU64::new(0));
-        let (read, p, r, size) = (
+        let (read, proto, p, r) = (
             stream.try_clone()?,
+            protocol.clone(),
             pending.clone(),
             received.clone(),
-            opts.size,
         );
-        readers.push(thread::spawn(move || read_responses(read, size, p, r)));
+        readers.push(thread::spawn(move || read_responses(read, proto, p, r)));
         conns.push(Conn {
             stream,
             pending,
@@ -207,7 +283,7 @@ pub fn run(opts: &LatencyOptions) -> anyhow::Result<LatencyReport> {
         });
     }
 
-    let mut request = vec![0xA5u8; opts.size];
+    let mut request = Vec::new();
     let mut lateness = histogram()?;
     let start = Instant::now() + Duration::from_millis(20);
     let measure_from = start + opts.warmup;
@@ -220,7 +296,8 @@ pub fn run(opts: &LatencyOptions) -> anyhow::Result<LatencyReport> {
         }
         wait_until(scheduled, opts.spin);
         let conn = &mut conns[(i % opts.conns as u64) as usize];
-        request[..8].copy_from_slice(&i.to_be_bytes());
+        request.clear();
+        protocol.encode(i, &mut request);
         let sent = Instant::now();
         let record = scheduled >= measure_from;
         if record {
@@ -253,14 +330,17 @@ pub fn run(opts: &LatencyOptions) -> anyhow::Result<LatencyReport> {
             .saturating_sub(conn.received.load(Ordering::Acquire));
         let _ = conn.stream.shutdown(Shutdown::Both);
     }
-    let (mut corrected, mut uncorrected) = (histogram()?, histogram()?);
+    let (mut corrected, mut uncorrected, mut errors) = (histogram()?, histogram()?, 0);
     for reader in readers {
-        let (c, u) = match reader.join() {
+        let r = match reader.join() {
             Ok(result) => result?,
             Err(_) => bail!("a reader thread panicked"),
         };
-        corrected.add(&c).context("merging histograms")?;
-        uncorrected.add(&u).context("merging histograms")?;
+        corrected.add(&r.corrected).context("merging histograms")?;
+        uncorrected
+            .add(&r.uncorrected)
+            .context("merging histograms")?;
+        errors += r.errors;
     }
     if let Some(e) = send_error {
         return Err(e).context("sending a request");
@@ -272,6 +352,8 @@ pub fn run(opts: &LatencyOptions) -> anyhow::Result<LatencyReport> {
         seconds: opts.duration.as_secs_f64(),
         requests: corrected.len(),
         missing,
+        errors,
+        achieved_rps: corrected.len() as f64 / opts.duration.as_secs_f64().max(1e-9),
         corrected_us: Percentiles::of(&corrected),
         uncorrected_us: Percentiles::of(&uncorrected),
         send_lateness_us: Percentiles::of(&lateness),

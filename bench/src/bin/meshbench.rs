@@ -5,6 +5,8 @@
 //! meshbench echo --listen 127.0.0.1:9001            # target for `latency` and `bulk --target echo`
 //! meshbench bulk --connect 127.0.0.1:9000 --bytes 2GiB --repeat 3
 //! meshbench latency --connect 127.0.0.1:9001 --rate 1000 --duration 10s --size 1024 --json
+//! meshbench http-echo --listen 127.0.0.1:9080 --size 1024     # HTTP/1.1 target for `http`
+//! meshbench http --connect 127.0.0.1:9080 --host web --rate 1000 --duration 10s --json
 //! meshbench quic-bulk-server --listen 127.0.0.1:9443
 //! meshbench quic-bulk --connect 127.0.0.1:9443 --bytes 2GiB --repeat 3
 //! ```
@@ -16,7 +18,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use meshnode_bench::latency::{self, LatencyOptions};
+use meshnode_bench::http::{self, HttpGet};
+use meshnode_bench::latency::{self, LatencyOptions, LatencyReport};
 use meshnode_bench::quic;
 use meshnode_bench::relay::control::parse_duration;
 use meshnode_bench::tcp::{self, median, BulkRun, BulkTarget};
@@ -83,6 +86,46 @@ enum Command {
         /// Connections in the pool; requests go round-robin and are pipelined.
         #[arg(long, default_value_t = 4)]
         conns: usize,
+        /// Spin (instead of sleeping) for this long before each send, for timer accuracy.
+        #[arg(long, value_parser = parse_duration, default_value = "100us")]
+        spin: Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// HTTP/1.1 server (keep-alive) answering every request with `200` and a fixed-size body.
+    HttpEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Response body size in bytes.
+        #[arg(long, value_parser = parse_size, default_value = "1024")]
+        size: u64,
+    },
+    /// Open-loop HTTP/1.1 GETs at a fixed rate over a pool of keep-alive connections, to an
+    /// `http-echo` directly or through an HTTP proxy (origin-form, routed by `Host`).
+    Http {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// `Host` header: the mesh service name when `--connect` is meshnode's HTTP proxy.
+        #[arg(long, default_value = "localhost")]
+        host: String,
+        /// Origin-form request target.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Requests per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Measured duration, e.g. `10s`.
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        duration: Duration,
+        /// Unrecorded lead-in, e.g. `1s`.
+        #[arg(long, value_parser = parse_duration, default_value = "1s")]
+        warmup: Duration,
+        /// Keep-alive connections in the pool; requests go round-robin and are pipelined.
+        #[arg(long, default_value_t = 4)]
+        conns: usize,
+        /// Expected response body size: a 2xx with another length counts as an error.
+        #[arg(long, value_parser = parse_size)]
+        expect_size: Option<u64>,
         /// Spin (instead of sleeping) for this long before each send, for timer accuracy.
         #[arg(long, value_parser = parse_duration, default_value = "100us")]
         spin: Duration,
@@ -160,6 +203,34 @@ fn report_bulk(what: &str, conns: usize, runs: &[BulkRun], json: bool) {
             runs.len()
         );
     }
+}
+
+/// Prints a latency report as text or one JSON object.
+fn print_latency(report: &LatencyReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+        return Ok(());
+    }
+    let row = |name: &str, p: &latency::Percentiles| {
+        println!(
+            "{name:<12} p50 {:>8.1}  p90 {:>8.1}  p99 {:>8.1}  p99.9 {:>8.1}  max {:>9.1} µs",
+            p.p50, p.p90, p.p99, p.p999, p.max
+        )
+    };
+    println!(
+        "{} requests at {} req/s ({:.1} achieved), {} B, {} connection(s), {} errors, {} missing",
+        report.requests,
+        report.rate,
+        report.achieved_rps,
+        report.size,
+        report.conns,
+        report.errors,
+        report.missing
+    );
+    row("corrected", &report.corrected_us);
+    row("uncorrected", &report.uncorrected_us);
+    row("send late", &report.send_lateness_us);
+    Ok(())
 }
 
 async fn serve_tcp(what: &str, listen: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -245,23 +316,45 @@ async fn main() -> anyhow::Result<()> {
                 drain: Duration::from_secs(10),
             };
             let report = tokio::task::spawn_blocking(move || latency::run(&opts)).await??;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                let row = |name: &str, p: &latency::Percentiles| {
-                    println!(
-                        "{name:<12} p50 {:>8.1}  p90 {:>8.1}  p99 {:>8.1}  p99.9 {:>8.1}  max {:>9.1} µs",
-                        p.p50, p.p90, p.p99, p.p999, p.max
-                    )
-                };
-                println!(
-                    "{} requests at {} req/s, {} B, {} connection(s), {} missing",
-                    report.requests, report.rate, report.size, report.conns, report.missing
-                );
-                row("corrected", &report.corrected_us);
-                row("uncorrected", &report.uncorrected_us);
-                row("send late", &report.send_lateness_us);
-            }
+            print_latency(&report, json)?;
+        }
+        Command::HttpEcho { listen, size } => {
+            let size = usize::try_from(size).context("--size is too large")?;
+            let listener = serve_tcp("http-echo", listen).await?;
+            let body = bytes::Bytes::from(vec![b'x'; size]);
+            tokio::select! { r = http::serve_echo(listener, body) => r?, r = stop_signal() => r? }
+        }
+        Command::Http {
+            connect,
+            host,
+            path,
+            rate,
+            duration,
+            warmup,
+            conns,
+            expect_size,
+            spin,
+            json,
+        } => {
+            anyhow::ensure!(path.starts_with('/'), "--path must start with /");
+            let opts = LatencyOptions {
+                addr: connect,
+                rate,
+                duration,
+                warmup,
+                size: usize::try_from(expect_size.unwrap_or(0)).unwrap_or(usize::MAX),
+                conns,
+                spin,
+                drain: Duration::from_secs(10),
+            };
+            let protocol = HttpGet {
+                host,
+                path,
+                expect_size,
+            };
+            let report =
+                tokio::task::spawn_blocking(move || latency::run_with(&opts, protocol)).await??;
+            print_latency(&report, json)?;
         }
         Command::QuicBulkServer { listen } => {
             let server = quic::serve(listen, |addr| {
