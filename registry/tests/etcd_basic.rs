@@ -1,40 +1,22 @@
 //! The etcd backend against a real etcd: registration, leases, bad records, conflicts.
 
+mod common;
+
+use common::*;
 use std::time::{Duration, Instant};
 
 use etcd_client::{GetOptions, Txn, TxnOp};
 use meshnode_registry::testing::{
     has_node, registration, test_config, wait_for_status, wait_for_view, EtcdProcess,
 };
-use meshnode_registry::{etcd, Registry, RegistryState};
+use meshnode_registry::{etcd, RegistryState};
 
-const P: &str = "/mesh";
 /// Bound of every test; the conditions inside have their own, tighter deadlines.
 const LIMIT: Duration = Duration::from_secs(30);
-const SOON: Duration = Duration::from_secs(5);
-
-fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-async fn node(endpoint: &str, name: &str, services: &[(&str, u16)]) -> anyhow::Result<Registry> {
-    let r = etcd::start(test_config(endpoint, P));
-    r.register(registration(name, "127.0.0.1:4433", services))
-        .await?;
-    Ok(r)
-}
-
-async fn bounded<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
-    init_logs();
-    tokio::time::timeout(LIMIT, f).await?
-}
 
 #[tokio::test]
 async fn two_nodes_see_each_other() -> anyhow::Result<()> {
-    bounded(async {
+    bounded(LIMIT, async {
         let etcd = EtcdProcess::start().await?;
         let a = node(&etcd.endpoint, "node-a", &[("echo", 7)]).await?;
         let b = node(&etcd.endpoint, "node-b", &[("echo", 7), ("web", 80)]).await?;
@@ -68,7 +50,7 @@ async fn two_nodes_see_each_other() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn shutdown_vanishes_at_once_and_crash_within_ttl() -> anyhow::Result<()> {
-    bounded(async {
+    bounded(LIMIT, async {
         let etcd = EtcdProcess::start().await?;
         let a = node(&etcd.endpoint, "node-a", &[("echo", 7)]).await?;
         let b = node(&etcd.endpoint, "node-b", &[("echo", 7)]).await?;
@@ -107,7 +89,7 @@ async fn shutdown_vanishes_at_once_and_crash_within_ttl() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn garbage_is_skipped_and_counted() -> anyhow::Result<()> {
-    bounded(async {
+    bounded(LIMIT, async {
         let etcd = EtcdProcess::start().await?;
         let mut client = etcd.client().await?;
         client
@@ -156,7 +138,7 @@ async fn garbage_is_skipped_and_counted() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn re_register_rewrites_and_removes() -> anyhow::Result<()> {
-    bounded(async {
+    bounded(LIMIT, async {
         let etcd = EtcdProcess::start().await?;
         let a = node(&etcd.endpoint, "node-a", &[("echo", 7), ("web", 80)]).await?;
         let b = node(&etcd.endpoint, "node-b", &[]).await?;
@@ -185,7 +167,7 @@ async fn re_register_rewrites_and_removes() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn start_never_blocks_and_reports_disconnected() -> anyhow::Result<()> {
-    bounded(async {
+    bounded(LIMIT, async {
         // Nothing listens there.
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -209,7 +191,7 @@ async fn start_never_blocks_and_reports_disconnected() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn two_processes_claiming_one_name_is_a_conflict() -> anyhow::Result<()> {
-    bounded(async {
+    bounded(LIMIT, async {
         let etcd = EtcdProcess::start().await?;
         let first = node(&etcd.endpoint, "node-a", &[]).await?;
         wait_for_status(&first, SOON, "registered", |s| s.registered).await?;
@@ -248,7 +230,7 @@ async fn two_processes_claiming_one_name_is_a_conflict() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn thousand_records_load_from_etcd() -> anyhow::Result<()> {
-    bounded(async {
+    bounded(LIMIT, async {
         let etcd = EtcdProcess::start().await?;
         let mut client = etcd.client().await?;
         let mut ops = Vec::new();

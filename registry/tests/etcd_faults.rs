@@ -1,38 +1,20 @@
 //! The etcd backend under faults: etcd killed and restarted, frozen past the TTL,
 //! compacted, and partitioned from one node. The view must never be emptied meanwhile.
 
+mod common;
+
+use common::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshnode_registry::testing::{
-    has_node, registration, test_config, wait_for_status, wait_for_view, EtcdProcess, TcpProxy,
+    has_node, registration, wait_for_status, wait_for_view, EtcdProcess, TcpProxy,
 };
-use meshnode_registry::{etcd, MeshView, Registry, RegistryState};
+use meshnode_registry::{MeshView, Registry, RegistryState};
 use tokio::task::JoinHandle;
 
-const P: &str = "/mesh";
 const LIMIT: Duration = Duration::from_secs(40);
-const SOON: Duration = Duration::from_secs(5);
-
-fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-async fn bounded<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
-    init_logs();
-    tokio::time::timeout(LIMIT, f).await?
-}
-
-async fn node(endpoint: &str, name: &str) -> anyhow::Result<Registry> {
-    let r = etcd::start(test_config(endpoint, P));
-    r.register(registration(name, "127.0.0.1:4433", &[("echo", 7)]))
-        .await?;
-    Ok(r)
-}
 
 fn both(v: &MeshView) -> bool {
     has_node(v, "node-a", &["echo"]) && has_node(v, "node-b", &["echo"])
@@ -90,10 +72,10 @@ async fn recovered(r: &Registry, within: Duration) -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn etcd_killed_and_restarted() -> anyhow::Result<()> {
-    bounded(async {
+    bounded(LIMIT, async {
         let mut etcd = EtcdProcess::start().await?;
-        let a = node(&etcd.endpoint, "node-a").await?;
-        let b = node(&etcd.endpoint, "node-b").await?;
+        let a = node(&etcd.endpoint, "node-a", &[("echo", 7)]).await?;
+        let b = node(&etcd.endpoint, "node-b", &[("echo", 7)]).await?;
         for r in [&a, &b] {
             recovered(r, SOON).await?;
         }
@@ -132,10 +114,10 @@ async fn etcd_killed_and_restarted() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn etcd_frozen_past_the_ttl() -> anyhow::Result<()> {
-    bounded(async {
+    bounded(LIMIT, async {
         let etcd = EtcdProcess::start().await?;
-        let a = node(&etcd.endpoint, "node-a").await?;
-        let b = node(&etcd.endpoint, "node-b").await?;
+        let a = node(&etcd.endpoint, "node-a", &[("echo", 7)]).await?;
+        let b = node(&etcd.endpoint, "node-b", &[("echo", 7)]).await?;
         for r in [&a, &b] {
             recovered(r, SOON).await?;
         }
@@ -178,10 +160,10 @@ async fn etcd_frozen_past_the_ttl() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn compaction_while_watching() -> anyhow::Result<()> {
-    bounded(async {
+    bounded(LIMIT, async {
         let etcd = EtcdProcess::start().await?;
-        let a = node(&etcd.endpoint, "node-a").await?;
-        let b = node(&etcd.endpoint, "node-b").await?;
+        let a = node(&etcd.endpoint, "node-a", &[("echo", 7)]).await?;
+        let b = node(&etcd.endpoint, "node-b", &[("echo", 7)]).await?;
         wait_for_view(&b, SOON, "both", both).await?;
         for port in 1..=5u16 {
             a.register(registration(
@@ -216,12 +198,12 @@ async fn compaction_while_watching() -> anyhow::Result<()> {
 /// revision; b keeps its view meanwhile, then re-lists and ends up exactly current.
 #[tokio::test]
 async fn partition_during_changes_and_compaction() -> anyhow::Result<()> {
-    bounded(async {
+    bounded(LIMIT, async {
         let etcd = EtcdProcess::start().await?;
         let proxy = TcpProxy::start(&etcd.endpoint).await?;
-        let a = node(&etcd.endpoint, "node-a").await?;
-        let c = node(&etcd.endpoint, "node-c").await?;
-        let b = node(&proxy.endpoint, "node-b").await?;
+        let a = node(&etcd.endpoint, "node-a", &[("echo", 7)]).await?;
+        let c = node(&etcd.endpoint, "node-c", &[("echo", 7)]).await?;
+        let b = node(&proxy.endpoint, "node-b", &[("echo", 7)]).await?;
         for r in [&a, &b, &c] {
             wait_for_status(r, SOON, "connected", |s| {
                 s.state == RegistryState::Connected
