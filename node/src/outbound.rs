@@ -13,7 +13,7 @@ use meshnode_transport::tunnel::{self, OpenError};
 use meshnode_transport::Alpn;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::balance::{Balancer, Candidate};
+use crate::balance::{Balancer, Candidate, InflightGuard};
 use crate::node::Shared;
 
 /// Attempts per connection: the first try plus up to two retries on other endpoints.
@@ -113,41 +113,125 @@ async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: So
     // One W3C trace per application connection; every attempt is its own span, and the far
     // node logs the same trace id, so a tunnel can be followed across the mesh.
     let trace_id = format!("{:032x}", rand::random::<u128>());
-    let balancer = shared.balancer(&service);
-    let budget = shared.budget(&service);
-    budget.record_request(Instant::now());
-    let mut tried: Vec<String> = Vec::new();
-    for attempt in 0..MAX_ATTEMPTS {
-        let all = targets(&shared, &service);
-        // The budget is checked before `pick`, so every endpoint picked gets an outcome
-        // reported (a picked probe that never reported would keep its endpoint out).
-        if attempt > 0 && !budget.try_retry(Instant::now()) {
-            shared.metrics.inc(
-                "meshnode_tunnels_opened_total",
-                &[&service, "", "budget_exhausted"],
-            );
-            tracing::warn!(%service, "retry budget exhausted; connection reset");
+    let opened = match open_with_retries(&shared, &service, None, &trace_id).await {
+        Ok(o) => o,
+        Err(failure) => {
+            let counted = match &failure {
+                NoTunnel::NoEndpoint { tried } if tried.is_empty() => Some("no_endpoint"),
+                NoTunnel::NoEndpoint { .. } => Some("exhausted"),
+                NoTunnel::BudgetExhausted => Some("budget_exhausted"),
+                NoTunnel::Failed(_) => None,
+            };
+            if let Some(result) = counted {
+                shared
+                    .metrics
+                    .inc("meshnode_tunnels_opened_total", &[&service, "", result]);
+            }
+            tracing::warn!(%service, %client, reason = %failure, "no tunnel; connection reset");
             reset(tcp);
             return;
         }
-        let picked = pick_endpoint(&balancer, &all, &tried);
-        let Some(node) = picked else {
-            let result = if tried.is_empty() {
-                "no_endpoint"
-            } else {
-                "exhausted"
-            };
-            shared
-                .metrics
-                .inc("meshnode_tunnels_opened_total", &[&service, "", result]);
-            tracing::warn!(%service, %client, tried = ?tried, "no endpoint available; connection reset");
-            reset(tcp);
-            return;
+    };
+    let Opened {
+        node,
+        tunnel: t,
+        inflight,
+        attempts,
+    } = opened;
+    let _active = shared.track(&service);
+    let counters = shared.bytes(&service);
+    let outcome = tunnel::splice(tcp, t.send, t.recv, t.leftover, &counters).await;
+    drop(inflight);
+    tracing::info!(
+        target: "meshnode::access",
+        direction = "outbound",
+        %service,
+        peer = %node,
+        %client,
+        %trace_id,
+        attempts,
+        to_peer = outcome.to_peer,
+        from_peer = outcome.from_peer,
+        clean = outcome.is_clean(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "tunnel closed"
+    );
+}
+
+/// A tunnel opened by [`open_with_retries`].
+pub(crate) struct Opened {
+    /// The endpoint that accepted it.
+    pub node: String,
+    pub tunnel: tunnel::OpenTunnel,
+    /// Keeps the tunnel counted as in flight on `node` until dropped.
+    pub inflight: InflightGuard,
+    /// Attempts it took, the successful one included.
+    pub attempts: usize,
+}
+
+/// Why [`open_with_retries`] opened nothing.
+pub(crate) enum NoTunnel {
+    /// No endpoint left to try (`tried` is empty when the service had none at all).
+    NoEndpoint { tried: Vec<String> },
+    /// A retry was due but the service's retry budget refused it.
+    BudgetExhausted,
+    /// The last attempt failed: not retryable, or the attempts ran out.
+    Failed(AttemptError),
+}
+
+impl std::fmt::Display for NoTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoTunnel::NoEndpoint { tried } if tried.is_empty() => write!(f, "no endpoint"),
+            NoTunnel::NoEndpoint { tried } => write!(f, "no endpoint left after {tried:?}"),
+            NoTunnel::BudgetExhausted => write!(f, "retry budget exhausted"),
+            NoTunnel::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptError::Connect(r) => write!(f, "peer unreachable: {r}"),
+            AttemptError::Open(o) => write!(f, "{o}"),
+        }
+    }
+}
+
+/// Opens a tunnel to one of `service`'s endpoints (on `port` when given, else each endpoint's
+/// registered port): picks with the balancer, retries a failure that is retryable on another
+/// endpoint within [`MAX_ATTEMPTS`] and the retry budget, and reports every outcome to the
+/// balancer and the metrics. Shared by `[[outbound]]` listeners and the proxy's CONNECT.
+pub(crate) async fn open_with_retries(
+    shared: &Shared,
+    service: &str,
+    port: Option<u16>,
+    trace_id: &str,
+) -> Result<Opened, NoTunnel> {
+    let balancer = shared.balancer(service);
+    let budget = shared.budget(service);
+    budget.record_request(Instant::now());
+    let mut tried: Vec<String> = Vec::new();
+    let mut last: Option<AttemptError> = None;
+    for attempt in 0..MAX_ATTEMPTS {
+        let mut all = targets(shared, service);
+        if let Some(port) = port {
+            for t in &mut all {
+                t.port = port;
+            }
+        }
+        // The budget is checked before `pick`, so every endpoint picked gets an outcome
+        // reported (a picked probe that never reported would keep its endpoint out).
+        if attempt > 0 && !budget.try_retry(Instant::now()) {
+            return Err(NoTunnel::BudgetExhausted);
+        }
+        let Some(node) = pick_endpoint(&balancer, &all, &tried) else {
+            return Err(NoTunnel::NoEndpoint { tried });
         };
         // `pick` chose from `all`, so the lookup cannot miss.
         let Some(target) = all.iter().find(|t| t.node == node) else {
-            reset(tcp);
-            return;
+            return Err(NoTunnel::NoEndpoint { tried });
         };
         let inflight = balancer.start(&node);
         let mut open_started = Instant::now();
@@ -156,9 +240,9 @@ async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: So
             balancer.snapshot(&node, Instant::now()).ewma_ms,
             shared.open_timeout,
         );
-        match open(
-            &shared,
-            &service,
+        let e = match open(
+            shared,
+            service,
             target,
             &traceparent,
             deadline,
@@ -170,62 +254,50 @@ async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: So
                 balancer.record_success(&node, open_started.elapsed(), Instant::now());
                 shared
                     .metrics
-                    .inc("meshnode_tunnels_opened_total", &[&service, &node, "ok"]);
-                let _active = shared.track(&service);
-                let counters = shared.bytes(&service);
-                let outcome = tunnel::splice(tcp, t.send, t.recv, t.leftover, &counters).await;
-                drop(inflight);
-                tracing::info!(
-                    target: "meshnode::access",
-                    direction = "outbound",
-                    %service,
-                    peer = %node,
-                    %client,
-                    %trace_id,
-                    attempts = attempt + 1,
-                    to_peer = outcome.to_peer,
-                    from_peer = outcome.from_peer,
-                    clean = outcome.is_clean(),
-                    duration_ms = started.elapsed().as_millis() as u64,
-                    "tunnel closed"
-                );
-                return;
+                    .inc("meshnode_tunnels_opened_total", &[service, &node, "ok"]);
+                return Ok(Opened {
+                    node,
+                    tunnel: t,
+                    inflight,
+                    attempts: attempt + 1,
+                });
             }
-            Err(e) => {
-                drop(inflight);
-                let (result, retry, reason) = match &e {
-                    AttemptError::Connect(r) => {
-                        balancer.mark_down(&node, Instant::now());
-                        ("unreachable", true, r.clone())
-                    }
-                    AttemptError::Open(o) => {
-                        if o.is_retryable() {
-                            balancer.record_failure(&node, Instant::now());
-                        } else {
-                            // 403/404/400: the endpoint is alive and answered; the request is
-                            // refused, the endpoint is not failing.
-                            balancer.record_success(&node, open_started.elapsed(), Instant::now());
-                        }
-                        (open_result(o), o.is_retryable(), o.to_string())
-                    }
-                };
-                shared
-                    .metrics
-                    .inc("meshnode_tunnels_opened_total", &[&service, &node, result]);
-                tracing::info!(%service, peer = %node, attempt, %reason, retry, "tunnel open failed");
-                if !retry {
-                    reset(tcp);
-                    return;
+            Err(e) => e,
+        };
+        drop(inflight);
+        let (result, retry) = match &e {
+            AttemptError::Connect(_) => {
+                balancer.mark_down(&node, Instant::now());
+                ("unreachable", true)
+            }
+            AttemptError::Open(o) => {
+                if o.is_retryable() {
+                    balancer.record_failure(&node, Instant::now());
+                } else {
+                    // 403/404/400: the endpoint is alive and answered; the request is
+                    // refused, the endpoint is not failing.
+                    balancer.record_success(&node, open_started.elapsed(), Instant::now());
                 }
-                shared
-                    .metrics
-                    .inc("meshnode_retries_total", &[&service, result]);
-                tried.push(node);
+                (open_result(o), o.is_retryable())
             }
+        };
+        shared
+            .metrics
+            .inc("meshnode_tunnels_opened_total", &[service, &node, result]);
+        tracing::info!(%service, peer = %node, attempt, reason = %e, retry, "tunnel open failed");
+        if !retry {
+            return Err(NoTunnel::Failed(e));
         }
+        shared
+            .metrics
+            .inc("meshnode_retries_total", &[service, result]);
+        tried.push(node);
+        last = Some(e);
     }
-    tracing::warn!(%service, %client, tried = ?tried, "every attempt failed; connection reset");
-    reset(tcp);
+    Err(match last {
+        Some(e) => NoTunnel::Failed(e),
+        None => NoTunnel::NoEndpoint { tried },
+    })
 }
 
 pub(crate) fn open_result(e: &OpenError) -> &'static str {
