@@ -32,6 +32,12 @@
 #   OUT           directory for raw JSON      [a new temp dir]
 #   IDLE_TUNNELS  if > 0, also RSS of both nodes with that many idle meshnode tunnels open
 #   QUIET_LOAD    if set, first wait (up to 15 min) for the 1-minute load average to drop below it
+#   PATHS         only these rows, e.g. "meshnode_l4 loss_meshnode_netns" [all]: direct socat_pair
+#                 stunnel_pair haproxy_pair raw_quinn meshnode_l4 direct_http meshnode_http
+#                 loss_meshnode loss_meshnode_netns loss_stunnel_netns (loss_* need LOSS_PCT;
+#                 keep "direct": the latency table subtracts it)
+#   MESH_TRANSPORT  TOML lines for both meshnode nodes' [transport] section, e.g.
+#                 'congestion = "bbr"' or $'socket_buffer = 2097152\nsend_window = 4194304'
 # Installs nothing. Needs jq; socat, stunnel4, haproxy, curl and openssl for their rows
 # (apt-get install -y jq socat stunnel4 haproxy curl openssl).
 set -euo pipefail
@@ -447,6 +453,8 @@ name = "node-a"
 addr = "${MESH_A_IP:-127.0.0.1}:$qa"
 [admin]
 listen = "127.0.0.1:$ab"
+[transport]
+${MESH_TRANSPORT:-}
 $b_services
 EOT
   cat >"$dir/a.toml" <<EOT
@@ -466,6 +474,8 @@ addr = "$adv"
 services = [$a_peers]
 [admin]
 listen = "127.0.0.1:$aa"
+[transport]
+${MESH_TRANSPORT:-}
 $a_local
 EOT
   local in_ns=()
@@ -789,22 +799,15 @@ loss_meshnode_netns() {
   kill "$A_PID" "$B_PID" 2>/dev/null || true
 }
 
-loss_scenario() {
-  [[ -n $LOSS_PCT ]] || return 0
-  loss_meshnode
-  loss_meshnode_netns
-  loss_stunnel_netns
-}
-
-direct
-socat_pair
-stunnel_pair
-haproxy_pair
-raw_quinn
-meshnode_l4
-direct_http
-meshnode_http
-loss_scenario
+[[ -z ${MESH_TRANSPORT:-} ]] || log "meshnode [transport]: ${MESH_TRANSPORT//$'\n'/; }"
+ALL_PATHS="direct socat_pair stunnel_pair haproxy_pair raw_quinn meshnode_l4 direct_http meshnode_http"
+[[ -z $LOSS_PCT ]] || ALL_PATHS+=" loss_meshnode loss_meshnode_netns loss_stunnel_netns"
+for p in ${PATHS:-$ALL_PATHS}; do
+  case " $ALL_PATHS " in
+    *" $p "*) "$p" ;;
+    *) echo "PATHS: unknown or unavailable row '$p' (known: $ALL_PATHS)" >&2; exit 2 ;;
+  esac
+done
 
 # --- report ------------------------------------------------------------------------------------
 {

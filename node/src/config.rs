@@ -232,6 +232,14 @@ pub struct TransportTuning {
     pub connect_timeout: Option<Duration>,
     /// Concurrent streams a peer may open.
     pub max_concurrent_streams: Option<u32>,
+    /// Congestion controller: "cubic", "bbr" or "newreno" (checked by `validate`).
+    pub congestion: Option<String>,
+    /// Requested SO_RCVBUF and SO_SNDBUF of the UDP socket, bytes.
+    pub socket_buffer: Option<usize>,
+    /// Unacknowledged bytes per connection before stream writes wait.
+    pub send_window: Option<u64>,
+    /// Per-stream receive (flow-control) window, bytes.
+    pub stream_window: Option<u32>,
     /// Deadline for a tunnel open (header sent → status received).
     #[serde(default, with = "duration::option")]
     pub open_timeout: Option<Duration>,
@@ -390,6 +398,19 @@ impl Config {
         }
         if let Some(v) = tune.max_concurrent_streams {
             t.max_concurrent_streams = v;
+        }
+        // Checked by `validate`; an unparsable name cannot get here through `Config::parse`.
+        if let Some(c) = tune.congestion.as_deref().and_then(|c| c.parse().ok()) {
+            t.congestion = c;
+        }
+        if let Some(v) = tune.socket_buffer {
+            t.socket_buffer = v;
+        }
+        if let Some(v) = tune.send_window {
+            t.send_window = v;
+        }
+        if let Some(v) = tune.stream_window {
+            t.stream_window = v;
         }
         t
     }

@@ -5,6 +5,8 @@
 //! usually sub-millisecond and a dead peer must be noticed within about a second, so every
 //! default below is a deliberate choice with its reason next to it.
 
+use std::fmt;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,14 +23,98 @@ pub const DEFAULT_INITIAL_RTT: Duration = Duration::from_millis(10);
 /// at 4,096 open tunnels (measured with `IDLE_TUNNELS=10000 bench/run.sh`); quinn allocates
 /// stream state only for streams that exist, so the credit itself costs nothing.
 pub const DEFAULT_MAX_STREAMS: u32 = 65_536;
-/// Per-stream receive window. 16 MiB covers 10 Gbit/s at 12 ms RTT, well above a LAN's BDP.
-pub const DEFAULT_STREAM_WINDOW: u32 = 16 << 20;
+/// Per-stream receive window. It also bounds how much of one stream is in flight, and that
+/// is the queue every other stream of the connection waits behind: the receiving node is
+/// CPU-bound, its backlog sits in quinn's user-space queues (not the socket, so no loss) and the
+/// peer's ACK delay hides it from the RTT estimate, so Cubic never backs off and a bulk stream
+/// keeps a whole window queued. Measured (bench/RESULTS.md, "Small requests under a concurrent
+/// bulk transfer"): small-request p50 beside one bulk went 7.7 → 2.1 ms (veth) and 16.5 → 5.8 ms
+/// (relay) when this went from 16 MiB to 1 MiB, and single-stream bulk did not drop (4.2–4.3
+/// against 2.9–3.8 Gbit/s). BBR and smaller socket buffers helped less. 1 MiB still carries
+/// 4 Gbit/s (one node's ceiling) per stream at 2 ms RTT; `[transport] stream_window` raises it.
+pub const DEFAULT_STREAM_WINDOW: u32 = 1 << 20;
 /// Connection receive window: several bulk streams at full speed.
 pub const DEFAULT_CONN_WINDOW: u32 = 64 << 20;
 /// UDP socket buffers. With the kernel defaults ~1 % loss was seen on loopback under load.
 pub const DEFAULT_SOCKET_BUFFER: usize = 8 << 20;
+/// Bytes a connection may hold unacknowledged (sent or waiting to be sent) before stream writes
+/// wait; the same as the connection receive window, so one bulk stream can fill it.
+pub const DEFAULT_SEND_WINDOW: u64 = DEFAULT_CONN_WINDOW as u64;
+/// Congestion controller. BBR (quinn's, experimental) did not shorten the queue behind a bulk
+/// stream (p50 8.3 ms against Cubic's 8.1 ms), so quinn's default stays.
+pub const DEFAULT_CONGESTION: Congestion = Congestion::Cubic;
 /// How long a dial may take before the peer counts as unreachable.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(1_000);
+
+/// The congestion controller of every connection of an endpoint (`[transport] congestion`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), loss-based: quinn's default.
+    Cubic,
+    /// BBR (quinn's experimental implementation), model-based: paces to the measured bottleneck
+    /// bandwidth and keeps about one bandwidth-delay product in flight.
+    Bbr,
+    /// NewReno (RFC 9002), loss-based.
+    NewReno,
+}
+
+impl Congestion {
+    /// The names accepted by [`FromStr`], for error messages.
+    pub const NAMES: &'static str = "\"cubic\", \"bbr\" or \"newreno\"";
+
+    /// The config name of this controller.
+    pub fn name(self) -> &'static str {
+        match self {
+            Congestion::Cubic => "cubic",
+            Congestion::Bbr => "bbr",
+            Congestion::NewReno => "newreno",
+        }
+    }
+
+    fn factory(self) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync + 'static> {
+        match self {
+            Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+            Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+            Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+        }
+    }
+}
+
+impl fmt::Display for Congestion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An unknown congestion controller name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownCongestion(pub String);
+
+impl fmt::Display for UnknownCongestion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown congestion controller {:?}: expected {}",
+            self.0,
+            Congestion::NAMES
+        )
+    }
+}
+
+impl std::error::Error for UnknownCongestion {}
+
+impl FromStr for Congestion {
+    type Err = UnknownCongestion;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cubic" => Ok(Congestion::Cubic),
+            "bbr" => Ok(Congestion::Bbr),
+            "newreno" => Ok(Congestion::NewReno),
+            other => Err(UnknownCongestion(other.to_owned())),
+        }
+    }
+}
 
 /// QUIC transport settings for one node's endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +133,10 @@ pub struct TransportConfig {
     pub connection_window: u32,
     /// Requested SO_RCVBUF and SO_SNDBUF of the UDP socket.
     pub socket_buffer: usize,
+    /// Unacknowledged bytes a connection may hold before stream writes wait.
+    pub send_window: u64,
+    /// Congestion controller of every connection.
+    pub congestion: Congestion,
     /// Deadline for establishing a connection to a peer.
     pub connect_timeout: Duration,
 }
@@ -61,6 +151,8 @@ impl Default for TransportConfig {
             stream_window: DEFAULT_STREAM_WINDOW,
             connection_window: DEFAULT_CONN_WINDOW,
             socket_buffer: DEFAULT_SOCKET_BUFFER,
+            send_window: DEFAULT_SEND_WINDOW,
+            congestion: DEFAULT_CONGESTION,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
@@ -82,7 +174,38 @@ impl TransportConfig {
         t.max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
         t.stream_receive_window(quinn::VarInt::from_u32(self.stream_window));
         t.receive_window(quinn::VarInt::from_u32(self.connection_window));
-        t.send_window(u64::from(self.connection_window));
+        t.send_window(self.send_window);
+        // Streams of equal priority share the connection round-robin (quinn's default, stated
+        // here because the node cannot tell bulk tunnels from interactive ones).
+        t.send_fairness(true);
+        t.congestion_controller_factory(self.congestion.factory());
         Arc::new(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn congestion_names_round_trip() {
+        for c in [Congestion::Cubic, Congestion::Bbr, Congestion::NewReno] {
+            assert_eq!(c.name().parse::<Congestion>(), Ok(c));
+            assert_eq!(c.to_string(), c.name());
+        }
+        let e = "reno".parse::<Congestion>().expect_err("unknown name");
+        assert!(e.to_string().contains("\"reno\""), "{e}");
+        assert!(e.to_string().contains("bbr"), "{e}");
+    }
+
+    #[test]
+    fn every_controller_builds_a_quinn_config() {
+        for c in [Congestion::Cubic, Congestion::Bbr, Congestion::NewReno] {
+            let t = TransportConfig {
+                congestion: c,
+                ..TransportConfig::default()
+            };
+            let _ = t.to_quinn();
+        }
     }
 }

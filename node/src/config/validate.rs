@@ -57,6 +57,10 @@ impl ConfigError {
     }
 }
 
+/// Smallest `transport.socket_buffer` and `transport.send_window`: below 64 KiB a single GSO
+/// batch no longer fits.
+const MIN_TRANSPORT_BUFFER: u64 = 64 << 10;
+
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         path: None,
@@ -130,6 +134,33 @@ impl Config {
             return Err(invalid(
                 "transport.max_concurrent_streams",
                 "must be at least 1",
+            ));
+        }
+        if let Some(c) = &t.congestion {
+            if let Err(e) = c.parse::<meshnode_transport::config::Congestion>() {
+                return Err(invalid("transport.congestion", e.to_string()));
+            }
+        }
+        if t.socket_buffer
+            .is_some_and(|b| b < MIN_TRANSPORT_BUFFER as usize)
+        {
+            return Err(invalid(
+                "transport.socket_buffer",
+                format!("must be at least {MIN_TRANSPORT_BUFFER} bytes"),
+            ));
+        }
+        if t.stream_window
+            .is_some_and(|b| u64::from(b) < MIN_TRANSPORT_BUFFER)
+        {
+            return Err(invalid(
+                "transport.stream_window",
+                format!("must be at least {MIN_TRANSPORT_BUFFER} bytes"),
+            ));
+        }
+        if t.send_window.is_some_and(|b| b < MIN_TRANSPORT_BUFFER) {
+            return Err(invalid(
+                "transport.send_window",
+                format!("must be at least {MIN_TRANSPORT_BUFFER} bytes"),
             ));
         }
         Ok(())
@@ -264,6 +295,30 @@ key = "node-a.key"
         assert_eq!(cfg.registry.backend, Backend::Etcd);
         assert_eq!(cfg.node.drain_timeout, Duration::from_secs(10));
         assert_eq!(cfg.admin.listen.to_string(), "127.0.0.1:15000");
+    }
+
+    #[test]
+    fn transport_tuning_keys_apply_and_bad_values_are_named() {
+        let cfg = Config::parse(&format!(
+            "{BASE}[transport]\ncongestion = \"bbr\"\nstream_window = 524288\n\
+             send_window = 2097152\nsocket_buffer = 1048576\n"
+        ))
+        .expect("valid");
+        let t = cfg.transport();
+        assert_eq!(t.congestion, meshnode_transport::config::Congestion::Bbr);
+        assert_eq!(t.stream_window, 524_288);
+        assert_eq!(t.send_window, 2_097_152);
+        assert_eq!(t.socket_buffer, 1_048_576);
+        let d = Config::parse(BASE).expect("valid").transport();
+        assert_eq!(d, meshnode_transport::TransportConfig::default());
+
+        let e = err("[transport]\ncongestion = \"vegas\"\n");
+        assert!(e.contains("transport.congestion"), "{e}");
+        assert!(e.contains("vegas") && e.contains("cubic"), "{e}");
+        for key in ["stream_window", "send_window", "socket_buffer"] {
+            let e = err(&format!("[transport]\n{key} = 1000\n"));
+            assert!(e.contains(&format!("transport.{key}")), "{e}");
+        }
     }
 
     #[test]
