@@ -114,6 +114,8 @@ struct Endpoint {
     down: bool,
     /// When its last answer (tunnel open, time to first byte) was recorded.
     last_answer: Option<Instant>,
+    /// Chosen by a pick at least once.
+    picked: bool,
     health: Health,
     requests_total: u64,
     failures_total: u64,
@@ -149,7 +151,8 @@ impl Balancer {
     /// Picks one endpoint among `candidates` minus `exclude` (endpoints already tried for this
     /// request).
     ///
-    /// An endpoint whose back-off expired gets the next request as its probe, one at a time.
+    /// An endpoint whose back-off expired gets the next request as its probe, one at a time;
+    /// next, an endpoint never picked and never measured gets one request to be measured.
     /// Otherwise power of two choices among the healthy, non-draining ones: two distinct draws
     /// with probability proportional to weight, the lower `ewma × (inflight + 1) / (weight/100)`
     /// wins. With none healthy: the non-draining endpoint ejected longest ago, then a draining
@@ -184,10 +187,12 @@ impl Balancer {
                 wants_probe: ep.health.wants_probe() && !waits_for_reconnect,
                 draining: ep.draining,
                 ejected_at: ep.health.ejected_at(),
+                unknown: !ep.picked && !ep.ewma.has_samples(),
             });
         }
         let node = nodes[pick::choose(&choices, rng)?];
         if let Some(ep) = map.get_mut(node) {
+            ep.picked = true;
             if ep.health.wants_probe() && !ep.draining {
                 tracing::debug!(node, "probing ejected endpoint");
             }

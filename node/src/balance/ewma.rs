@@ -77,7 +77,6 @@ impl PeakEwma {
     }
 
     /// Whether any sample has been observed.
-    #[cfg(test)]
     pub(super) fn has_samples(&self) -> bool {
         self.state.is_some()
     }

@@ -1,5 +1,6 @@
-//! The choice itself, over a plain list of facts about each candidate: probes first, then
-//! power of two choices among the healthy, then the least bad of the rest.
+//! The choice itself, over a plain list of facts about each candidate: probes first, then an
+//! endpoint never tried and never measured, then power of two choices among the healthy, then
+//! the least bad of the rest.
 //!
 //! Why P2C rather than "cheapest of all": every node balances independently on slightly stale
 //! numbers, and if all of them sent everything to the single cheapest endpoint they would
@@ -26,6 +27,8 @@ pub(super) struct Choice {
     pub(super) draining: bool,
     /// Start of its latest ejection, if ever ejected.
     pub(super) ejected_at: Option<Instant>,
+    /// Never picked and no latency sample: nothing is known of it yet.
+    pub(super) unknown: bool,
 }
 
 /// Index of the chosen candidate, `None` only for an empty list.
@@ -44,6 +47,17 @@ pub(super) fn choose(choices: &[Choice], rng: &mut impl Rng) -> Option<usize> {
     let healthy: Vec<usize> = (0..choices.len())
         .filter(|&i| choices[i].available && !choices[i].draining)
         .collect();
+    // A new endpoint gets one request to be measured. Its assumed latency could otherwise lose
+    // every contest against measured ones (a LAN answer beats any guess) and it would never be
+    // tried; one request, not a burst, because from its first pick on it competes normally.
+    let unknown: Vec<usize> = healthy
+        .iter()
+        .copied()
+        .filter(|&i| choices[i].unknown)
+        .collect();
+    if !unknown.is_empty() {
+        return Some(unknown[rng.gen_range(0..unknown.len())]);
+    }
     match healthy.len() {
         0 => fallback(choices),
         1 => Some(healthy[0]),
@@ -119,6 +133,7 @@ mod tests {
             wants_probe: false,
             draining: false,
             ejected_at: None,
+            unknown: false,
         }
     }
 
@@ -170,6 +185,21 @@ mod tests {
         for _ in 0..1_000 {
             assert_ne!(weighted_draw(&choices, &[0, 1, 2], Some(1), &mut rng), 1);
         }
+    }
+
+    #[test]
+    fn an_unknown_endpoint_is_tried_before_measured_ones() {
+        let new = Choice {
+            unknown: true,
+            ..healthy(1.0, 100)
+        };
+        assert_eq!(counts(&[healthy(0.1, 100), new], 10, 1), [0, 10]);
+        // Unless it cannot take requests.
+        let draining_new = Choice {
+            draining: true,
+            ..new
+        };
+        assert_eq!(counts(&[healthy(0.1, 100), draining_new], 10, 1), [10, 0]);
     }
 
     #[test]
