@@ -11,27 +11,28 @@ def mib: if . then . / 1024 else null end | num(1);
 ($conns | split(" ") | map(select(length > 0))) as $cs
 | . as $all
 | map(select(.table == null)) as $tcp
-| ($tcp | find("direct TCP")) as $d
-| ($tcp | find("stunnel pair")) as $s
-| if $table == "bulk" then
+# Baselines of a row's group: rows with `group` (e.g. "veth") are compared with "direct TCP via
+# GROUP" and "stunnel pair via GROUP"; the others with "direct TCP" and "stunnel pair".
+| def base($r; $p): $tcp | find(if $r.group then "\($p) via \($r.group)" else $p end);
+  if $table == "bulk" then
     row(["path"] + ($cs | map("\(.) conn Gbit/s", "× direct", "× stunnel")) + ["notes"]),
     row(["---"] + ($cs | map("---:", "---:", "---:")) + ["---"]),
-    ($tcp[] | . as $r
+    ($tcp[] | . as $r | base($r; "direct TCP") as $d | base($r; "stunnel pair") as $s
       | row([$r.path]
           + ($cs | map(. as $c | ($r.bulk[$c] // null) as $g
               | ($g | num(2)), ratio($g; $d.bulk[$c]), ratio($g; $s.bulk[$c])))
           + [$r.note // ""]))
   elif $table == "latency" then
-    ($d.latency.corrected_us // {}) as $dl
-    | (($s.latency.corrected_us // {}) as $sl
-      | {p50: (if $sl.p50 then $sl.p50 - $dl.p50 else null end),
-         p99: (if $sl.p99 then $sl.p99 - $dl.p99 else null end)}) as $sa
-    | row(["path", "p50", "p90", "p99", "p99.9", "added p50", "added p99",
+    row(["path", "p50", "p90", "p99", "p99.9", "added p50", "added p99",
            "added p50 ÷ stunnel's", "added p99 ÷ stunnel's", "path CPU (cores)",
            "path peak RSS (MiB)", "missing", "notes"]),
       row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:",
            "---:", "---"]),
       ($tcp[] | . as $r | ($r.latency.corrected_us // null) as $l
+        | (base($r; "direct TCP").latency.corrected_us // {}) as $dl
+        | ((base($r; "stunnel pair").latency.corrected_us // {}) as $sl
+          | {p50: (if $sl.p50 then $sl.p50 - $dl.p50 else null end),
+             p99: (if $sl.p99 then $sl.p99 - $dl.p99 else null end)}) as $sa
         | if $l == null then
             row([$r.path, "–", "–", "–", "–", "–", "–", "–", "–", "–",
                  ($r.peak_rss_kib | mib), "–", $r.note // ""])

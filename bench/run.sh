@@ -38,6 +38,14 @@
 #                 keep "direct": the latency table subtracts it)
 #   MESH_TRANSPORT  TOML lines for both meshnode nodes' [transport] section, e.g.
 #                 'congestion = "bbr"' or $'socket_buffer = 2097152\nsend_window = 4194304'
+#   MESH_ENV      environment (VAR=value words) for both meshnode processes, e.g.
+#                 MESHNODE_RUNTIME=current
+#   MESH_ALT_BIN, MESH_ALT_ENV, MESH_ALT_LABEL  a second meshnode variant measured in the same run
+#                 by the rows meshnode_l4_alt and veth_meshnode_alt ["alt"; binary and env default
+#                 to MESHNODE_BIN and MESH_ENV], e.g. the previous build against the new one
+# Rows across a veth pair (root and nft; no loss, 1500-byte MTU, the namespace made as for the
+# loss rows): veth_direct veth_stunnel veth_meshnode veth_meshnode_alt. Their ratios are against
+# "direct TCP via veth" and "stunnel pair via veth".
 # Installs nothing. Needs jq; socat, stunnel4, haproxy, curl and openssl for their rows
 # (apt-get install -y jq socat stunnel4 haproxy curl openssl).
 set -euo pipefail
@@ -209,8 +217,9 @@ measure_path() {
     rss=$(peak_rss_kib "${TUNNEL_PIDS[@]}")
   fi
   record "$(jq -nc --arg p "$name" --arg n "$note" --argjson b "$bulk" --argjson l "$lat" \
-    --argjson c "$cores" --argjson r "$rss" --argjson procs "$(proc_json)" \
-    '{path: $p, note: $n, bulk: $b, latency: $l, cpu_cores: $c, peak_rss_kib: $r, procs: $procs}')"
+    --argjson c "$cores" --argjson r "$rss" --argjson procs "$(proc_json)" --arg g "${GROUP:-}" \
+    '{path: $p, note: $n, bulk: $b, latency: $l, cpu_cores: $c, peak_rss_kib: $r, procs: $procs}
+     + (if $g == "" then {} else {group: $g} end)')"
 }
 
 # measure_http NAME ADDR HOST [NOTE]: open-loop HTTP/1.1 at each of HTTP_RATES through one path
@@ -480,9 +489,11 @@ $a_local
 EOT
   local in_ns=()
   [[ -z ${MESH_B_NETNS:-} ]] || in_ns=(ip netns exec "$MESH_B_NETNS")
-  MESHNODE_LOG=warn start "$name-b" "${in_ns[@]}" "$MESHNODE_BIN" run -c "$dir/b.toml"
+  local env_words=()
+  read -r -a env_words <<<"${MESH_ENV:-}"
+  MESHNODE_LOG=warn start "$name-b" "${in_ns[@]}" env "${env_words[@]}" "$MESHNODE_BIN" run -c "$dir/b.toml"
   B_PID=$STARTED_PID
-  MESHNODE_LOG=warn start "$name-a" "$MESHNODE_BIN" run -c "$dir/a.toml"
+  MESHNODE_LOG=warn start "$name-a" env "${env_words[@]}" "$MESHNODE_BIN" run -c "$dir/a.toml"
   A_PID=$STARTED_PID
 }
 
@@ -521,10 +532,10 @@ meshnode_l4() {
   fi
   local qb a_pid b_pid entry_sink entry_echo
   port qb
-  mesh_l4_pair meshnode-l4 "$qb" "127.0.0.1:$qb"
+  mesh_l4_pair "meshnode-l4-$qb" "$qb" "127.0.0.1:$qb"
   a_pid=$A_PID b_pid=$B_PID entry_sink=$ENTRY_SINK entry_echo=$ENTRY_ECHO
   path_procs "meshnode A" "$a_pid" "meshnode B" "$b_pid"
-  measure_path "meshnode L4" "127.0.0.1:$entry_sink" "127.0.0.1:$entry_echo" \
+  measure_path "${MESH_L4_NAME:-meshnode L4}" "127.0.0.1:$entry_sink" "127.0.0.1:$entry_echo" \
     "meshnode $(mesh_version), meshnode/1 over QUIC, TLS 1.3 mTLS, static registry"
   if [[ ${IDLE_TUNNELS:-0} -gt 0 ]]; then
     # Memory per idle tunnel: RSS of both nodes before and with IDLE_TUNNELS open tunnels.
@@ -708,8 +719,9 @@ table inet meshbench_loss {
 }
 EOT
   port NS_SINK; port NS_ECHO
-  start netns-sink ip netns exec "$NS" "$MESHBENCH" sink --listen "127.0.0.1:$NS_SINK"
-  start netns-echo ip netns exec "$NS" "$MESHBENCH" echo --listen "127.0.0.1:$NS_ECHO"
+  # On every address of the namespace: the veth_direct row reaches them across the veth.
+  start netns-sink ip netns exec "$NS" "$MESHBENCH" sink --listen "0.0.0.0:$NS_SINK"
+  start netns-echo ip netns exec "$NS" "$MESHBENCH" echo --listen "0.0.0.0:$NS_ECHO"
   ns_wait_listen "$NS_SINK"
   ns_wait_listen "$NS_ECHO"
 }
@@ -799,13 +811,79 @@ loss_meshnode_netns() {
   kill "$A_PID" "$B_PID" 2>/dev/null || true
 }
 
+# meshnode_l4 with the second variant (MESH_ALT_BIN, MESH_ALT_ENV).
+meshnode_l4_alt() {
+  MESHNODE_BIN=${MESH_ALT_BIN:-${MESHNODE_BIN:-}} MESH_ENV=${MESH_ALT_ENV:-${MESH_ENV:-}} \
+    MESH_L4_NAME="meshnode L4 [${MESH_ALT_LABEL:-alt}]" meshnode_l4
+}
+
+# --- the same paths across the veth pair (no loss): B side in the namespace -------------------
+veth_direct() {
+  if ! netns_up; then skip_row "direct TCP via veth" "skipped (needs root and nft)"; return 0; fi
+  path_procs
+  GROUP=veth measure_path "direct TCP via veth" "$NET.2:$NS_SINK" "$NET.2:$NS_ECHO"
+}
+
+veth_stunnel() {
+  local name="stunnel pair via veth"
+  if ! has stunnel4 || ! has openssl || ! netns_up; then
+    skip_row "$name" "skipped (needs root, nft, stunnel4, openssl)"
+    return 0
+  fi
+  local dir=$OUT/stunnel-veth mid1 mid2 e1 e2 exit_pid entry_pid
+  port mid1; port mid2; port e1; port e2
+  tls_cert "$dir"
+  local common="foreground = yes
+pid =
+sslVersionMin = TLSv1.3
+socket = l:TCP_NODELAY=1
+socket = r:TCP_NODELAY=1"
+  printf '%s\noutput = %s/exit.log\ncert = %s/cert.pem\nkey = %s/key.pem\n[s]\naccept = %s:%s\nconnect = 127.0.0.1:%s\n[e]\naccept = %s:%s\nconnect = 127.0.0.1:%s\n' \
+    "$common" "$dir" "$dir" "$dir" "$NET.2" "$mid1" "$NS_SINK" "$NET.2" "$mid2" "$NS_ECHO" >"$dir/exit.conf"
+  printf '%s\noutput = %s/entry.log\nclient = yes\nCAfile = %s/cert.pem\nverifyChain = yes\ncheckHost = localhost\n[s]\naccept = 127.0.0.1:%s\nconnect = %s:%s\n[e]\naccept = 127.0.0.1:%s\nconnect = %s:%s\n' \
+    "$common" "$dir" "$dir" "$e1" "$NET.2" "$mid1" "$e2" "$NET.2" "$mid2" >"$dir/entry.conf"
+  start veth-stunnel-exit ip netns exec "$NS" "$STUNNEL" "$dir/exit.conf"
+  exit_pid=$STARTED_PID
+  start veth-stunnel-entry "$STUNNEL" "$dir/entry.conf"
+  entry_pid=$STARTED_PID
+  wait_listen "$e1"
+  wait_listen "$e2"
+  ns_wait_listen "$mid2"
+  path_procs "stunnel exit (netns)" "$exit_pid" "stunnel entry" "$entry_pid"
+  GROUP=veth measure_path "$name" "127.0.0.1:$e1" "127.0.0.1:$e2" "TLS leg across the veth"
+  kill "$exit_pid" "$entry_pid" 2>/dev/null || true
+}
+
+veth_meshnode() {
+  local name=${MESH_L4_NAME:-meshnode L4}" via veth"
+  if ! mesh_ready || ! netns_up; then
+    skip_row "$name" "skipped (${MESH_SKIP:-needs root and nft})"
+    return 0
+  fi
+  local qb
+  port qb
+  MESH_A_IP=$NET.1 MESH_B_IP=$NET.2 MESH_B_NETNS=$NS \
+    mesh_l4_pair "meshnode-veth-$qb" "$qb" "$NET.2:$qb" "$NS_SINK" "$NS_ECHO"
+  path_procs "meshnode A" "$A_PID" "meshnode B (netns)" "$B_PID"
+  GROUP=veth measure_path "$name" "127.0.0.1:$ENTRY_SINK" "127.0.0.1:$ENTRY_ECHO" \
+    "QUIC across the veth (MTU 1500)"
+  kill "$A_PID" "$B_PID" 2>/dev/null || true
+}
+
+veth_meshnode_alt() {
+  MESHNODE_BIN=${MESH_ALT_BIN:-${MESHNODE_BIN:-}} MESH_ENV=${MESH_ALT_ENV:-${MESH_ENV:-}} \
+    MESH_L4_NAME="meshnode L4 [${MESH_ALT_LABEL:-alt}]" veth_meshnode
+}
+
 [[ -z ${MESH_TRANSPORT:-} ]] || log "meshnode [transport]: ${MESH_TRANSPORT//$'\n'/; }"
 ALL_PATHS="direct socat_pair stunnel_pair haproxy_pair raw_quinn meshnode_l4 direct_http meshnode_http"
 [[ -z $LOSS_PCT ]] || ALL_PATHS+=" loss_meshnode loss_meshnode_netns loss_stunnel_netns"
+# Only on request (PATHS): the second meshnode variant and the veth rows.
+EXTRA_PATHS="meshnode_l4_alt veth_direct veth_stunnel veth_meshnode veth_meshnode_alt"
 for p in ${PATHS:-$ALL_PATHS}; do
-  case " $ALL_PATHS " in
+  case " $ALL_PATHS $EXTRA_PATHS " in
     *" $p "*) "$p" ;;
-    *) echo "PATHS: unknown or unavailable row '$p' (known: $ALL_PATHS)" >&2; exit 2 ;;
+    *) echo "PATHS: unknown or unavailable row '$p' (known: $ALL_PATHS $EXTRA_PATHS)" >&2; exit 2 ;;
   esac
 done
 

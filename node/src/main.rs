@@ -45,8 +45,33 @@ fn init_logging(format: cli::LogFormat) {
     };
 }
 
+/// Environment variable choosing the runtime's shape (see [`runtime`]).
+const RUNTIME_ENV: &str = "MESHNODE_RUNTIME";
+
+/// The tokio runtime. `MESHNODE_RUNTIME` chooses its shape: unset or `multi` = tokio's
+/// multi-thread scheduler with one worker per CPU (the default), `multi:N` = N workers,
+/// `current` = everything on the main thread. Measured in bench/RESULTS.md ("Throughput and
+/// CPU: what each change bought").
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    tokio::runtime::Builder::new_multi_thread()
+    let shape = std::env::var(RUNTIME_ENV).unwrap_or_default();
+    let mut builder = match shape.as_str() {
+        "" | "multi" => tokio::runtime::Builder::new_multi_thread(),
+        "current" => tokio::runtime::Builder::new_current_thread(),
+        other => match other.strip_prefix("multi:").map(str::parse::<usize>) {
+            Some(Ok(n)) if n > 0 => {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(n);
+                b
+            }
+            _ => {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    format!("{RUNTIME_ENV}={other:?}: expected \"multi\", \"multi:N\" (N > 0) or \"current\""),
+                ))
+            }
+        },
+    };
+    builder
         .enable_all()
         .build()
         .map_err(|e| Failure::new(exit::SOFTWARE, format!("cannot start the runtime: {e}")))

@@ -43,8 +43,22 @@ pub const DEFAULT_SEND_WINDOW: u64 = DEFAULT_CONN_WINDOW as u64;
 /// Congestion controller. BBR (quinn's, experimental) did not shorten the queue behind a bulk
 /// stream (p50 8.3 ms against Cubic's 8.1 ms), so quinn's default stays.
 pub const DEFAULT_CONGESTION: Congestion = Congestion::Cubic;
+/// Largest UDP payload MTU discovery (PLPMTUD, RFC 8899) probes for; the node also accepts
+/// datagrams this large (`max_udp_payload_size`, at least quinn's 1472). Kept at quinn's 1452
+/// (a 1500-byte Ethernet path) because raising it to 8952 (jumbo frames) was measured worse:
+/// on loopback (64 KiB MTU, where discovery does climb) single-stream bulk fell to 0.69–0.90×
+/// in 4 A/B runs, node A's connection declared 135 packets lost against 0, and about twice the
+/// bytes crossed the socket for the same transfer; across a 1500-byte veth it changed nothing
+/// (4.48 against 4.40 Gbit/s, p50 173 against 180 µs), as expected. bench/RESULTS.md,
+/// "Throughput and CPU: what each change bought". Re-measure on real jumbo-frame hosts.
+pub const DEFAULT_MTU_UPPER_BOUND: u16 = QUINN_MTU_UPPER_BOUND;
 /// How long a dial may take before the peer counts as unreachable.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(1_000);
+
+/// quinn's own MTU discovery upper bound (1500-byte Ethernet minus IPv6 and UDP headers).
+const QUINN_MTU_UPPER_BOUND: u16 = 1452;
+/// quinn's default `max_udp_payload_size` (1500 minus IPv4 and UDP headers).
+const QUINN_MAX_UDP_PAYLOAD: u16 = 1472;
 
 /// The congestion controller of every connection of an endpoint (`[transport] congestion`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +153,8 @@ pub struct TransportConfig {
     pub congestion: Congestion,
     /// Deadline for establishing a connection to a peer.
     pub connect_timeout: Duration,
+    /// Upper bound of MTU discovery and the largest UDP payload accepted, in bytes.
+    pub mtu_upper_bound: u16,
 }
 
 impl Default for TransportConfig {
@@ -154,6 +170,7 @@ impl Default for TransportConfig {
             send_window: DEFAULT_SEND_WINDOW,
             congestion: DEFAULT_CONGESTION,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            mtu_upper_bound: DEFAULT_MTU_UPPER_BOUND,
         }
     }
 }
@@ -179,7 +196,16 @@ impl TransportConfig {
         // here because the node cannot tell bulk tunnels from interactive ones).
         t.send_fairness(true);
         t.congestion_controller_factory(self.congestion.factory());
+        let mut mtud = quinn::MtuDiscoveryConfig::default();
+        mtud.upper_bound(self.mtu_upper_bound.max(QUINN_MTU_UPPER_BOUND));
+        t.mtu_discovery_config(Some(mtud));
         Arc::new(t)
+    }
+
+    /// The `max_udp_payload_size` to advertise: at least quinn's default, so that a peer's
+    /// discovery can reach [`TransportConfig::mtu_upper_bound`].
+    pub fn max_udp_payload_size(&self) -> u16 {
+        self.mtu_upper_bound.max(QUINN_MAX_UDP_PAYLOAD)
     }
 }
 

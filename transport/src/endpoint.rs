@@ -151,8 +151,12 @@ impl MeshEndpoint {
                 source,
             }
         })?;
+        let mut endpoint_config = keys.endpoint_config();
+        // Accept datagrams as large as our own discovery may send; without this the peer's
+        // discovery is capped at quinn's 1472 whatever its upper bound.
+        let _ = endpoint_config.max_udp_payload_size(opts.transport.max_udp_payload_size());
         let endpoint = quinn::Endpoint::new(
-            keys.endpoint_config(),
+            endpoint_config,
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),
