@@ -162,24 +162,20 @@ impl Health {
         }
     }
 
-    /// The peer is known dead. Ejects at once if allowed; otherwise arms the failure count so
-    /// the endpoint goes as soon as the cap leaves room. Returns the back-off when ejected.
+    /// The peer is known dead: counts as the last of the failures that eject, so it ejects
+    /// at once if allowed and otherwise as soon as the cap leaves room (its next failure).
+    /// Returns the back-off when ejected.
     pub(super) fn on_down(
         &mut self,
         now: Instant,
         may_eject: bool,
         cfg: &BalanceConfig,
     ) -> Option<Duration> {
-        match self.phase {
-            Phase::Ejected { .. } => None,
-            Phase::Probing { .. } => Some(self.eject(now, cfg)),
-            Phase::Healthy if may_eject => Some(self.eject(now, cfg)),
-            Phase::Healthy => {
-                let armed = cfg.failures_to_eject.saturating_sub(1);
-                self.consecutive_failures = self.consecutive_failures.max(armed);
-                None
-            }
+        if matches!(self.phase, Phase::Healthy) {
+            let armed = cfg.failures_to_eject.max(1) - 1;
+            self.consecutive_failures = self.consecutive_failures.max(armed);
         }
+        self.on_failure(now, may_eject, cfg)
     }
 
     fn eject(&mut self, now: Instant, cfg: &BalanceConfig) -> Duration {
