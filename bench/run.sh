@@ -749,15 +749,11 @@ netns_loss() {
 
 nft_counters() { ip netns exec "$NS" nft list ruleset | grep -o 'counter packets [0-9]*' | tr '\n' ' '; }
 
-# The stunnel pair with its TLS leg across the veth pair: entry in the host namespace, exit (and
-# its sink and echo) in the namespace. The bulk and the probe are separate TCP connections.
-loss_stunnel_netns() {
-  local name="stunnel pair via lossy veth"
-  if ! has stunnel4 || ! has openssl || ! netns_up; then
-    skip_row "$name" "skipped (needs root, nft, stunnel4, openssl)" loss
-    return 0
-  fi
-  local dir=$OUT/stunnel-netns mid1 mid2 e1 e2 exit_pid entry_pid pct bulk
+# A stunnel pair whose TLS leg crosses the veth: the exit in the namespace (to its sink and
+# echo), the entry on the host. Sets SV_E1 / SV_E2 (entry ports for sink / echo) and
+# SV_EXIT / SV_ENTRY (PIDs). $1: directory for certificates and configs, $2: process label.
+stunnel_veth_pair() {
+  local dir=$1 label=$2 mid1 mid2 e1 e2
   port mid1; port mid2; port e1; port e2
   tls_cert "$dir"
   local common="foreground = yes
@@ -769,14 +765,28 @@ socket = r:TCP_NODELAY=1"
     "$common" "$dir" "$dir" "$dir" "$NET.2" "$mid1" "$NS_SINK" "$NET.2" "$mid2" "$NS_ECHO" >"$dir/exit.conf"
   printf '%s\noutput = %s/entry.log\nclient = yes\nCAfile = %s/cert.pem\nverifyChain = yes\ncheckHost = localhost\n[s]\naccept = 127.0.0.1:%s\nconnect = %s:%s\n[e]\naccept = 127.0.0.1:%s\nconnect = %s:%s\n' \
     "$common" "$dir" "$dir" "$e1" "$NET.2" "$mid1" "$e2" "$NET.2" "$mid2" >"$dir/entry.conf"
-  start netns-stunnel-exit ip netns exec "$NS" "$STUNNEL" "$dir/exit.conf"
-  exit_pid=$STARTED_PID
-  start netns-stunnel-entry "$STUNNEL" "$dir/entry.conf"
-  entry_pid=$STARTED_PID
+  start "$label-exit" ip netns exec "$NS" "$STUNNEL" "$dir/exit.conf"
+  SV_EXIT=$STARTED_PID
+  start "$label-entry" "$STUNNEL" "$dir/entry.conf"
+  SV_ENTRY=$STARTED_PID
   wait_listen "$e1"
   wait_listen "$e2"
   ns_wait_listen "$mid2"
-  path_procs "stunnel exit (netns)" "$exit_pid" "stunnel entry" "$entry_pid"
+  path_procs "stunnel exit (netns)" "$SV_EXIT" "stunnel entry" "$SV_ENTRY"
+  SV_E1=$e1 SV_E2=$e2
+}
+
+# The stunnel pair with its TLS leg across the veth pair: entry in the host namespace, exit (and
+# its sink and echo) in the namespace. The bulk and the probe are separate TCP connections.
+loss_stunnel_netns() {
+  local name="stunnel pair via lossy veth"
+  if ! has stunnel4 || ! has openssl || ! netns_up; then
+    skip_row "$name" "skipped (needs root, nft, stunnel4, openssl)" loss
+    return 0
+  fi
+  local pct bulk
+  stunnel_veth_pair "$OUT/stunnel-netns" netns-stunnel
+  local e1=$SV_E1 e2=$SV_E2 exit_pid=$SV_EXIT entry_pid=$SV_ENTRY
   for pct in 0 "$LOSS_PCT"; do
     netns_loss "$pct"
     for bulk in no yes; do
@@ -830,26 +840,8 @@ veth_stunnel() {
     skip_row "$name" "skipped (needs root, nft, stunnel4, openssl)"
     return 0
   fi
-  local dir=$OUT/stunnel-veth mid1 mid2 e1 e2 exit_pid entry_pid
-  port mid1; port mid2; port e1; port e2
-  tls_cert "$dir"
-  local common="foreground = yes
-pid =
-sslVersionMin = TLSv1.3
-socket = l:TCP_NODELAY=1
-socket = r:TCP_NODELAY=1"
-  printf '%s\noutput = %s/exit.log\ncert = %s/cert.pem\nkey = %s/key.pem\n[s]\naccept = %s:%s\nconnect = 127.0.0.1:%s\n[e]\naccept = %s:%s\nconnect = 127.0.0.1:%s\n' \
-    "$common" "$dir" "$dir" "$dir" "$NET.2" "$mid1" "$NS_SINK" "$NET.2" "$mid2" "$NS_ECHO" >"$dir/exit.conf"
-  printf '%s\noutput = %s/entry.log\nclient = yes\nCAfile = %s/cert.pem\nverifyChain = yes\ncheckHost = localhost\n[s]\naccept = 127.0.0.1:%s\nconnect = %s:%s\n[e]\naccept = 127.0.0.1:%s\nconnect = %s:%s\n' \
-    "$common" "$dir" "$dir" "$e1" "$NET.2" "$mid1" "$e2" "$NET.2" "$mid2" >"$dir/entry.conf"
-  start veth-stunnel-exit ip netns exec "$NS" "$STUNNEL" "$dir/exit.conf"
-  exit_pid=$STARTED_PID
-  start veth-stunnel-entry "$STUNNEL" "$dir/entry.conf"
-  entry_pid=$STARTED_PID
-  wait_listen "$e1"
-  wait_listen "$e2"
-  ns_wait_listen "$mid2"
-  path_procs "stunnel exit (netns)" "$exit_pid" "stunnel entry" "$entry_pid"
+  stunnel_veth_pair "$OUT/stunnel-veth" veth-stunnel
+  local e1=$SV_E1 e2=$SV_E2 exit_pid=$SV_EXIT entry_pid=$SV_ENTRY
   GROUP=veth measure_path "$name" "127.0.0.1:$e1" "127.0.0.1:$e2" "TLS leg across the veth"
   kill "$exit_pid" "$entry_pid" 2>/dev/null || true
 }
