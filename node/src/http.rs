@@ -6,8 +6,9 @@
 //! Bodies stream both ways through bounded channels; nothing is buffered whole.
 //!
 //! h3-quinn panics if `stop_sending` is called on a receive stream whose pending `recv_data`
-//! was cancelled, so every `recv_data` here runs to completion in a task of its own and
-//! `stop_sending` is only called between reads.
+//! was cancelled, so every `recv_data` here runs to completion and `stop_sending` is only
+//! called after a read completed: a received body is read in place as hyper polls it, and one
+//! dropped before its end hands its stream to a task that completes the read, then stops it.
 
 pub(crate) mod body;
 pub(crate) mod headers;

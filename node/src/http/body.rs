@@ -1,13 +1,14 @@
-//! Streaming bodies: HTTP/3 data frames to hyper bodies through a bounded channel, and hyper
-//! bodies to HTTP/3 data frames. Every `recv_data` runs to completion (see the module notes
-//! in `http.rs`): a pump stops only between reads.
+//! Streaming bodies: HTTP/3 data frames as hyper bodies (read in place as hyper polls), and
+//! hyper bodies to HTTP/3 data frames. Every `recv_data` runs to completion (see the module
+//! notes in `http.rs`): a stream is stopped only between reads.
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
-use futures_util::stream;
 use h3::error::Code;
-use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Frame;
-use tokio::sync::mpsc;
 
 /// Error type of proxied bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -23,11 +24,6 @@ pub(crate) type ClientSend = h3::client::RequestStream<h3_quinn::SendStream<Byte
 /// Client side receive half.
 pub(crate) type ClientRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
 
-/// Frames in flight between a pump and its body: with ≤ 64 KiB frames, about 256 KiB.
-const CHANNEL_FRAMES: usize = 4;
-
-type FrameTx = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
-
 /// A body holding `bytes`.
 pub fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
@@ -38,51 +34,136 @@ pub fn empty() -> Body {
     Empty::new().map_err(|e| match e {}).boxed_unsync()
 }
 
-/// A body fed by the returned sender.
-pub(crate) fn channel() -> (FrameTx, Body) {
-    let (tx, mut rx) = mpsc::channel(CHANNEL_FRAMES);
-    let s = stream::poll_fn(move |cx| rx.poll_recv(cx));
-    (tx, StreamBody::new(s).boxed_unsync())
-}
+/// Something held until an h3 body has been read to its end (or given up): the balancer's
+/// in-flight count of the endpoint, for a response body.
+pub(crate) type Guard = Box<dyn Send>;
 
-macro_rules! pump_h3_to_channel {
+macro_rules! h3_recv_body {
     ($name:ident, $recv:ty) => {
-        /// Moves the data frames (then trailers) of `recv` into `tx`, `first` ahead of them.
-        /// When the body's reader goes away the stream is stopped, between reads.
-        pub(crate) async fn $name(mut recv: $recv, first: Option<Bytes>, tx: FrameTx) {
-            if let Some(b) = first {
-                if tx.send(Ok(Frame::data(b))).await.is_err() {
-                    recv.stop_sending(Code::H3_REQUEST_CANCELLED);
-                    return;
+        /// The data frames (then trailers) of an h3 request stream as a hyper body, read in
+        /// place when hyper polls it: no task and no channel per request. `first` goes ahead
+        /// of the stream's frames.
+        ///
+        /// A read h3-quinn has started is never abandoned (see the module notes in
+        /// `http.rs`). After each data frame the body looks ahead once, so a stream whose
+        /// end came with its data is finished at once (hyper stops polling a body once it
+        /// has its `Content-Length`). A body dropped before its stream ended hands the stream
+        /// to a task that does what the old per-request pump did: complete the read, then stop
+        /// the stream (or read the trailers).
+        pub(crate) struct $name {
+            recv: Option<$recv>,
+            /// Frames already read, returned before the stream is polled again.
+            queued: Option<Result<Frame<Bytes>, BoxError>>,
+            /// The data frames have ended; trailers (if any) are next.
+            data_done: bool,
+            guard: Option<Guard>,
+        }
+
+        impl $name {
+            pub(crate) fn new(recv: $recv, first: Option<Bytes>, guard: Option<Guard>) -> Self {
+                $name {
+                    recv: Some(recv),
+                    queued: first.map(|b| Ok(Frame::data(b))),
+                    data_done: false,
+                    guard,
                 }
             }
-            loop {
-                match recv.recv_data().await {
-                    Ok(Some(mut buf)) => {
-                        let b = buf.copy_to_bytes(buf.remaining());
-                        if tx.send(Ok(Frame::data(b))).await.is_err() {
-                            recv.stop_sending(Code::H3_REQUEST_CANCELLED);
-                            return;
+
+            /// The stream has been read to its end (or failed): let it and the guard go.
+            fn end(&mut self) {
+                self.recv = None;
+                self.guard = None;
+            }
+
+            /// Polls the stream for its next frame.
+            fn poll_stream(
+                &mut self,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                let Some(recv) = self.recv.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                if !self.data_done {
+                    match ready!(recv.poll_recv_data(cx)) {
+                        Ok(Some(mut buf)) => {
+                            let b = buf.copy_to_bytes(buf.remaining());
+                            return Poll::Ready(Some(Ok(Frame::data(b))));
                         }
-                    }
-                    Ok(None) => {
-                        if let Ok(Some(t)) = recv.recv_trailers().await {
-                            let _ = tx.send(Ok(Frame::trailers(t))).await;
+                        Ok(None) => self.data_done = true,
+                        Err(e) => {
+                            self.end();
+                            return Poll::Ready(Some(Err(Box::new(e))));
                         }
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(Box::new(e))).await;
-                        return;
                     }
                 }
+                let trailers = ready!(recv.poll_recv_trailers(cx));
+                self.end();
+                match trailers {
+                    Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                    _ => Poll::Ready(None),
+                }
+            }
+        }
+
+        impl hyper::body::Body for $name {
+            type Data = Bytes;
+            type Error = BoxError;
+
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                let this = self.get_mut();
+                if let Some(f) = this.queued.take() {
+                    return Poll::Ready(Some(f));
+                }
+                let frame = ready!(this.poll_stream(cx));
+                if matches!(&frame, Some(Ok(f)) if f.is_data()) {
+                    // Look ahead once: the end (or more data) is often there already.
+                    if let Poll::Ready(Some(next)) = this.poll_stream(cx) {
+                        this.queued = Some(next);
+                    }
+                }
+                Poll::Ready(frame)
+            }
+
+            fn is_end_stream(&self) -> bool {
+                self.recv.is_none() && self.queued.is_none()
+            }
+        }
+
+        impl Drop for $name {
+            fn drop(&mut self) {
+                let Some(mut recv) = self.recv.take() else {
+                    return;
+                };
+                let guard = self.guard.take();
+                let data_done = self.data_done;
+                let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                rt.spawn(async move {
+                    if !data_done {
+                        match recv.recv_data().await {
+                            Ok(Some(_)) => {
+                                recv.stop_sending(Code::H3_REQUEST_CANCELLED);
+                                drop(guard);
+                                return;
+                            }
+                            Ok(None) => {}
+                            Err(_) => return,
+                        }
+                    }
+                    let _ = recv.recv_trailers().await;
+                    drop(guard);
+                });
             }
         }
     };
 }
 
-pump_h3_to_channel!(pump_server_recv, ServerRecv);
-pump_h3_to_channel!(pump_client_recv, ClientRecv);
+h3_recv_body!(ServerRecvBody, ServerRecv);
+h3_recv_body!(ClientRecvBody, ClientRecv);
 
 /// How sending a body onto an h3 stream ended.
 #[derive(Debug, PartialEq, Eq)]

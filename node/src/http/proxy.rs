@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -242,11 +243,9 @@ async fn forward(
                                 let (mut rparts, ()) = head.into_parts();
                                 strip_hop_by_hop(&mut rparts.headers);
                                 rparts.version = http::Version::HTTP_11;
-                                let (tx, rbody) = body::channel();
-                                tokio::spawn(async move {
-                                    body::pump_client_recv(recv, None, tx).await;
-                                    drop(inflight);
-                                });
+                                let rbody =
+                                    body::ClientRecvBody::new(recv, None, Some(Box::new(inflight)))
+                                        .boxed_unsync();
                                 Attempt::Answer(Response::from_parts(rparts, rbody))
                             }
                         }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use h3::error::Code;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -153,18 +154,12 @@ async fn handle(
         .and_then(|v| v.parse::<u64>().ok());
     let body: Body = match declared {
         Some(0) => body::empty(),
-        Some(_) => {
-            let (tx, body) = body::channel();
-            tokio::spawn(body::pump_server_recv(recv, None, tx));
-            body
-        }
+        Some(_) => body::ServerRecvBody::new(recv, None, None).boxed_unsync(),
         None => match recv.recv_data().await {
             Ok(Some(mut first)) => {
                 use bytes::Buf;
                 let first = first.copy_to_bytes(first.remaining());
-                let (tx, body) = body::channel();
-                tokio::spawn(body::pump_server_recv(recv, Some(first), tx));
-                body
+                body::ServerRecvBody::new(recv, Some(first), None).boxed_unsync()
             }
             Ok(None) => body::empty(),
             Err(_) => return,
