@@ -749,6 +749,19 @@ netns_loss() {
 
 nft_counters() { ip netns exec "$NS" nft list ruleset | grep -o 'counter packets [0-9]*' | tr '\n' ' '; }
 
+# The probe alone and beside a bulk, at 0 % and LOSS_PCT % loss on the veth, through the path
+# whose sink and echo entries are $2 and $3; $1 names the row.
+veth_loss_probes() {
+  local name=$1 sink=$2 echo=$3 pct bulk
+  for pct in 0 "$LOSS_PCT"; do
+    netns_loss "$pct"
+    for bulk in no yes; do
+      probe_under "$name" "$pct" "$sink" "$echo" "$bulk"
+    done
+  done
+  log "$name: nft drops $(nft_counters)"
+}
+
 # A stunnel pair whose TLS leg crosses the veth: the exit in the namespace (to its sink and
 # echo), the entry on the host. Sets SV_E1 / SV_E2 (entry ports for sink / echo) and
 # SV_EXIT / SV_ENTRY (PIDs). $1: directory for certificates and configs, $2: process label.
@@ -784,16 +797,9 @@ loss_stunnel_netns() {
     skip_row "$name" "skipped (needs root, nft, stunnel4, openssl)" loss
     return 0
   fi
-  local pct bulk
   stunnel_veth_pair "$OUT/stunnel-netns" netns-stunnel
   local e1=$SV_E1 e2=$SV_E2 exit_pid=$SV_EXIT entry_pid=$SV_ENTRY
-  for pct in 0 "$LOSS_PCT"; do
-    netns_loss "$pct"
-    for bulk in no yes; do
-      probe_under "$name" "$pct" "127.0.0.1:$e1" "127.0.0.1:$e2" "$bulk"
-    done
-  done
-  log "$name: nft drops $(nft_counters)"
+  veth_loss_probes "$name" "127.0.0.1:$e1" "127.0.0.1:$e2"
   kill "$exit_pid" "$entry_pid" 2>/dev/null || true
 }
 
@@ -806,18 +812,12 @@ loss_meshnode_netns() {
     skip_row "$name" "skipped (${MESH_SKIP:-needs root and nft})" loss
     return 0
   fi
-  local qb pct bulk
+  local qb
   port qb
   MESH_A_IP=$NET.1 MESH_B_IP=$NET.2 MESH_B_NETNS=$NS \
     mesh_l4_pair meshnode-netns "$qb" "$NET.2:$qb" "$NS_SINK" "$NS_ECHO"
   path_procs "meshnode A" "$A_PID" "meshnode B (netns)" "$B_PID"
-  for pct in 0 "$LOSS_PCT"; do
-    netns_loss "$pct"
-    for bulk in no yes; do
-      probe_under "$name" "$pct" "127.0.0.1:$ENTRY_SINK" "127.0.0.1:$ENTRY_ECHO" "$bulk"
-    done
-  done
-  log "$name: nft drops $(nft_counters)"
+  veth_loss_probes "$name" "127.0.0.1:$ENTRY_SINK" "127.0.0.1:$ENTRY_ECHO"
   kill "$A_PID" "$B_PID" 2>/dev/null || true
 }
 

@@ -69,28 +69,11 @@ enum Command {
     },
     /// Open-loop request/response latency against an echo server at a fixed rate.
     Latency {
-        #[arg(long)]
-        connect: SocketAddr,
-        /// Requests per second.
-        #[arg(long, default_value_t = 1000.0)]
-        rate: f64,
-        /// Measured duration, e.g. `10s`.
-        #[arg(long, value_parser = parse_duration, default_value = "10s")]
-        duration: Duration,
-        /// Unrecorded lead-in, e.g. `1s`.
-        #[arg(long, value_parser = parse_duration, default_value = "1s")]
-        warmup: Duration,
         /// Request (and response) size in bytes, at least 8.
         #[arg(long, value_parser = parse_size, default_value = "1024")]
         size: u64,
-        /// Connections in the pool; requests go round-robin and are pipelined.
-        #[arg(long, default_value_t = 4)]
-        conns: usize,
-        /// Spin (instead of sleeping) for this long before each send, for timer accuracy.
-        #[arg(long, value_parser = parse_duration, default_value = "100us")]
-        spin: Duration,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        run: OpenLoop,
     },
     /// HTTP/1.1 server (keep-alive) answering every request with `200` and a fixed-size body.
     HttpEcho {
@@ -103,34 +86,17 @@ enum Command {
     /// Open-loop HTTP/1.1 GETs at a fixed rate over a pool of keep-alive connections, to an
     /// `http-echo` directly or through an HTTP proxy (origin-form, routed by `Host`).
     Http {
-        #[arg(long)]
-        connect: SocketAddr,
         /// `Host` header: the mesh service name when `--connect` is meshnode's HTTP proxy.
         #[arg(long, default_value = "localhost")]
         host: String,
         /// Origin-form request target.
         #[arg(long, default_value = "/")]
         path: String,
-        /// Requests per second.
-        #[arg(long, default_value_t = 1000.0)]
-        rate: f64,
-        /// Measured duration, e.g. `10s`.
-        #[arg(long, value_parser = parse_duration, default_value = "10s")]
-        duration: Duration,
-        /// Unrecorded lead-in, e.g. `1s`.
-        #[arg(long, value_parser = parse_duration, default_value = "1s")]
-        warmup: Duration,
-        /// Keep-alive connections in the pool; requests go round-robin and are pipelined.
-        #[arg(long, default_value_t = 4)]
-        conns: usize,
         /// Expected response body size: a 2xx with another length counts as an error.
         #[arg(long, value_parser = parse_size)]
         expect_size: Option<u64>,
-        /// Spin (instead of sleeping) for this long before each send, for timer accuracy.
-        #[arg(long, value_parser = parse_duration, default_value = "100us")]
-        spin: Duration,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        run: OpenLoop,
     },
     /// Opens N connections to an echo target (one byte each way, so every tunnel is really
     /// open), prints "idle N open" and holds them until SIGINT/SIGTERM: memory per tunnel.
@@ -251,6 +217,47 @@ async fn stop_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The flags of an open-loop latency run, shared by `latency` and `http`.
+#[derive(clap::Args, Debug)]
+struct OpenLoop {
+    #[arg(long)]
+    connect: SocketAddr,
+    /// Requests per second.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Measured duration, e.g. `10s`.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Unrecorded lead-in, e.g. `1s`.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    warmup: Duration,
+    /// Connections in the pool (keep-alive for `http`); requests go round-robin and are
+    /// pipelined.
+    #[arg(long, default_value_t = 4)]
+    conns: usize,
+    /// Spin (instead of sleeping) for this long before each send, for timer accuracy.
+    #[arg(long, value_parser = parse_duration, default_value = "100us")]
+    spin: Duration,
+    #[arg(long)]
+    json: bool,
+}
+
+impl OpenLoop {
+    /// The run's options, with `size` bytes per request (or expected per answer).
+    fn options(&self, size: usize) -> LatencyOptions {
+        LatencyOptions {
+            addr: self.connect,
+            rate: self.rate,
+            duration: self.duration,
+            warmup: self.warmup,
+            size,
+            conns: self.conns,
+            spin: self.spin,
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -294,29 +301,11 @@ async fn main() -> anyhow::Result<()> {
             .await??;
             report_bulk("bulk", conns, &runs, json);
         }
-        Command::Latency {
-            connect,
-            rate,
-            duration,
-            warmup,
-            size,
-            conns,
-            spin,
-            json,
-        } => {
+        Command::Latency { size, run } => {
             let size = usize::try_from(size).context("--size is too large")?;
-            let opts = LatencyOptions {
-                addr: connect,
-                rate,
-                duration,
-                warmup,
-                size,
-                conns,
-                spin,
-                drain: Duration::from_secs(10),
-            };
+            let opts = run.options(size);
             let report = tokio::task::spawn_blocking(move || latency::run(&opts)).await??;
-            print_latency(&report, json)?;
+            print_latency(&report, run.json)?;
         }
         Command::HttpEcho { listen, size } => {
             let size = usize::try_from(size).context("--size is too large")?;
@@ -325,28 +314,13 @@ async fn main() -> anyhow::Result<()> {
             tokio::select! { r = http::serve_echo(listener, body) => r?, r = stop_signal() => r? }
         }
         Command::Http {
-            connect,
             host,
             path,
-            rate,
-            duration,
-            warmup,
-            conns,
             expect_size,
-            spin,
-            json,
+            run,
         } => {
             anyhow::ensure!(path.starts_with('/'), "--path must start with /");
-            let opts = LatencyOptions {
-                addr: connect,
-                rate,
-                duration,
-                warmup,
-                size: usize::try_from(expect_size.unwrap_or(0)).unwrap_or(usize::MAX),
-                conns,
-                spin,
-                drain: Duration::from_secs(10),
-            };
+            let opts = run.options(usize::try_from(expect_size.unwrap_or(0)).unwrap_or(usize::MAX));
             let protocol = HttpGet {
                 host,
                 path,
@@ -354,7 +328,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let report =
                 tokio::task::spawn_blocking(move || latency::run_with(&opts, protocol)).await??;
-            print_latency(&report, json)?;
+            print_latency(&report, run.json)?;
         }
         Command::QuicBulkServer { listen } => {
             let server = quic::serve(listen, |addr| {
