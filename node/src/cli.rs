@@ -12,7 +12,14 @@ use crate::node::{Node, NodeParts};
 
 /// meshnode: a QUIC service-mesh transport for VMs and bare metal.
 #[derive(Debug, Parser)]
-#[command(name = "meshnode", version, about, disable_help_subcommand = true)]
+#[command(
+    name = "meshnode",
+    version,
+    about,
+    disable_help_subcommand = true,
+    after_help = "Environment: MESHNODE_LOG (log filter), MESHNODE_LOG_FORMAT (text | json), \
+                  MESHNODE_RUNTIME (multi = every core, the default | multi:N | current = one thread)."
+)]
 pub struct Cli {
     /// Log format on stderr: `text` or `json`. Verbosity: MESHNODE_LOG (env-filter syntax,
     /// default `info,meshnode::access=off`; `meshnode::access=info` turns on the access log).
