@@ -360,12 +360,10 @@ impl Node {
             match OutboundListener::start(&shared, &o.service, o.listen).await {
                 Ok(l) => outbound.push(l),
                 Err(e) => {
-                    for t in tasks.iter().chain(outbound.iter().map(|o| &o.task)) {
-                        t.abort();
-                    }
-                    shared.endpoint.close(0, b"start-up failed");
-                    return Err(Failure::new(
-                        exit::UNAVAILABLE,
+                    return Err(abort_start(
+                        &shared,
+                        &tasks,
+                        &outbound,
                         format!("outbound[{i}].listen: cannot bind {}: {e}", o.listen),
                     ));
                 }
@@ -386,12 +384,10 @@ impl Node {
                     )));
                 }
                 Err(e) => {
-                    for t in tasks.iter().chain(outbound.iter().map(|o| &o.task)) {
-                        t.abort();
-                    }
-                    shared.endpoint.close(0, b"start-up failed");
-                    return Err(Failure::new(
-                        exit::UNAVAILABLE,
+                    return Err(abort_start(
+                        &shared,
+                        &tasks,
+                        &outbound,
                         format!("http_proxy.listen: cannot bind {}: {e}", p.listen),
                     ));
                 }
@@ -527,6 +523,21 @@ impl Node {
         self.admin_thread.stop();
         self.shared.endpoint.close(0, b"");
     }
+}
+
+/// Undoes a start that failed part-way (a listener could not bind): stops the tasks started
+/// so far, closes the QUIC endpoint, and returns the failure (exit 69) naming `reason`.
+fn abort_start(
+    shared: &Shared,
+    tasks: &[tokio::task::JoinHandle<()>],
+    outbound: &[OutboundListener],
+    reason: String,
+) -> Failure {
+    for t in tasks.iter().chain(outbound.iter().map(|o| &o.task)) {
+        t.abort();
+    }
+    shared.endpoint.close(0, b"start-up failed");
+    Failure::new(exit::UNAVAILABLE, reason)
 }
 
 /// Samples QUIC statistics into metrics and the balancers, and the registry state.
