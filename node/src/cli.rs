@@ -18,7 +18,7 @@ use crate::node::{Node, NodeParts};
     about,
     disable_help_subcommand = true,
     after_help = "Environment: MESHNODE_LOG (log filter), MESHNODE_LOG_FORMAT (text | json), \
-                  MESHNODE_RUNTIME (multi = every core, the default | multi:N | current = one thread)."
+                  MESHNODE_RUNTIME (auto, the default: one thread on hosts with 1-2 CPUs, else multi | multi = a worker per CPU | multi:N | current = one thread)."
 )]
 pub struct Cli {
     /// Log format on stderr: `text` or `json`. Verbosity: MESHNODE_LOG (env-filter syntax,

@@ -19,6 +19,7 @@ pub mod outbound;
 pub mod peer_health;
 pub mod pki_cmd;
 pub mod reload;
+pub mod runtime;
 pub mod status;
 pub mod status_cmd;
 

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use meshnode::cli::{self, CaCommand, CertCommand, Cli, Command};
 use meshnode::exit::{self, Failure};
+use meshnode::runtime::Shape;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -45,41 +46,24 @@ fn init_logging(format: cli::LogFormat) {
     };
 }
 
-/// Environment variable choosing the runtime's shape (see [`runtime`]).
-const RUNTIME_ENV: &str = "MESHNODE_RUNTIME";
-
-/// The tokio runtime. `MESHNODE_RUNTIME` chooses its shape: unset or `multi` = tokio's
-/// multi-thread scheduler with one worker per CPU (the default), `multi:N` = N workers,
-/// `current` = everything on the main thread. Measured in bench/RESULTS.md ("Throughput and
-/// CPU: what each change bought").
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    let shape = std::env::var(RUNTIME_ENV).unwrap_or_default();
-    let mut builder = match shape.as_str() {
-        "" | "multi" => tokio::runtime::Builder::new_multi_thread(),
-        "current" => tokio::runtime::Builder::new_current_thread(),
-        other => match other.strip_prefix("multi:").map(str::parse::<usize>) {
-            Some(Ok(n)) if n > 0 => {
-                let mut b = tokio::runtime::Builder::new_multi_thread();
-                b.worker_threads(n);
-                b
-            }
-            _ => {
-                return Err(Failure::new(
-                    exit::USAGE,
-                    format!("{RUNTIME_ENV}={other:?}: expected \"multi\", \"multi:N\" (N > 0) or \"current\""),
-                ))
-            }
-        },
-    };
-    builder
-        .enable_all()
+/// The tokio runtime, shaped by `MESHNODE_RUNTIME` and the CPU count (see
+/// [`meshnode::runtime`]).
+fn runtime() -> Result<(tokio::runtime::Runtime, Shape), Failure> {
+    let shape = Shape::from_env().map_err(|e| Failure::new(exit::USAGE, e))?;
+    let rt = shape
+        .builder()
         .build()
-        .map_err(|e| Failure::new(exit::SOFTWARE, format!("cannot start the runtime: {e}")))
+        .map_err(|e| Failure::new(exit::SOFTWARE, format!("cannot start the runtime: {e}")))?;
+    Ok((rt, shape))
 }
 
 fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Run { config } => runtime()?.block_on(cli::run(&config)),
+        Command::Run { config } => {
+            let (rt, shape) = runtime()?;
+            tracing::info!(runtime = %shape, "starting ({} to change)", meshnode::runtime::ENV);
+            rt.block_on(cli::run(&config))
+        }
         Command::Validate { config } => {
             println!("{}", cli::validate(&config)?);
             Ok(())
@@ -89,7 +73,9 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             config,
             json,
             watch,
-        } => runtime()?.block_on(meshnode::status_cmd::run(admin, config, json, watch)),
+        } => runtime()?
+            .0
+            .block_on(meshnode::status_cmd::run(admin, config, json, watch)),
         Command::Ca {
             command:
                 CaCommand::Init {
@@ -116,9 +102,13 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Demo { duration } => runtime()?.block_on(meshnode::demo::run(
-            std::time::Duration::from_secs(duration),
-        )),
+        Command::Demo { duration } => {
+            runtime()?
+                .0
+                .block_on(meshnode::demo::run(std::time::Duration::from_secs(
+                    duration,
+                )))
+        }
         Command::Version => {
             println!("meshnode {}", env!("CARGO_PKG_VERSION"));
             Ok(())
