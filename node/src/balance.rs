@@ -97,6 +97,8 @@ struct Table {
     /// the base of the ejection cap; entries created by other calls (RTT samples arrive for
     /// every peer, whatever it serves) do not count.
     generation: u64,
+    /// Picks since the last re-measurement pick (`remeasure_spacing` apart at least).
+    picks_since_remeasure: u32,
 }
 
 #[derive(Debug, Default)]
@@ -114,8 +116,10 @@ struct Endpoint {
     down: bool,
     /// When its last answer (tunnel open, time to first byte) was recorded.
     last_answer: Option<Instant>,
-    /// Chosen by a pick at least once.
-    picked: bool,
+    /// When a pick last chose it; `None` = never.
+    picked_at: Option<Instant>,
+    /// Picked because its estimate was stale: the next answer replaces the estimate.
+    remeasuring: bool,
     health: Health,
     requests_total: u64,
     failures_total: u64,
@@ -152,7 +156,10 @@ impl Balancer {
     /// request).
     ///
     /// An endpoint whose back-off expired gets the next request as its probe, one at a time;
-    /// next, an endpoint never picked and never measured gets one request to be measured.
+    /// next, an endpoint never picked and never measured gets one request to be measured;
+    /// next, a healthy endpoint not picked for `remeasure_after` (or never, but known from
+    /// transport RTT samples) gets one to be measured again (at most one pick in
+    /// `remeasure_spacing`).
     /// Otherwise power of two choices among the healthy, non-draining ones: two distinct draws
     /// with probability proportional to weight, the lower `ewma × (inflight + 1) / (weight/100)`
     /// wins. With none healthy: the non-draining endpoint ejected longest ago, then a draining
@@ -167,6 +174,7 @@ impl Balancer {
         let mut table = self.lock();
         table.generation += 1;
         let generation = table.generation;
+        let may_remeasure = table.picks_since_remeasure >= self.cfg.remeasure_spacing;
         let map = &mut table.endpoints;
         let mut nodes: Vec<&str> = Vec::with_capacity(candidates.len());
         let mut choices: Vec<Choice> = Vec::with_capacity(candidates.len());
@@ -187,12 +195,23 @@ impl Balancer {
                 wants_probe: ep.health.wants_probe() && !waits_for_reconnect,
                 draining: ep.draining,
                 ejected_at: ep.health.ejected_at(),
-                unknown: !ep.picked && !ep.ewma.has_samples(),
+                unknown: ep.picked_at.is_none() && !ep.ewma.has_samples(),
+                stale: may_remeasure
+                    && ep.picked_at.is_none_or(|at| {
+                        now.saturating_duration_since(at) >= self.cfg.remeasure_after
+                    }),
             });
         }
-        let node = nodes[pick::choose(&choices, rng)?];
-        if let Some(ep) = map.get_mut(node) {
-            ep.picked = true;
+        let chosen = pick::choose(&choices, rng)?;
+        let node = nodes[chosen];
+        if choices[chosen].stale {
+            table.picks_since_remeasure = 0;
+        } else {
+            table.picks_since_remeasure = table.picks_since_remeasure.saturating_add(1);
+        }
+        if let Some(ep) = table.endpoints.get_mut(node) {
+            ep.picked_at = Some(now);
+            ep.remeasuring |= choices[chosen].stale;
             if ep.health.wants_probe() && !ep.draining {
                 tracing::debug!(node, "probing ejected endpoint");
             }
@@ -213,11 +232,17 @@ impl Balancer {
     }
 
     /// Outcome of a successful attempt; `latency` is the tunnel-open time or the HTTP time to
-    /// first byte. A successful probe returns an ejected endpoint to service.
+    /// first byte. A successful probe returns an ejected endpoint to service. The first answer,
+    /// and the first after a re-measurement pick, replace the estimate: what it held was a
+    /// guess, a smoothed transport RTT, or stale.
     pub fn record_success(&self, node: &str, latency: Duration, now: Instant) {
         let mut table = self.lock();
         let ep = table.entry(node);
-        ep.ewma.observe(latency, now, self.cfg.decay);
+        if ep.last_answer.is_none() || std::mem::take(&mut ep.remeasuring) {
+            ep.ewma.replace(latency, now);
+        } else {
+            ep.ewma.observe(latency, now, self.cfg.decay);
+        }
         ep.last_answer = Some(now);
         // An answer came over a live connection, so the peer is not down.
         ep.down = false;

@@ -168,12 +168,15 @@ async fn slower_endpoint_gets_little_traffic_and_recovers() -> Result<()> {
         assert!(share_c >= 0.85, "C share {share_c}");
         relay.set_delay(Duration::ZERO);
         let t = Traffic::start(m.out, INTERVAL);
-        // SPEC §8: traffic returns "within seconds". B's estimate decays (1 s time constant)
-        // until P2C picks it again, and its first fast answer counts at once.
+        // SPEC §8: traffic returns "within seconds". B, not picked for 2 s, is measured again
+        // (`remeasure_after`) and that answer replaces its old estimate, whatever the ratio
+        // of B's old latency to C's.
         let back = until("B to get traffic again", Duration::from_secs(15), || {
             Ok(t.tagged(b'B') >= 20)
         })?;
         eprintln!("delay removed: B back to 20 connections after {back:?}");
+        // Measured 0.2–3.6 s; B sits behind the relay, an extra user-space hop, so once
+        // measured again it still competes as a slightly slower path.
         assert!(back < Duration::from_secs(8), "B back only after {back:?}");
         t.stop().await;
         drop((m.a, m.b, m.c));

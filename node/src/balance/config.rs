@@ -5,13 +5,23 @@ use std::time::Duration;
 use super::RetryBudget;
 
 /// SPEC §8: "the EWMA decays over ~10 s", read as: a slow spell is forgotten ten seconds later
-/// (its excess is down to `exp(-10)`). The time constant bounds how long a recovered endpoint
-/// waits: it is picked again once its decayed estimate drops to the others' cost, after
-/// `decay × ln(slow / fast)` — 3.7 s for a path 40× slower with 1 s, 11 s with 3 s, 37 s with
-/// Linkerd's 10 s (measured in `node/tests/failover.rs`), and SPEC §8 wants traffic back
-/// "within seconds". A single slow answer still sets the estimate at once (peak), so a short
-/// constant does not make the balancer slower to leave a bad path.
+/// (its excess is down to `exp(-10)`). Between picks the cost decays on read, so an endpoint
+/// that lost every P2C contest is picked again after `decay × ln(slow / fast)` — 3.7 s for a
+/// path 40× slower with 1 s, 11 s with 3 s, 37 s with Linkerd's 10 s; [`DEFAULT_REMEASURE_AFTER`]
+/// bounds that wait whatever the ratio. A single slow answer still sets the estimate at once
+/// (peak), so a short constant does not make the balancer slower to leave a bad path.
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(1);
+/// A healthy endpoint not picked for this long gets the next request, to be measured again, and
+/// that answer replaces the estimate instead of being blended with it: the old number is stale
+/// evidence. Without it a recovered endpoint waits `decay × ln(slow / fast)` for its decayed
+/// estimate to win a contest, which grows with the ratio: 6.9 s for a 1,000× slower path, and
+/// 2.9–8.6 s measured in `node/tests/failover.rs` (+10 ms against a fast LAN answer). With it,
+/// a slow endpoint still gets only one request in this interval (0.5 % of 100 requests/s) while
+/// it stays slow, and a recovered one is back within it.
+pub const DEFAULT_REMEASURE_AFTER: Duration = Duration::from_secs(2);
+/// At most one pick in this many is a re-measurement: a service with many endpoints and little
+/// traffic must not have every request spent on measuring (that would be round robin).
+pub const DEFAULT_REMEASURE_SPACING: u32 = 10;
 /// How long answers stay the only evidence: the transport's smoothed RTT feeds an endpoint's
 /// estimate only after this long without an answer. Longer than the time a healthy but slower
 /// endpoint waits between picks (`decay × ln(ratio)`), so under traffic it never applies.
@@ -46,6 +56,10 @@ pub struct BalanceConfig {
     pub decay: Duration,
     /// Latency assumed for an endpoint with no samples yet.
     pub default_rtt: Duration,
+    /// A healthy endpoint not picked for this long is picked to be measured again.
+    pub remeasure_after: Duration,
+    /// At most one pick in this many is such a re-measurement.
+    pub remeasure_spacing: u32,
     /// Transport RTT samples are used only after this long without an answer.
     pub rtt_fallback_after: Duration,
     /// Consecutive failures that eject an endpoint.
@@ -70,6 +84,8 @@ impl Default for BalanceConfig {
         BalanceConfig {
             decay: DEFAULT_DECAY,
             default_rtt: DEFAULT_RTT,
+            remeasure_after: DEFAULT_REMEASURE_AFTER,
+            remeasure_spacing: DEFAULT_REMEASURE_SPACING,
             rtt_fallback_after: DEFAULT_RTT_FALLBACK_AFTER,
             failures_to_eject: DEFAULT_FAILURES_TO_EJECT,
             eject_base: DEFAULT_EJECT_BASE,

@@ -42,6 +42,11 @@ impl PeakEwma {
         self.state = Some((next, at));
     }
 
+    /// Forgets the estimate: `sample` taken at `now` is all there is, as for a first sample.
+    pub(super) fn replace(&mut self, sample: Duration, now: Instant) {
+        self.state = Some((sample.as_nanos() as f64, now));
+    }
+
     /// Folds in a sample that is itself an average (the transport's smoothed RTT): blended
     /// both ways, never taken as a peak. A smoothed RTT lags the path by seconds; as a peak it
     /// would hold a recovered endpoint at its old latency until the transport caught up.

@@ -1,6 +1,6 @@
 //! The choice itself, over a plain list of facts about each candidate: probes first, then an
-//! endpoint never tried and never measured, then power of two choices among the healthy, then
-//! the least bad of the rest.
+//! endpoint never tried and never measured, then one whose estimate went stale, then power of
+//! two choices among the healthy, then the least bad of the rest.
 //!
 //! Why P2C rather than "cheapest of all": every node balances independently on slightly stale
 //! numbers, and if all of them sent everything to the single cheapest endpoint they would
@@ -29,6 +29,8 @@ pub(super) struct Choice {
     pub(super) ejected_at: Option<Instant>,
     /// Never picked and no latency sample: nothing is known of it yet.
     pub(super) unknown: bool,
+    /// Not picked for a while (and a re-measurement is allowed now): its estimate is stale.
+    pub(super) stale: bool,
 }
 
 /// Index of the chosen candidate, `None` only for an empty list.
@@ -57,6 +59,17 @@ pub(super) fn choose(choices: &[Choice], rng: &mut impl Rng) -> Option<usize> {
         .collect();
     if !unknown.is_empty() {
         return Some(unknown[rng.gen_range(0..unknown.len())]);
+    }
+    // One not picked for a while is measured again. Its decayed estimate would win a contest
+    // only after `decay × ln(its latency / the others')`, a wait that grows with how slow it
+    // was; measuring it bounds the wait for a recovered endpoint whatever the ratio.
+    let stale: Vec<usize> = healthy
+        .iter()
+        .copied()
+        .filter(|&i| choices[i].stale)
+        .collect();
+    if !stale.is_empty() {
+        return Some(stale[rng.gen_range(0..stale.len())]);
     }
     match healthy.len() {
         0 => fallback(choices),
@@ -134,6 +147,7 @@ mod tests {
             draining: false,
             ejected_at: None,
             unknown: false,
+            stale: false,
         }
     }
 
@@ -200,6 +214,26 @@ mod tests {
             ..new
         };
         assert_eq!(counts(&[healthy(0.1, 100), draining_new], 10, 1), [10, 0]);
+    }
+
+    #[test]
+    fn a_stale_endpoint_is_measured_again_after_unknown_ones() {
+        let stale = Choice {
+            stale: true,
+            ..healthy(9.0, 100)
+        };
+        assert_eq!(counts(&[healthy(0.1, 100), stale], 10, 1), [0, 10]);
+        let new = Choice {
+            unknown: true,
+            ..healthy(1.0, 100)
+        };
+        assert_eq!(counts(&[stale, new], 10, 1), [0, 10]);
+        // Not when it cannot take requests.
+        let ejected_stale = Choice {
+            available: false,
+            ..stale
+        };
+        assert_eq!(counts(&[healthy(0.1, 100), ejected_stale], 10, 1), [10, 0]);
     }
 
     #[test]

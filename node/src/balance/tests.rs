@@ -154,6 +154,57 @@ fn slow_endpoint_gets_little_traffic_and_wins_it_back_after_recovering() {
     );
 }
 
+/// "slow" answers in `slow` and "fast" in 0.1 ms at 100 requests/s; then "slow" heals.
+/// Returns the share "slow" got while slow and how long after healing it took to be picked
+/// 20 times.
+fn recovery_after(slow: Duration, cfg: BalanceConfig) -> (f64, Option<Duration>) {
+    let cs = cands(&["fast", "slow"]);
+    let mut sim = Sim::new(5, cfg);
+    let every = ms(10);
+    let fast_path = Duration::from_micros(100);
+    let slow_path = move |n: &str| if n == "slow" { slow } else { fast_path };
+    // 10 s of warm-up and measurement while slow.
+    let to_slow = (0..1_000)
+        .filter(|_| sim.request(every, &cs, slow_path) == "slow")
+        .count();
+    let healed = move |_: &str| fast_path;
+    let healed_at = sim.now;
+    let mut picks = 0;
+    for _ in 0..3_000 {
+        if sim.request(every, &cs, healed) == "slow" {
+            picks += 1;
+            if picks == 20 {
+                return (to_slow as f64 / 1_000.0, Some(sim.now - healed_at));
+            }
+        }
+    }
+    (to_slow as f64 / 1_000.0, None)
+}
+
+#[test]
+fn a_recovered_endpoint_is_back_within_the_remeasure_interval_whatever_the_ratio() {
+    for slow in [ms(4), ms(20), ms(100)] {
+        let (share, back) = recovery_after(slow, BalanceConfig::default());
+        let back = back.expect("slow endpoint back within 30 s");
+        assert!(share <= 0.02, "{slow:?}: {share} of the traffic while slow");
+        assert!(
+            back <= DEFAULT_REMEASURE_AFTER + ms(500),
+            "{slow:?} (×{}): back after {back:?}",
+            slow.as_micros() / 100
+        );
+    }
+    // Without re-measurement the wait grows with the ratio: decay × ln(slow / fast).
+    let never = BalanceConfig {
+        remeasure_after: Duration::from_secs(3_600),
+        ..BalanceConfig::default()
+    };
+    let (_, back) = recovery_after(ms(100), never);
+    assert!(
+        back.is_none_or(|b| b > Duration::from_secs(4)),
+        "without re-measurement: {back:?}"
+    );
+}
+
 #[test]
 fn longer_decay_keeps_a_recovered_endpoint_waiting_longer() {
     let back = |decay| {
