@@ -10,6 +10,7 @@ use meshnode_proto::{ALPN_H3, ALPN_MESHNODE};
 
 use crate::config::TransportConfig;
 use crate::keys::{EndpointKeys, KeyError};
+use crate::runtime::MeshRuntime;
 use crate::tls::{Identity, IdentityError};
 
 /// Which application protocol a connection speaks; each is its own connection (h3 owns the
@@ -155,16 +156,12 @@ impl MeshEndpoint {
         // Accept datagrams as large as our own discovery may send; without this the peer's
         // discovery is capped at quinn's 1472 whatever its upper bound.
         let _ = endpoint_config.max_udp_payload_size(opts.transport.max_udp_payload_size());
-        let endpoint = quinn::Endpoint::new(
-            endpoint_config,
-            Some(server),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|source| BindError::Socket {
-            addr: opts.listen,
-            source,
-        })?;
+        let endpoint =
+            quinn::Endpoint::new(endpoint_config, Some(server), socket, Arc::new(MeshRuntime))
+                .map_err(|source| BindError::Socket {
+                    addr: opts.listen,
+                    source,
+                })?;
         Ok(MeshEndpoint {
             endpoint,
             identity,

@@ -2,7 +2,7 @@
 //! pool, and TCP tunnels over raw QUIC streams (ALPN `meshnode/1`).
 //!
 //! Layering: [`tls`] and [`pki`] hold identities; [`endpoint`] owns the UDP socket and the
-//! quinn endpoint; [`peers`] keeps this node's outbound connections; [`tunnel`] opens, accepts
+//! quinn endpoint (on the [`runtime`] glue between quinn and tokio); [`peers`] keeps this node's outbound connections; [`tunnel`] opens, accepts
 //! and splices tunnels. Policy (which endpoint, retries, authorisation) lives in the node.
 #![warn(missing_docs)]
 
@@ -11,6 +11,7 @@ pub mod endpoint;
 pub mod keys;
 pub mod peers;
 pub mod pki;
+pub mod runtime;
 pub mod tls;
 pub mod tunnel;
 
