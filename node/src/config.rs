@@ -240,9 +240,34 @@ pub struct TransportTuning {
     pub send_window: Option<u64>,
     /// Per-stream receive (flow-control) window, bytes.
     pub stream_window: Option<u32>,
+    /// Longest acknowledgement delay requested of peers (ACK frequency extension); `"25ms"`
+    /// is RFC 9000's default, which peers also keep when this is `"off"`.
+    #[serde(default)]
+    pub max_ack_delay: Option<AckDelay>,
     /// Deadline for a tunnel open (header sent → status received).
     #[serde(default, with = "duration::option")]
     pub open_timeout: Option<Duration>,
+}
+
+/// `transport.max_ack_delay`: a duration, or `"off"` to leave peers their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckDelay {
+    /// Do not ask peers for a shorter delay.
+    Off,
+    /// Ask peers to acknowledge within this long.
+    Requested(Duration),
+}
+
+impl<'de> Deserialize<'de> for AckDelay {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "off" {
+            return Ok(AckDelay::Off);
+        }
+        duration::parse(&text)
+            .map(AckDelay::Requested)
+            .map_err(|e| serde::de::Error::custom(format!("{e}, or \"off\"")))
+    }
 }
 
 /// `[[service]]`
@@ -411,6 +436,11 @@ impl Config {
         }
         if let Some(v) = tune.stream_window {
             t.stream_window = v;
+        }
+        match tune.max_ack_delay {
+            Some(AckDelay::Off) => t.max_ack_delay = None,
+            Some(AckDelay::Requested(d)) => t.max_ack_delay = Some(d),
+            None => {}
         }
         t
     }

@@ -157,6 +157,18 @@ impl Config {
                 format!("must be at least {MIN_TRANSPORT_BUFFER} bytes"),
             ));
         }
+        if let Some(crate::config::AckDelay::Requested(d)) = t.max_ack_delay {
+            let (min, max) = (
+                meshnode_transport::config::MIN_MAX_ACK_DELAY,
+                Duration::from_millis(25),
+            );
+            if d < min || d > max {
+                return Err(invalid(
+                    "transport.max_ack_delay",
+                    format!("must be between {min:?} and {max:?}, or \"off\""),
+                ));
+            }
+        }
         if t.send_window.is_some_and(|b| b < MIN_TRANSPORT_BUFFER) {
             return Err(invalid(
                 "transport.send_window",
@@ -315,6 +327,20 @@ key = "node-a.key"
         let e = err("[transport]\ncongestion = \"vegas\"\n");
         assert!(e.contains("transport.congestion"), "{e}");
         assert!(e.contains("vegas") && e.contains("cubic"), "{e}");
+        for bad in ["\"500us\"", "\"26ms\""] {
+            let e = err(&format!("[transport]\nmax_ack_delay = {bad}\n"));
+            assert!(e.contains("transport.max_ack_delay"), "{e}");
+        }
+        let e = err("[transport]\nmax_ack_delay = \"soon\"\n");
+        assert!(e.contains("max_ack_delay") && e.contains("off"), "{e}");
+        for (value, want) in [
+            ("\"off\"", None),
+            ("\"5ms\"", Some(Duration::from_millis(5))),
+        ] {
+            let cfg = Config::parse(&format!("{BASE}[transport]\nmax_ack_delay = {value}\n"))
+                .expect("valid");
+            assert_eq!(cfg.transport().max_ack_delay, want, "{value}");
+        }
         for key in ["stream_window", "send_window", "socket_buffer"] {
             let e = err(&format!("[transport]\n{key} = 1000\n"));
             assert!(e.contains(&format!("transport.{key}")), "{e}");
