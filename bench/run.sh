@@ -4,8 +4,9 @@
 # Usage: bench/run.sh                (after: cargo build --release -p meshnode-bench)
 #
 # Paths: direct TCP, socat pair (relay without crypto), stunnel pair (TLS 1.3), haproxy pair
-# (TLS 1.3, mode tcp), raw quinn (bulk only: no TCP legs), and meshnode L4 when MESHNODE_BIN is
-# set (see meshnode_l4 below).
+# (TLS 1.3, mode tcp), an HBONE-shaped pair (TLS 1.3 + HTTP/2 CONNECT over one TCP connection,
+# ztunnel's design; meshbench h2-entry/h2-exit), raw quinn (bulk only: no TCP legs), and
+# meshnode L4 when MESHNODE_BIN is set (see meshnode_l4 below).
 # For each: bulk throughput (median of BULK_REPEAT runs, per entry of BULK_CONNS) against a
 # `meshbench sink`, then open-loop latency (LAT_RATE req/s, LAT_SIZE bytes, LAT_DURATION) against
 # a `meshbench echo`. Prints markdown tables with ratios vs direct TCP and vs the stunnel pair.
@@ -33,9 +34,9 @@
 #   IDLE_TUNNELS  if > 0, also RSS of both nodes with that many idle meshnode tunnels open
 #   QUIET_LOAD    if set, first wait (up to 15 min) for the 1-minute load average to drop below it
 #   PATHS         only these rows, e.g. "meshnode_l4 loss_meshnode_netns" [all]: direct socat_pair
-#                 stunnel_pair haproxy_pair raw_quinn meshnode_l4 direct_http meshnode_http
-#                 loss_meshnode loss_meshnode_netns loss_stunnel_netns (loss_* need LOSS_PCT;
-#                 keep "direct": the latency table subtracts it)
+#                 stunnel_pair haproxy_pair h2_pair raw_quinn meshnode_l4 direct_http meshnode_http
+#                 loss_meshnode loss_meshnode_netns loss_stunnel_netns loss_h2_netns (loss_* need
+#                 LOSS_PCT; keep "direct": the latency table subtracts it)
 #   MESH_TRANSPORT  TOML lines for both meshnode nodes' [transport] section, e.g.
 #                 'congestion = "bbr"' or $'socket_buffer = 2097152\nsend_window = 4194304'
 #   MESH_ENV      environment (VAR=value words) for both meshnode processes, e.g.
@@ -44,8 +45,8 @@
 #                 by the rows meshnode_l4_alt and veth_meshnode_alt ["alt"; binary and env default
 #                 to MESHNODE_BIN and MESH_ENV], e.g. the previous build against the new one
 # Rows across a veth pair (root and nft; no loss, 1500-byte MTU, the namespace made as for the
-# loss rows): veth_direct veth_stunnel veth_meshnode veth_meshnode_alt. Their ratios are against
-# "direct TCP via veth" and "stunnel pair via veth".
+# loss rows): veth_direct veth_stunnel veth_h2 veth_meshnode veth_meshnode_alt. Their ratios are
+# against "direct TCP via veth" and "stunnel pair via veth".
 # Installs nothing. Needs jq; socat, stunnel4, haproxy, curl and openssl for their rows
 # (apt-get install -y jq socat stunnel4 haproxy curl openssl).
 set -euo pipefail
@@ -394,6 +395,36 @@ defaults
   measure_path "haproxy pair" "127.0.0.1:${entries[$SINK_PORT]}" "127.0.0.1:${entries[$ECHO_PORT]}" \
     "haproxy $("$HAPROXY" -v | awk 'NR == 1 { print $3 }'), mode tcp, TLS 1.3${cipher:+ ($cipher)}, P-256 cert"
   kill "$exit_pid" "$entry_pid" 2>/dev/null || true
+}
+
+# --- HBONE-shaped pair (ztunnel's design): one TLS 1.3 + HTTP/2 connection, CONNECT per tunnel -
+# h2_entry_pair EXIT_LISTEN SINK_TARGET ECHO_TARGET LABEL [NETNS]: meshbench h2-exit on
+# EXIT_LISTEN (in NETNS if given) and h2-entry on the host with one forward for the sink and one
+# for the echo (targets as the exit resolves them). Sets H2_E1 / H2_E2 (entry ports for sink /
+# echo) and H2_EXIT / H2_ENTRY (PIDs).
+h2_entry_pair() {
+  local exit_listen=$1 sink=$2 echo_target=$3 label=$4 ns=${5:-} e1 e2 in_ns=()
+  port e1; port e2
+  [[ -z $ns ]] || in_ns=(ip netns exec "$ns")
+  start "$label-exit" "${in_ns[@]}" "$MESHBENCH" h2-exit --listen "$exit_listen"
+  H2_EXIT=$STARTED_PID
+  for _ in $(seq 200); do grep -q listening "$OUT/$label-exit.log" && break; sleep 0.05; done
+  start "$label-entry" "$MESHBENCH" h2-entry --exit "$exit_listen" \
+    --forward "127.0.0.1:$e1=$sink" --forward "127.0.0.1:$e2=$echo_target"
+  H2_ENTRY=$STARTED_PID
+  wait_listen "$e1"
+  wait_listen "$e2"
+  path_procs "h2 exit${ns:+ (netns)}" "$H2_EXIT" "h2 entry" "$H2_ENTRY"
+  H2_E1=$e1 H2_E2=$e2
+}
+
+H2_NOTE="meshbench h2-entry/h2-exit: TLS 1.3 + HTTP/2 CONNECT over one TCP connection (HBONE, as ztunnel), ztunnel's windows"
+h2_pair() {
+  local mid
+  port mid
+  h2_entry_pair "127.0.0.1:$mid" "127.0.0.1:$SINK_PORT" "127.0.0.1:$ECHO_PORT" h2
+  measure_path "HBONE-shaped pair" "127.0.0.1:$H2_E1" "127.0.0.1:$H2_E2" "$H2_NOTE"
+  kill "$H2_EXIT" "$H2_ENTRY" 2>/dev/null || true
 }
 
 # --- raw quinn: the QUIC ceiling, no TCP legs (bulk only) ------------------------------------
@@ -803,6 +834,20 @@ loss_stunnel_netns() {
   kill "$exit_pid" "$entry_pid" 2>/dev/null || true
 }
 
+# The HBONE-shaped pair with its one TCP connection across the lossy veth: the bulk and the probe
+# are streams of that one connection, as every tunnel between two ztunnel nodes is.
+loss_h2_netns() {
+  local name="HBONE-shaped pair via lossy veth" mid
+  if ! netns_up; then
+    skip_row "$name" "skipped (needs root and nft)" loss
+    return 0
+  fi
+  port mid
+  h2_entry_pair "$NET.2:$mid" "127.0.0.1:$NS_SINK" "127.0.0.1:$NS_ECHO" loss-h2 "$NS"
+  veth_loss_probes "$name" "127.0.0.1:$H2_E1" "127.0.0.1:$H2_E2"
+  kill "$H2_EXIT" "$H2_ENTRY" 2>/dev/null || true
+}
+
 # meshnode L4 across the same veth pair: node A in the host namespace, node B (and its sink and
 # echo) in the namespace, QUIC between NET.1 and NET.2. Bulk and probe share A's one QUIC
 # connection to B (separate streams).
@@ -846,6 +891,15 @@ veth_stunnel() {
   kill "$exit_pid" "$entry_pid" 2>/dev/null || true
 }
 
+veth_h2() {
+  local name="HBONE-shaped pair via veth" mid
+  if ! netns_up; then skip_row "$name" "skipped (needs root and nft)"; return 0; fi
+  port mid
+  h2_entry_pair "$NET.2:$mid" "127.0.0.1:$NS_SINK" "127.0.0.1:$NS_ECHO" veth-h2 "$NS"
+  GROUP=veth measure_path "$name" "127.0.0.1:$H2_E1" "127.0.0.1:$H2_E2" "$H2_NOTE; across the veth"
+  kill "$H2_EXIT" "$H2_ENTRY" 2>/dev/null || true
+}
+
 veth_meshnode() {
   local name=${MESH_L4_NAME:-meshnode L4}" via veth"
   if ! mesh_ready || ! netns_up; then
@@ -868,10 +922,10 @@ veth_meshnode_alt() {
 }
 
 [[ -z ${MESH_TRANSPORT:-} ]] || log "meshnode [transport]: ${MESH_TRANSPORT//$'\n'/; }"
-ALL_PATHS="direct socat_pair stunnel_pair haproxy_pair raw_quinn meshnode_l4 direct_http meshnode_http"
-[[ -z $LOSS_PCT ]] || ALL_PATHS+=" loss_meshnode loss_meshnode_netns loss_stunnel_netns"
+ALL_PATHS="direct socat_pair stunnel_pair haproxy_pair h2_pair raw_quinn meshnode_l4 direct_http meshnode_http"
+[[ -z $LOSS_PCT ]] || ALL_PATHS+=" loss_meshnode loss_meshnode_netns loss_stunnel_netns loss_h2_netns"
 # Only on request (PATHS): the second meshnode variant and the veth rows.
-EXTRA_PATHS="meshnode_l4_alt veth_direct veth_stunnel veth_meshnode veth_meshnode_alt"
+EXTRA_PATHS="meshnode_l4_alt veth_direct veth_stunnel veth_h2 veth_meshnode veth_meshnode_alt"
 for p in ${PATHS:-$ALL_PATHS}; do
   case " $ALL_PATHS $EXTRA_PATHS " in
     *" $p "*) "$p" ;;

@@ -5,9 +5,13 @@
 //! - [`tcp`], [`latency`], [`http`], [`quic`]: the engines behind the `meshbench` binary (TCP
 //!   sink/echo servers, bulk throughput, open-loop latency over TCP echo or HTTP/1.1, the HTTP
 //!   echo target, and the raw quinn throughput ceiling).
+//! - [`h2tunnel`]: an HBONE-shaped tunnel pair (TLS 1.3 + HTTP/2 CONNECT over one TCP
+//!   connection, as ztunnel between nodes), the head-of-line-blocking comparator.
 
+pub mod h2tunnel;
 pub mod http;
 pub mod latency;
 pub mod quic;
 pub mod relay;
 pub mod tcp;
+mod tls;

@@ -5,9 +5,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use meshnode_bench::latency::{self, LatencyOptions};
-use meshnode_bench::quic;
 use meshnode_bench::relay::Relay;
 use meshnode_bench::tcp::{self, BulkTarget};
+use meshnode_bench::{h2tunnel, quic};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
@@ -216,6 +216,58 @@ async fn raw_quinn_bulk_direct_and_through_the_relay() {
     conn.close(0u32.into(), b"");
     endpoint.wait_idle().await;
     relay.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hbone_shaped_pair_carries_concurrent_tunnels_on_one_connection() {
+    let (sink, echo) = (sink().await, echo().await);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(h2tunnel::run_exit(
+        "127.0.0.1:0".parse().unwrap(),
+        move |addr| {
+            let _ = tx.send(addr);
+        },
+    ));
+    let exit = rx.await.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let forwards = vec![(any, sink.to_string()), (any, echo.to_string())];
+    tokio::spawn(async move {
+        h2tunnel::run_entry(exit, &forwards, move |bound| {
+            let _ = tx.send(bound.to_vec());
+        })
+        .await
+    });
+    let bound = timeout(LIMIT, rx).await.unwrap().unwrap();
+    let (to_sink, to_echo) = (bound[0], bound[1]);
+    // Three tunnels at once, every byte checked on the way back, and a bulk beside them.
+    let echoed = bulk(to_echo, (3 << 20) + 777, 3, BulkTarget::Echo);
+    let sunk = bulk(to_sink, 16 << 20, 1, BulkTarget::Sink);
+    let (echoed, sunk) = tokio::join!(echoed, sunk);
+    assert_eq!(
+        echoed.expect("echo through the pair").bytes,
+        (3 << 20) + 777
+    );
+    assert_eq!(sunk.expect("sink through the pair").bytes, 16 << 20);
+    // Small requests on the same connection.
+    let opts = LatencyOptions {
+        addr: to_echo,
+        rate: 200.0,
+        duration: Duration::from_millis(500),
+        warmup: Duration::from_millis(100),
+        size: 512,
+        conns: 2,
+        spin: Duration::from_micros(100),
+        drain: Duration::from_secs(5),
+    };
+    let job = tokio::task::spawn_blocking(move || latency::run(&opts));
+    let report = timeout(LIMIT, job)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("latency through the pair");
+    assert_eq!(report.missing, 0);
+    assert!((99..=101).contains(&report.requests), "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,6 +9,8 @@
 //! meshbench http --connect 127.0.0.1:9080 --host web --rate 1000 --duration 10s --json
 //! meshbench quic-bulk-server --listen 127.0.0.1:9443
 //! meshbench quic-bulk --connect 127.0.0.1:9443 --bytes 2GiB --repeat 3
+//! meshbench h2-exit --listen 127.0.0.1:15008                  # HBONE-shaped pair (ztunnel's design)
+//! meshbench h2-entry --exit 127.0.0.1:15008 --forward 127.0.0.1:9100=127.0.0.1:9000
 //! ```
 //! Servers print `meshbench <what> listening on ADDR` once bound, then run until SIGINT/SIGTERM.
 //! Clients print a human summary, or one JSON object with `--json`.
@@ -20,9 +22,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meshnode_bench::http::{self, HttpGet};
 use meshnode_bench::latency::{self, LatencyOptions, LatencyReport};
-use meshnode_bench::quic;
 use meshnode_bench::relay::control::parse_duration;
 use meshnode_bench::tcp::{self, median, BulkRun, BulkTarget};
+use meshnode_bench::{h2tunnel, quic};
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -122,6 +124,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Exit of an HBONE-shaped tunnel pair (TLS 1.3 + HTTP/2 CONNECT, as ztunnel between nodes):
+    /// each CONNECT opens a TCP connection to its authority.
+    H2Exit {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Entry of the HBONE-shaped pair: one TLS + HTTP/2 connection to the exit, and a CONNECT
+    /// stream on it for each connection to a `--forward LISTEN=TARGET` listener.
+    H2Entry {
+        #[arg(long)]
+        exit: SocketAddr,
+        /// `LISTEN=TARGET`, e.g. `127.0.0.1:9000=127.0.0.1:7000`; repeatable.
+        #[arg(long = "forward", value_parser = parse_forward, required = true)]
+        forwards: Vec<(SocketAddr, String)>,
+    },
+}
+
+/// Parses `LISTEN=TARGET` (a socket address, then any `host:port`).
+fn parse_forward(text: &str) -> Result<(SocketAddr, String), String> {
+    let (listen, target) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected LISTEN=TARGET"))?;
+    let listen = listen
+        .parse()
+        .map_err(|e| format!("{listen:?}: not a socket address: {e}"))?;
+    if !target.contains(':') {
+        return Err(format!("{target:?}: expected host:port"));
+    }
+    Ok((listen, target.to_owned()))
 }
 
 /// Parses `1024`, `64K`, `2GiB`, ... (K/M/G are decimal, KiB/MiB/GiB binary).
@@ -335,6 +366,20 @@ async fn main() -> anyhow::Result<()> {
                 println!("meshbench quic-bulk-server listening on {addr}");
             });
             tokio::select! { r = server => r?, r = stop_signal() => r? }
+        }
+        Command::H2Exit { listen } => {
+            let exit = h2tunnel::run_exit(listen, |addr| {
+                println!("meshbench h2-exit listening on {addr}");
+            });
+            tokio::select! { r = exit => r?, r = stop_signal() => r? }
+        }
+        Command::H2Entry { exit, forwards } => {
+            let entry = h2tunnel::run_entry(exit, &forwards, |bound| {
+                for (listen, (_, target)) in bound.iter().zip(&forwards) {
+                    println!("meshbench h2-entry listening on {listen} for {target}");
+                }
+            });
+            tokio::select! { r = entry => r?, r = stop_signal() => r? }
         }
         Command::QuicBulk {
             connect,
