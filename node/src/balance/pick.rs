@@ -52,30 +52,35 @@ pub(super) fn choose(choices: &[Choice], rng: &mut impl Rng) -> Option<usize> {
     // A new endpoint gets one request to be measured. Its assumed latency could otherwise lose
     // every contest against measured ones (a LAN answer beats any guess) and it would never be
     // tried; one request, not a burst, because from its first pick on it competes normally.
-    let unknown: Vec<usize> = healthy
-        .iter()
-        .copied()
-        .filter(|&i| choices[i].unknown)
-        .collect();
-    if !unknown.is_empty() {
-        return Some(unknown[rng.gen_range(0..unknown.len())]);
+    if let Some(i) = random_where(choices, &healthy, |c| c.unknown, rng) {
+        return Some(i);
     }
     // One not picked for a while is measured again. Its decayed estimate would win a contest
     // only after `decay × ln(its latency / the others')`, a wait that grows with how slow it
     // was; measuring it bounds the wait for a recovered endpoint whatever the ratio.
-    let stale: Vec<usize> = healthy
-        .iter()
-        .copied()
-        .filter(|&i| choices[i].stale)
-        .collect();
-    if !stale.is_empty() {
-        return Some(stale[rng.gen_range(0..stale.len())]);
+    if let Some(i) = random_where(choices, &healthy, |c| c.stale, rng) {
+        return Some(i);
     }
     match healthy.len() {
         0 => fallback(choices),
         1 => Some(healthy[0]),
         _ => Some(two_choices(choices, &healthy, rng)),
     }
+}
+
+/// A uniformly random index of `pool` whose choice satisfies `wanted`, if any does.
+fn random_where(
+    choices: &[Choice],
+    pool: &[usize],
+    wanted: impl Fn(&Choice) -> bool,
+    rng: &mut impl Rng,
+) -> Option<usize> {
+    let matching: Vec<usize> = pool
+        .iter()
+        .copied()
+        .filter(|&i| wanted(&choices[i]))
+        .collect();
+    (!matching.is_empty()).then(|| matching[rng.gen_range(0..matching.len())])
 }
 
 /// Power of two choices: two distinct weighted draws from `pool`, the cheaper wins.
