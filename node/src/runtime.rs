@@ -2,13 +2,14 @@
 //! may use.
 //!
 //! On a host with one or two CPUs the default is a current-thread runtime. Measured on a 2-vCPU
-//! VM (bench/RESULTS.md, "Run 7"): against tokio's multi-thread scheduler it moved 24 % more
-//! single-connection bulk in 8 of 8 interleaved pairs, with about 15 % less node CPU for the same
-//! bytes and the same request latency. The multi-thread scheduler pays for its second worker in
-//! cross-thread wake-ups (about 1.5 futex calls per proxied request and per node, and one per
-//! 20 KiB of bulk), and on two CPUs there is no idle core for that worker to win back: the
-//! applications the node carries use the other one. Above two CPUs the default is the
-//! multi-thread runtime with one worker per CPU, which a current-thread node could not use.
+//! VM (bench/RESULTS.md, "Run 7"): against tokio's multi-thread scheduler it moved 24–71 % more
+//! single-connection bulk in 4 of 4 interleaved A/B runs, with CPU and latency per request within
+//! noise and 1.6 MiB less memory per node. The multi-thread scheduler pays for its second worker
+//! in cross-thread wake-ups (1.6–1.9 futex calls per proxied request and per node at 1,000
+//! requests/s, `strace -c`; none with one thread), and on two CPUs there is no idle core for
+//! that worker to win back: the applications the node carries use the other one. Above two CPUs
+//! the default is the multi-thread runtime with one worker per CPU, which a current-thread node
+//! could not use.
 
 use std::fmt;
 
