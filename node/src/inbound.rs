@@ -131,6 +131,8 @@ async fn serve_stream(
         .and_then(|t| t.split('-').nth(1))
         .unwrap_or("");
     let started = Instant::now();
+    // Before the draining check inside, so that a drain beginning now waits for this tunnel.
+    let _hold = shared.hold();
     let result = authorise_and_connect(&shared, &peer, service, *port, *deadline_ms).await;
     let tcp = match result {
         Ok(tcp) => tcp,

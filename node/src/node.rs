@@ -133,13 +133,25 @@ impl Shared {
         *self.advertise.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Tracks one active tunnel or request for draining; the guard releases it.
+    /// Tracks one active tunnel or request, for draining and the active-tunnels gauge.
     pub fn track(self: &Arc<Self>, service: &str) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::SeqCst);
         self.metrics.add("meshnode_tunnels_active", &[service], 1.0);
         ActiveGuard {
+            _hold: self.hold(),
             shared: self.clone(),
             service: service.to_string(),
+        }
+    }
+
+    /// Makes a drain wait until the hold is dropped. An inbound stream or request takes one
+    /// *before* it checks `draining`: a drain that begins after the check then waits for it.
+    /// Taken only once the tunnel was open, as before, it left a window (the connect to the
+    /// target) in which a drain could find nothing active and close the connection under a
+    /// tunnel it had just accepted.
+    pub fn hold(self: &Arc<Self>) -> DrainHold {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        DrainHold {
+            shared: self.clone(),
         }
     }
 
@@ -187,6 +199,7 @@ impl Shared {
 
 /// Releases an active-tunnel slot on drop.
 pub(crate) struct ActiveGuard {
+    _hold: DrainHold,
     shared: Arc<Shared>,
     service: String,
 }
@@ -196,6 +209,16 @@ impl Drop for ActiveGuard {
         self.shared
             .metrics
             .add("meshnode_tunnels_active", &[&self.service], -1.0);
+    }
+}
+
+/// Work a drain waits for, until dropped ([`Shared::hold`]).
+pub(crate) struct DrainHold {
+    shared: Arc<Shared>,
+}
+
+impl Drop for DrainHold {
+    fn drop(&mut self) {
         if self.shared.active.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.shared.idle.notify_waiters();
         }

@@ -237,8 +237,10 @@ async fn rolling_restart_fails_no_connection() -> Result<()> {
         assert_eq!(
             failed,
             0,
-            "failed connections during the rolling restart\n{}",
-            m.a.log_text()
+            "failed connections during the rolling restart\nnode-a:\n{}\nnode-b:\n{}\nnode-c:\n{}",
+            m.a.log_text(),
+            procs[0].log_text(),
+            procs[1].log_text()
         );
         let _ = &m.cluster;
         Ok(())

@@ -117,6 +117,8 @@ async fn handle(
         respond_error(&mut send, StatusCode::BAD_REQUEST, "no authority").await;
         return;
     };
+    // Before the draining check inside, so that a drain beginning now waits for this request.
+    let _hold = shared.hold();
     let svc = match authorise(&shared, &peer, &service) {
         Ok(s) => s,
         Err((code, reason)) => {
@@ -222,6 +224,8 @@ async fn serve_connect(
         .await;
         return;
     };
+    // Before the draining check inside, so that a drain beginning now waits for this tunnel.
+    let _hold = shared.hold();
     let tcp = match crate::inbound::authorise_and_connect(&shared, &peer, &service, port, None)
         .await
     {
