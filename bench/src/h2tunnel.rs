@@ -150,8 +150,14 @@ pub async fn run_entry(
         let sender = sender.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
+                let tcp = match listener.accept().await {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        // EMFILE and the like: back off rather than spin.
+                        eprintln!("meshbench h2-entry: accept: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
                 };
                 let (sender, target) = (sender.clone(), target.clone());
                 tokio::spawn(async move {
