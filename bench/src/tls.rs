@@ -13,7 +13,7 @@ use quinn::rustls::pki_types::{
 };
 use quinn::rustls::{self, DigitallySignedStruct, SignatureScheme};
 
-/// ring, always explicitly (STACK.md: a second provider in the build makes the default panic).
+/// ring, always explicitly: with a second provider in the build, rustls' process default panics.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }

@@ -2,7 +2,8 @@
 //!
 //! Node and service names are DNS-label-like so they fit in a SPIFFE path segment, an HTTP
 //! `:authority`, a registry key and a metrics label without escaping. A node's identity is
-//! the URI SAN `spiffe://{trust_domain}/node/{name}` of its certificate (SPEC §5).
+//! the URI SAN `spiffe://{trust_domain}/node/{name}` of its certificate (docs/protocol.md,
+//! "Certificates and identities").
 
 /// Longest node or service name, in bytes (the DNS label limit).
 pub const MAX_NAME_LEN: usize = 63;

@@ -1,8 +1,9 @@
 //! Wire formats and shared types of meshnode, sans-IO.
 //!
 //! This crate owns the bytes that cross the wire between two meshnode nodes on the
-//! `meshnode/1` ALPN (SPEC §5): the [`StreamHeader`] a caller writes first on a new
-//! bidirectional QUIC stream, and the [`Status`] the callee writes back before any payload.
+//! `meshnode/1` ALPN (docs/protocol.md, "`meshnode/1`: TCP tunnels"): the [`StreamHeader`] a
+//! caller writes first on a new bidirectional QUIC stream, and the [`Status`] the callee writes
+//! back before any payload.
 //! It also holds the naming rules ([`identity`]) shared by configuration, certificates and
 //! discovery.
 //!

@@ -15,7 +15,7 @@ use crate::{DecodeError, EncodeError, MAX_REASON_LEN, VERSION};
 const MAGIC: [u8; 2] = *b"MS";
 
 /// Outcome of a tunnel open, or a mesh error. The numbers are HTTP status codes, so the same
-/// outcome reads the same on `meshnode/1` and on `h3` (SPEC §5).
+/// outcome reads the same on `meshnode/1` and on `h3` (docs/protocol.md, "Status codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StatusCode {
     /// 200: the tunnel is open; payload follows.

@@ -13,7 +13,8 @@ use std::time::Duration;
 /// Keep-alive cadence. Four keep-alives fit in one idle timeout, so a single lost one does not
 /// trip the idle timer, and a silent peer is found within [`DEFAULT_IDLE_TIMEOUT`].
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_millis(250);
-/// Idle timeout: the longest a silent peer can go unnoticed (SPEC §8: "about one second").
+/// Idle timeout: the longest a silent peer can go unnoticed, about one second (docs/behaviour.md,
+/// "Dead, restarted and recovered peers").
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// Initial RTT estimate before the first sample. 333 ms (RFC 9002) would make the first
 /// loss-recovery timers absurdly slow on a LAN; 10 ms still covers cross-zone links.

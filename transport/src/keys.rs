@@ -1,9 +1,10 @@
 //! Endpoint keys persisted in `state_dir`, so a restarted node answers its old peers' packets
 //! with a stateless reset instead of silence.
 //!
-//! Both keys are needed (STACK.md): the reset key signs the reset token, and the connection-id
-//! generator key makes the restarted node recognise the connection ids it issued before the
-//! restart as its own. With only the reset key, peers still waited for the full idle timeout.
+//! Both keys are needed (docs/protocol.md, "Stateless reset"): the reset key signs the reset
+//! token, and the connection-id generator key makes the restarted node recognise the connection
+//! ids it issued before the restart as its own. With only the reset key, peers still waited for
+//! the full idle timeout.
 
 use std::fs;
 use std::io::Write;

@@ -1,5 +1,6 @@
 //! The mesh CA: creating it (`meshnode ca init`), loading it, and issuing node certificates
-//! (`meshnode cert issue`), SPEC §2 and §5. Also used in memory by the demo and the tests.
+//! (`meshnode cert issue`): docs/cli.md, "`meshnode ca init`" and "`meshnode cert issue`", and
+//! docs/protocol.md, "Certificates and identities". Also used in memory by the demo and the tests.
 //!
 //! A CA certificate carries the URI SAN `spiffe://{trust_domain}` so that the trust domain can
 //! be read back from `ca.pem`. A node certificate carries exactly one SPIFFE ID,

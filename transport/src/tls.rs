@@ -1,4 +1,5 @@
-//! A node's TLS identity and the rustls configurations quinn runs on (SPEC §5).
+//! A node's TLS identity and the rustls configurations quinn runs on (docs/protocol.md,
+//! "Certificates and identities").
 //!
 //! Every node holds a certificate from the mesh CA whose only SPIFFE ID (URI SAN) is
 //! `spiffe://{trust_domain}/node/{name}`, with both the serverAuth and clientAuth usages.
@@ -20,7 +21,8 @@
 //! so the cost of full handshakes is negligible.
 //!
 //! The crypto provider is always `ring`, passed explicitly (`builder_with_provider`), never the
-//! process default: with another provider linked in, the default builder panics (STACK.md).
+//! process default: with another provider linked in, rustls cannot tell which one to use and
+//! the default builder panics.
 
 mod error;
 mod load;

@@ -1,7 +1,8 @@
 //! SPIFFE node identities in certificates: `spiffe://{trust_domain}/node/{name}`.
 //!
-//! The naming rules themselves are `meshnode_proto::identity`'s (SPEC §3 and §5); this module
-//! adapts them to the messages of this crate and reads SPIFFE IDs out of X.509 certificates.
+//! The naming rules themselves are `meshnode_proto::identity`'s (docs/protocol.md,
+//! "Certificates and identities"); this module adapts them to the messages of this crate and
+//! reads SPIFFE IDs out of X.509 certificates.
 
 use meshnode_proto::identity;
 use x509_parser::extensions::GeneralName;
