@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: installs what the tests need, then formatting, lints,
-# and every test (unit, in-process multi-node, real processes, real etcd).
+# The whole test suite, as CI runs it: installs what the tests need (system packages, and the
+# Python test clients into target/test-venv), then formatting, lints, every test (unit,
+# in-process multi-node, real processes, real etcd), the fresh-machine check of that install
+# step and the docker compose cluster test (both skipped where docker is absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh --test
+# The interpreter of the Python test clients (node/tests/h3_interop.rs and others).
+export MESHNODE_TEST_PYTHON="${MESHNODE_TEST_VENV:-$PWD/target/test-venv}/bin/python"
 export CARGO_TERM_COLOR=never
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --no-fail-fast
-# The docker compose cluster (deploy/docker): etcd, three nodes, a kill and a partition. It
-# reuses the binary the tests just built (release builds are for users, not for this check).
+
+have_docker() { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; }
 if [ "${MESHNODE_SKIP_DOCKER:-}" = 1 ]; then
-  echo "docker compose test skipped (MESHNODE_SKIP_DOCKER=1)"
+  echo "fresh-machine check and docker compose test skipped (MESHNODE_SKIP_DOCKER=1)"
+elif ! have_docker; then
+  echo "fresh-machine check and docker compose test SKIPPED: docker is not available here"
 else
+  # deps.sh in a bare Debian 12 container: every tool and Python module the suite needs.
+  scripts/fresh-machine-check.sh
+  # The docker compose cluster (deploy/docker): etcd, three nodes, a kill and a partition. It
+  # reuses the binary the tests just built (release builds are for users, not for this check).
   MESHNODE_BIN="$PWD/target/debug/meshnode" deploy/docker/test.sh
 fi

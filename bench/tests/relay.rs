@@ -336,12 +336,17 @@ async fn meshrelay_control_port() {
     let (_, first) = recv_from(&upstream).await;
     assert_eq!(command(&mut lines, &mut write, "blackhole on").await, "ok");
     client.send_to(b"x", listen).await.unwrap();
+    let deadline = Instant::now() + PROMPT;
     let stats = loop {
         let s: serde_json::Value =
             serde_json::from_str(&command(&mut lines, &mut write, "stats").await).unwrap();
         if s["dropped"] == 1 {
             break s;
         }
+        assert!(
+            Instant::now() < deadline,
+            "the blackholed datagram was never counted: {s}"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     assert_eq!(stats["forwarded_up"], 1);

@@ -17,25 +17,32 @@ async fn nodes_find_each_other_and_vanish_by_lease_or_at_once() -> Result<()> {
     tokio::time::timeout(Duration::from_secs(120), async {
         let cluster = Cluster::new(&["node-a", "node-b", "node-c"]).await?;
         let echo = tagged_server("B").await?;
-        let a = cluster.node("node-a", &outbound(free_tcp()?))?;
-        let b = cluster.node("node-b", &echo_service(echo))?;
-        until("node-a to see node-b", Duration::from_secs(10), || {
-            Ok(endpoints(&a)? == ["node-b"])
-        })?;
+        let a = cluster.node("node-a", &outbound(free_tcp()?)).await?;
+        let b = cluster.node("node-b", &echo_service(echo)).await?;
+        until(
+            "node-a to see node-b",
+            Duration::from_secs(10),
+            async || Ok(endpoints(&a).await? == ["node-b"]),
+        )
+        .await?;
         // A node started later is discovered.
-        let mut c = cluster.node("node-c", &echo_service(echo))?;
-        until("node-a to see node-c", Duration::from_secs(10), || {
-            Ok(endpoints(&a)? == ["node-b", "node-c"])
-        })?;
+        let mut c = cluster.node("node-c", &echo_service(echo)).await?;
+        until(
+            "node-a to see node-c",
+            Duration::from_secs(10),
+            async || Ok(endpoints(&a).await? == ["node-b", "node-c"]),
+        )
+        .await?;
 
         // SIGKILL: nothing is deregistered; the lease expires.
         c.signal(libc::SIGKILL)?;
-        c.wait_exit(Duration::from_secs(5))?;
+        c.wait_exit(Duration::from_secs(5)).await?;
         let gone = until(
             "node-c's lease to expire",
             Duration::from_secs(TTL_S + 5),
-            || Ok(endpoints(&a)? == ["node-b"]),
-        )?;
+            async || Ok(endpoints(&a).await? == ["node-b"]),
+        )
+        .await?;
         eprintln!("SIGKILL: node-c left node-a's view after {gone:?} (lease_ttl {TTL_S}s)");
         assert!(
             gone <= Duration::from_millis(TTL_S * 1000 + 1500),
@@ -45,12 +52,13 @@ async fn nodes_find_each_other_and_vanish_by_lease_or_at_once() -> Result<()> {
         // SIGTERM: the lease is revoked first, so the node vanishes at once.
         let mut b = b;
         b.signal(libc::SIGTERM)?;
-        let gone = until("node-b to deregister", Duration::from_secs(5), || {
-            Ok(endpoints(&a)?.is_empty())
-        })?;
+        let gone = until("node-b to deregister", Duration::from_secs(5), async || {
+            Ok(endpoints(&a).await?.is_empty())
+        })
+        .await?;
         eprintln!("SIGTERM: node-b left node-a's view after {gone:?}");
         assert!(gone < Duration::from_secs(1), "took {gone:?}");
-        assert_eq!(b.wait_exit(Duration::from_secs(10))?, Some(0));
+        assert_eq!(b.wait_exit(Duration::from_secs(10)).await?, Some(0));
         Ok(())
     })
     .await?
@@ -67,11 +75,14 @@ async fn traffic_never_stops_while_etcd_restarts_or_freezes() -> Result<()> {
         let mut cluster = Cluster::new(&["node-a", "node-b"]).await?;
         let echo = tagged_server("B").await?;
         let out = free_tcp()?;
-        let a = cluster.node("node-a", &outbound(out))?;
-        let b = cluster.node("node-b", &echo_service(echo))?;
-        until("node-a to see node-b", Duration::from_secs(10), || {
-            Ok(endpoints(&a)? == ["node-b"])
-        })?;
+        let a = cluster.node("node-a", &outbound(out)).await?;
+        let b = cluster.node("node-b", &echo_service(echo)).await?;
+        until(
+            "node-a to see node-b",
+            Duration::from_secs(10),
+            async || Ok(endpoints(&a).await? == ["node-b"]),
+        )
+        .await?;
         let traffic = Traffic::start(out, Duration::from_millis(20));
 
         // etcd killed, down for a second, restarted.
@@ -79,8 +90,9 @@ async fn traffic_never_stops_while_etcd_restarts_or_freezes() -> Result<()> {
         until(
             "node-a to report the registry disconnected",
             Duration::from_secs(10),
-            || Ok(registry_state(&a)? == "disconnected"),
-        )?;
+            async || Ok(registry_state(&a).await? == "disconnected"),
+        )
+        .await?;
         tokio::time::sleep(Duration::from_secs(1)).await; // etcd stays down for a while
         cluster.etcd.restart().await?;
         let back = Instant::now();
@@ -91,7 +103,10 @@ async fn traffic_never_stops_while_etcd_restarts_or_freezes() -> Result<()> {
                 && etcd_has(&cluster.etcd, "/test/services/echo/node-b")
                     .await
                     .unwrap_or(false);
-            if both && registry_state(&a)? == "connected" && registry_state(&b)? == "connected" {
+            if both
+                && registry_state(&a).await? == "connected"
+                && registry_state(&b).await? == "connected"
+            {
                 break;
             }
             if back.elapsed() > Duration::from_secs(5) {
@@ -109,11 +124,12 @@ async fn traffic_never_stops_while_etcd_restarts_or_freezes() -> Result<()> {
         until(
             "node-a to report the registry disconnected",
             Duration::from_secs(10),
-            || Ok(registry_state(&a)? == "disconnected"),
-        )?;
+            async || Ok(registry_state(&a).await? == "disconnected"),
+        )
+        .await?;
         tokio::time::sleep(Duration::from_secs(TTL_S + 1)).await; // frozen past the TTL
         assert_eq!(
-            endpoints(&a)?,
+            endpoints(&a).await?,
             ["node-b"],
             "routes kept while etcd is frozen"
         );
@@ -121,12 +137,13 @@ async fn traffic_never_stops_while_etcd_restarts_or_freezes() -> Result<()> {
         let took = until(
             "the registry to be consistent again",
             Duration::from_secs(10),
-            || {
-                Ok(registry_state(&a)? == "connected"
-                    && registry_state(&b)? == "connected"
-                    && endpoints(&a)? == ["node-b"])
+            async || {
+                Ok(registry_state(&a).await? == "connected"
+                    && registry_state(&b).await? == "connected"
+                    && endpoints(&a).await? == ["node-b"])
             },
-        )?;
+        )
+        .await?;
         eprintln!("etcd freeze: consistent {took:?} after SIGCONT");
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (ok, failed) = traffic.stop().await;

@@ -21,6 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
+/// Requests that reached a test application's `/sink` (its head arrived, the body may not have).
+static SINK_STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// Request bodies the test applications saw cut short (`/sink`).
 static SINK_CUT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -42,6 +44,7 @@ async fn app(tag: &'static str, fail503: bool) -> Result<SocketAddr> {
                     let resp: Response<TestBody> = match req.uri().path() {
                         "/echo" => Response::new(req.into_body().boxed()),
                         "/sink" => {
+                            SINK_STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             if req.into_body().collect().await.is_err() {
                                 SINK_CUT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             }
@@ -347,12 +350,19 @@ async fn bad_input_and_mesh_errors_get_clear_statuses() -> Result<()> {
 async fn client_gone_mid_body_cancels_the_far_side_without_harm() -> Result<()> {
     tokio::time::timeout(LIMIT, async {
         let m = mesh("").await?;
-        for _ in 0..5 {
+        let started = SINK_STARTED.load(std::sync::atomic::Ordering::SeqCst);
+        for i in 1..=5 {
             let mut s = TcpStream::connect(m.proxy).await?;
             s.write_all(b"POST /sink HTTP/1.1\r\nHost: web\r\nContent-Length: 10000000\r\n\r\n")
                 .await?;
             s.write_all(&vec![b'x'; 1 << 20]).await?;
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The client goes away only once the far side's application has the request.
+            eventually(
+                "the request to reach the target",
+                Duration::from_secs(5),
+                || SINK_STARTED.load(std::sync::atomic::Ordering::SeqCst) >= started + i,
+            )
+            .await?;
             drop(s);
         }
         // The far side's target sees its request body cut short, not completed.

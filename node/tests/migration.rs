@@ -185,7 +185,8 @@ async fn renumbered_host_keeps_its_tunnels_and_re_registers() -> Result<()> {
             &echo_service(echo),
             quic_b,
             &format!("advertise = \"{root_mesh_ip}:{}\"", quic_b.port()),
-        )?;
+        )
+        .await?;
 
         // node-a inside the namespace: listens everywhere, advertises "auto".
         let dir = cluster.dir.path();
@@ -215,11 +216,13 @@ async fn renumbered_host_keeps_its_tunnels_and_re_registers() -> Result<()> {
             .spawn()?;
         let a_log = || std::fs::read_to_string(dir.join("a.log")).unwrap_or_default();
         let result = async {
-            until("node-a ready", Duration::from_secs(20), || Ok(http_get(a_admin, "/readyz")?.0 == 200))
+            until("node-a ready", Duration::from_secs(20), async || Ok(http_get(a_admin, "/readyz").await?.0 == 200))
+                .await
                 .with_context(a_log)?;
-            until("node-a to see node-b", Duration::from_secs(10), || {
-                Ok(http_get(a_admin, "/status")?.1.contains("\"node-b\""))
-            })?;
+            until("node-a to see node-b", Duration::from_secs(10), async || {
+                Ok(http_get(a_admin, "/status").await?.1.contains("\"node-b\""))
+            })
+            .await?;
             let etcd = &cluster.etcd;
             let mut client = etcd.client().await?;
             let rec = |kvs: &[etcd_client::KeyValue]| kvs.first().and_then(|k| k.value_str().ok().map(String::from)).unwrap_or_default();
@@ -242,9 +245,10 @@ async fn renumbered_host_keeps_its_tunnels_and_re_registers() -> Result<()> {
             assert!(intact, "transfer not intact");
             eprintln!("renumbering during 32 MiB: intact, longest stall {stall:?}");
             assert!(stall < Duration::from_secs(1), "stall {stall:?}");
-            until("node-b to show node-a's new address", Duration::from_secs(10), || {
-                Ok(b.get("/status")?.1.contains(&format!("{a_ip2}:4433")))
-            })?;
+            until("node-b to show node-a's new address", Duration::from_secs(10), async || {
+                Ok(b.get("/status").await?.1.contains(&format!("{a_ip2}:4433")))
+            })
+            .await?;
             let t0 = Instant::now();
             loop {
                 let now = rec(client.get("/test/nodes/node-a", None).await?.kvs());
@@ -271,9 +275,10 @@ async fn renumbered_host_keeps_its_tunnels_and_re_registers() -> Result<()> {
                 .env("MESHNODE_LOG", "info")
                 .stderr(log)
                 .spawn()?;
-            until("the restarted node-a ready", Duration::from_secs(20), || {
-                Ok(http_get(a_admin, "/readyz")?.0 == 200)
+            until("the restarted node-a ready", Duration::from_secs(20), async || {
+                Ok(http_get(a_admin, "/readyz").await?.0 == 200)
             })
+            .await
             .with_context(a_log)?;
             let now = rec(client.get("/test/nodes/node-a", None).await?.kvs());
             assert!(now.contains(&a_ip2), "after the restart the registry holds {now}");

@@ -90,8 +90,7 @@ async fn metrics_and_status_show_real_values() -> Result<()> {
         .await?;
 
         let admin = a.admin_addr();
-        let (code, text) =
-            tokio::task::spawn_blocking(move || http_get(admin, "/metrics")).await??;
+        let (code, text) = http_get(admin, "/metrics").await?;
         assert_eq!(code, 200);
         let samples = parse_prometheus(&text)?;
         for name in SPEC_METRICS {
@@ -126,8 +125,7 @@ async fn metrics_and_status_show_real_values() -> Result<()> {
         .await?;
 
         // /status has every field of SPEC §6 with plausible values.
-        let (code, body) =
-            tokio::task::spawn_blocking(move || http_get(admin, "/status")).await??;
+        let (code, body) = http_get(admin, "/status").await?;
         assert_eq!(code, 200);
         let doc: serde_json::Value = serde_json::from_str(&body)?;
         for k in ["name", "addr", "zone", "version", "uptime_s"] {
@@ -166,12 +164,13 @@ async fn metrics_and_status_show_real_values() -> Result<()> {
         assert!(ep["ewma_ms"].as_f64().unwrap_or(0.0) > 0.0, "{ep}");
 
         // `meshnode status` against this running node.
-        let (code, out, err) = meshnode(&["status", "--admin", &admin.to_string()])?;
+        let (code, out, err) = meshnode_async(&["status", "--admin", &admin.to_string()]).await?;
         assert_eq!(code, 0, "{err}");
         for needle in ["node-a", "PEERS", "node-b", "SERVICES", "echo", "healthy"] {
             assert!(out.contains(needle), "{needle} missing from:\n{out}");
         }
-        let (code, json, _) = meshnode(&["status", "--admin", &admin.to_string(), "--json"])?;
+        let (code, json, _) =
+            meshnode_async(&["status", "--admin", &admin.to_string(), "--json"]).await?;
         assert_eq!(code, 0);
         let parsed: serde_json::Value = serde_json::from_str(&json)?;
         assert_eq!(parsed["node"]["name"], "node-a");
@@ -196,16 +195,15 @@ async fn readyz_is_503_until_registered_then_200() -> Result<()> {
         let registry = meshnode_registry::etcd::start(cfg);
         let a = start_node(&pki, "node-a", "", registry).await?;
         let admin = a.admin_addr();
-        let (code, body) =
-            tokio::task::spawn_blocking(move || http_get(admin, "/readyz")).await??;
+        let (code, body) = http_get(admin, "/readyz").await?;
         assert_eq!(code, 503, "{body}");
         assert!(body.contains("registry"), "{body}");
-        let (code, _) = tokio::task::spawn_blocking(move || http_get(admin, "/healthz")).await??;
+        let (code, _) = http_get(admin, "/healthz").await?;
         assert_eq!(code, 200);
         assert_eq!(a.metrics().get("meshnode_registry_connected", &[]), 0.0);
         proxy.restore();
         eventually("readyz 200", Duration::from_secs(15), || a.is_ready()).await?;
-        let (code, _) = tokio::task::spawn_blocking(move || http_get(admin, "/readyz")).await??;
+        let (code, _) = http_get(admin, "/readyz").await?;
         assert_eq!(code, 200);
         Ok(())
     })

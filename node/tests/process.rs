@@ -20,7 +20,8 @@ struct Mesh {
 
 async fn start_mesh(echo: std::net::SocketAddr) -> Result<Mesh> {
     let dir = tempfile::tempdir()?;
-    pki(dir.path(), &["node-a", "node-b"])?;
+    let path = dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || pki(&path, &["node-a", "node-b"])).await??;
     let (qa, qb) = (free_udp()?, free_udp()?);
     let (aa, ab, out) = (free_tcp()?, free_tcp()?, free_tcp()?);
     let b_cfg = node_config(
@@ -48,17 +49,18 @@ async fn start_mesh(echo: std::net::SocketAddr) -> Result<Mesh> {
     std::fs::write(dir.path().join("a.toml"), a_cfg)?;
     std::fs::write(dir.path().join("b.toml"), b_cfg)?;
     for f in ["a.toml", "b.toml"] {
-        let (code, outp, err) = meshnode(&[
+        let (code, outp, err) = meshnode_async(&[
             "validate",
             "-c",
             dir.path().join(f).to_str().context("utf8")?,
-        ])?;
+        ])
+        .await?;
         assert_eq!(code, 0, "validate {f}: {outp}{err}");
     }
     let mut b = NodeProcess::start(&dir.path().join("b.toml"), ab, &dir.path().join("b.log"))?;
     let mut a = NodeProcess::start(&dir.path().join("a.toml"), aa, &dir.path().join("a.log"))?;
-    b.wait_ready(Duration::from_secs(20))?;
-    a.wait_ready(Duration::from_secs(20))?;
+    b.wait_ready(Duration::from_secs(20)).await?;
+    a.wait_ready(Duration::from_secs(20)).await?;
     Ok(Mesh {
         _dir: dir,
         a,
@@ -122,7 +124,7 @@ async fn transfers(mesh: &mut Mesh) -> Result<()> {
             t.await??;
         }
 
-        let (code, metrics) = mesh.a.get("/metrics")?;
+        let (code, metrics) = mesh.a.get("/metrics").await?;
         assert_eq!(code, 200);
         let line = metrics
             .lines()
@@ -137,8 +139,8 @@ async fn transfers(mesh: &mut Mesh) -> Result<()> {
         // SIGTERM drains and exits 0.
         mesh.a.signal(libc::SIGTERM)?;
         mesh.b.signal(libc::SIGTERM)?;
-        assert_eq!(mesh.a.wait_exit(Duration::from_secs(15))?, Some(0));
-        assert_eq!(mesh.b.wait_exit(Duration::from_secs(15))?, Some(0));
+        assert_eq!(mesh.a.wait_exit(Duration::from_secs(15)).await?, Some(0));
+        assert_eq!(mesh.b.wait_exit(Duration::from_secs(15)).await?, Some(0));
         Ok(())
     }
 }

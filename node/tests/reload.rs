@@ -18,14 +18,17 @@ async fn sighup_changes_services_and_keeps_tunnels() -> Result<()> {
         let cluster = Cluster::new(&["node-a", "node-b"]).await?;
         let echo = echo_server().await?;
         let out = free_tcp()?;
-        let a = cluster.node("node-a", &outbound(out))?;
-        let b = cluster.node(
-            "node-b",
-            &format!("{}allow = [\"node-a\"]\n", echo_service(echo)),
-        )?;
-        until("node-a to see echo", Duration::from_secs(10), || {
-            Ok(endpoints(&a)? == ["node-b"])
-        })?;
+        let a = cluster.node("node-a", &outbound(out)).await?;
+        let b = cluster
+            .node(
+                "node-b",
+                &format!("{}allow = [\"node-a\"]\n", echo_service(echo)),
+            )
+            .await?;
+        until("node-a to see echo", Duration::from_secs(10), async || {
+            Ok(endpoints(&a).await? == ["node-b"])
+        })
+        .await?;
 
         // A tunnel established before the reload.
         let mut live = TcpStream::connect(out).await?;
@@ -40,26 +43,31 @@ async fn sighup_changes_services_and_keeps_tunnels() -> Result<()> {
         until(
             "the rejection to be logged",
             Duration::from_secs(10),
-            || Ok(b.log_text().contains("reload rejected")),
-        )?;
-        assert!(b.child.id() > 0 && b.get("/healthz")?.0 == 200);
+            async || Ok(b.log_text().contains("reload rejected")),
+        )
+        .await?;
+        assert!(b.child.id() > 0 && b.get("/healthz").await?.0 == 200);
 
         // A valid change: echo now allows only node-x, and a second service appears.
         let changed = good.replace("allow = [\"node-a\"]", "allow = [\"node-x\"]")
             + &format!("[[service]]\nname = \"extra\"\nprotocol = \"tcp\"\ntarget = \"{echo}\"\n");
         std::fs::write(&b.config, changed)?;
         b.signal(libc::SIGHUP)?;
-        until("the reload to be logged", Duration::from_secs(10), || {
-            Ok(b.log_text().contains("reloaded:"))
-        })?;
+        until(
+            "the reload to be logged",
+            Duration::from_secs(10),
+            async || Ok(b.log_text().contains("reloaded:")),
+        )
+        .await?;
         until(
             "node-a to see the new service",
             Duration::from_secs(10),
-            || {
-                let (_, body) = a.get("/status")?;
+            async || {
+                let (_, body) = a.get("/status").await?;
                 Ok(body.contains("\"extra\""))
             },
-        )?;
+        )
+        .await?;
 
         // The old tunnel still works.
         live.write_all(b"two").await?;
@@ -82,7 +90,7 @@ async fn sighup_changes_services_and_keeps_tunnels() -> Result<()> {
             matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
             "expected a reset after the allow list changed, got {r:?}"
         );
-        let (_, metrics) = b.get("/metrics")?;
+        let (_, metrics) = b.get("/metrics").await?;
         assert!(
             metrics.contains("meshnode_inbound_rejected_total{reason=\"forbidden\"}"),
             "{metrics}"

@@ -170,13 +170,16 @@ impl Node {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn signal(&self, sig: &str) -> Result<()> {
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .context("running kill")?;
-        ensure!(status.success(), "kill -{sig} {} failed", self.child.id());
+    /// Sends `sig` (e.g. libc::SIGTERM) with kill(2), as systemd would: no `kill` program
+    /// needed.
+    #[allow(unsafe_code)]
+    fn signal(&self, sig: i32) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id())?;
+        // SAFETY: kill(2) takes two integers and touches no memory of ours.
+        if unsafe { libc::kill(pid, sig) } != 0 {
+            let e = std::io::Error::last_os_error();
+            bail!("kill({pid}, {sig}): {e}");
+        }
         Ok(())
     }
 
@@ -324,7 +327,7 @@ fn notifies_ready_then_stopping_and_exits_0_on_sigterm() -> Result<()> {
         systemd.seen
     );
 
-    node.signal("TERM")?;
+    node.signal(libc::SIGTERM)?;
     systemd.expect(&mut node, "STOPPING=1", Duration::from_secs(10))?;
     let code = node.wait_exit(Duration::from_secs(15))?;
     assert_eq!(
@@ -345,11 +348,11 @@ fn notifies_reloading_then_ready_around_sighup() -> Result<()> {
     let mut node = start_node(dir.path(), &config, &socket)?;
 
     systemd.expect(&mut node, "READY=1", Duration::from_secs(10))?;
-    node.signal("HUP")?;
+    node.signal(libc::SIGHUP)?;
     systemd.expect(&mut node, "RELOADING=1", Duration::from_secs(10))?;
     systemd.expect(&mut node, "READY=1", Duration::from_secs(10))?;
 
-    node.signal("TERM")?;
+    node.signal(libc::SIGTERM)?;
     systemd.expect(&mut node, "STOPPING=1", Duration::from_secs(10))?;
     assert_eq!(node.wait_exit(Duration::from_secs(15))?, Some(0));
     Ok(())

@@ -204,6 +204,21 @@ pub fn memory_mesh() -> MemoryMesh {
     MemoryMesh::new()
 }
 
+/// The Python interpreter of the test clients (aioquic, …): `$MESHNODE_TEST_PYTHON`, which
+/// scripts/test.sh sets, else the project-local venv that `scripts/deps.sh --test` makes.
+pub fn test_python() -> PathBuf {
+    match std::env::var_os("MESHNODE_TEST_PYTHON") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv/bin/python"),
+    }
+}
+
+/// Whether a missing test tool must fail the test instead of skipping it: in CI (`CI=true`),
+/// where scripts/test.sh has installed everything.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
 /// Path of the real `meshnode` binary built for these tests.
 pub fn meshnode_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshnode"))

@@ -31,6 +31,17 @@ pub fn meshnode(args: &[&str]) -> Result<(i32, String, String)> {
     ))
 }
 
+/// `meshnode(args)` for async tests: the wait for the command runs off the runtime's workers
+/// (the command may be talking to a node served by this very runtime).
+pub async fn meshnode_async(args: &[&str]) -> Result<(i32, String, String)> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        meshnode(&args)
+    })
+    .await?
+}
+
 /// A running `meshnode run` process.
 pub struct NodeProcess {
     pub child: Child,
@@ -68,12 +79,12 @@ impl NodeProcess {
     }
 
     /// GET `path` on the admin API: (status code, body).
-    pub fn get(&self, path: &str) -> Result<(u16, String)> {
-        http_get(self.admin, path)
+    pub async fn get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(self.admin, path).await
     }
 
     /// Waits for `/readyz` to answer 200.
-    pub fn wait_ready(&mut self, deadline: Duration) -> Result<()> {
+    pub async fn wait_ready(&mut self, deadline: Duration) -> Result<()> {
         let end = Instant::now() + deadline;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -82,7 +93,7 @@ impl NodeProcess {
                     self.log_text()
                 );
             }
-            if let Ok((200, _)) = self.get("/readyz") {
+            if let Ok((200, _)) = self.get("/readyz").await {
                 return Ok(());
             }
             if Instant::now() > end {
@@ -91,25 +102,17 @@ impl NodeProcess {
                     self.log_text()
                 );
             }
-            std::thread::sleep(Duration::from_millis(25));
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 
-    /// Sends `signal` (e.g. libc::SIGTERM).
+    /// Sends `signal` (e.g. libc::SIGTERM) to this process, by its PID.
     pub fn signal(&self, signal: i32) -> Result<()> {
-        let pid = i32::try_from(self.child.id())?;
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()?;
-        if !status.success() {
-            bail!("kill -{signal} {pid} failed");
-        }
-        Ok(())
+        send_signal(self.child.id(), signal)
     }
 
     /// Waits for the process to exit; returns its code.
-    pub fn wait_exit(&mut self, deadline: Duration) -> Result<Option<i32>> {
+    pub async fn wait_exit(&mut self, deadline: Duration) -> Result<Option<i32>> {
         let end = Instant::now() + deadline;
         loop {
             if let Some(s) = self.child.try_wait()? {
@@ -121,7 +124,7 @@ impl NodeProcess {
                     self.log_text()
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -137,17 +140,34 @@ impl Drop for NodeProcess {
     }
 }
 
-/// A minimal blocking HTTP/1.1 GET.
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
+/// Sends `signal` to the process `pid` with kill(2): no `kill` program needed (a minimal
+/// machine has none without procps). The one unsafe call of the test harness.
+#[allow(unsafe_code)]
+pub fn send_signal(pid: u32, signal: i32) -> Result<()> {
+    let pid = libc::pid_t::try_from(pid)?;
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    if unsafe { libc::kill(pid, signal) } != 0 {
+        let e = std::io::Error::last_os_error();
+        bail!("kill({pid}, {signal}): {e}");
+    }
+    Ok(())
+}
+
+/// A minimal HTTP/1.1 GET, bounded in time (connect 2 s, the whole answer 5 s).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .with_context(|| format!("connecting to {addr}: timed out"))??;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        s.write_all(request.as_bytes()).await?;
+        s.read_to_end(&mut raw).await
+    })
+    .await
+    .with_context(|| format!("GET {path} from {addr}: timed out"))??;
+    let buf = String::from_utf8(raw).context("answer is not UTF-8")?;
     let (head, body) = buf.split_once("\r\n\r\n").context("no HTTP head")?;
     let code = head
         .split_whitespace()
