@@ -6,6 +6,7 @@
 #
 #   deploy/debian/build-deb.sh [PATH-TO-meshnode]     default: target/release/meshnode (built if missing)
 #   MESHNODE_DEB_VERSION=0.1.0-2 deploy/debian/build-deb.sh ...   package version (default: the crate's, -1)
+#   MESHNODE_DEB_COMPRESSION=gzip ...                               dpkg-deb compressor (default: xz)
 #
 # Needs only dpkg-deb (Debian's dpkg package) and gzip; no debhelper, no network.
 set -euo pipefail
@@ -46,6 +47,10 @@ root="$stage/root"
 # Files. Debian puts packaged binaries in /usr/bin, so the unit's /usr/local/bin (where
 # deploy/systemd/install.sh puts a hand-built binary) is rewritten.
 install -D -m 0755 "$bin" "$root/usr/bin/meshnode"
+# Debian ships stripped binaries (a debug build is ~10x larger with its symbols).
+if command -v strip >/dev/null; then
+    strip --strip-debug "$root/usr/bin/meshnode"
+fi
 install -d -m 0755 "$root/usr/lib/systemd/system"
 sed 's#/usr/local/bin/meshnode#/usr/bin/meshnode#g; s#Installed by deploy/systemd/install.sh#Installed by the meshnode Debian package#' \
     "$repo/deploy/systemd/meshnode.service" >"$root/usr/lib/systemd/system/meshnode.service"
@@ -103,5 +108,5 @@ for script in postinst prerm postrm; do
 done
 
 mkdir -p "$out_dir"
-dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
+dpkg-deb --root-owner-group "-Z${MESHNODE_DEB_COMPRESSION:-xz}" --build "$root" "$deb" >/dev/null
 echo "$deb"
