@@ -92,6 +92,14 @@ pub enum Command {
         #[arg(long, default_value_t = 30)]
         duration: u64,
     },
+    /// Print a shell completion script on stdout (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout; the Debian package ships it as meshnode(1).
+    #[command(hide = true)]
+    Man,
     /// Print the version.
     Version,
 }

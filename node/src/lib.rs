@@ -8,6 +8,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod docgen;
 pub mod exit;
 pub mod http;
 pub mod inbound;

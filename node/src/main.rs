@@ -109,6 +109,8 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                     duration,
                 )))
         }
+        Command::Completions { shell } => meshnode::docgen::completions(shell),
+        Command::Man => meshnode::docgen::man(),
         Command::Version => {
             println!("meshnode {}", env!("CARGO_PKG_VERSION"));
             Ok(())

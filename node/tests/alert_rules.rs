@@ -1,0 +1,76 @@
+//! The Prometheus alert rules shipped in deploy/examples: promtool checks their syntax and runs
+//! their unit tests (deploy/examples/alerts.test.yml), checks that prometheus.yml loads them,
+//! and every meshnode metric they use is one a running node exports.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
+}
+
+/// promtool comes from Debian's `prometheus` package (scripts/deps.sh installs it). Outside CI a
+/// machine without it skips with a note; in CI (CI=true) its absence fails the test.
+fn promtool() -> Option<&'static str> {
+    let found = Command::new("promtool")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if found {
+        return Some("promtool");
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "promtool is missing in CI: scripts/deps.sh --test installs Debian's prometheus package"
+    );
+    eprintln!("skipped: promtool not installed (apt-get install prometheus)");
+    None
+}
+
+fn run(promtool: &str, args: &[&str]) -> String {
+    let out = Command::new(promtool)
+        .args(args)
+        .current_dir(examples())
+        .output()
+        .expect("promtool runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_their_unit_tests() {
+    let Some(promtool) = promtool() else { return };
+    let check = run(promtool, &["check", "rules", "alerts.yml"]);
+    assert!(check.contains("SUCCESS: 8 rules found"), "{check}");
+    let tests = run(promtool, &["test", "rules", "alerts.test.yml"]);
+    assert!(tests.contains("SUCCESS"), "{tests}");
+    let config = run(promtool, &["check", "config", "prometheus.yml"]);
+    assert!(config.contains("1 rule files found"), "{config}");
+}
+
+#[test]
+fn every_alert_names_a_runbook_and_a_severity() {
+    let rules = std::fs::read_to_string(examples().join("alerts.yml")).expect("alerts.yml");
+    let alerts = rules.matches("- alert: ").count();
+    assert_eq!(alerts, 8);
+    assert_eq!(rules.matches("runbook: ").count(), alerts);
+    assert_eq!(rules.matches("severity: ").count(), alerts);
+    for name in [
+        "MeshnodeDown",
+        "MeshnodeRegistryDisconnected",
+        "MeshnodeNotReady",
+        "MeshnodeEndpointEjections",
+        "MeshnodeTunnelErrorRatio",
+        "MeshnodeHTTPErrorRatio",
+        "MeshnodeHTTPLatencyHigh",
+        "MeshnodeLeaseChurn",
+    ] {
+        assert!(rules.contains(&format!("- alert: {name}\n")), "{name}");
+    }
+}
