@@ -68,3 +68,18 @@ if ! cmp -s "$req" "$stamp" 2>/dev/null; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
   cp "$req" "$stamp"
 fi
+
+# ---- promtool (the alert rules' checks and unit tests, node/tests/alert_rules.rs)
+# Debian ships it only inside the `prometheus` package, whose install would also enable a
+# Prometheus server on this machine. The package is downloaded and only promtool unpacked into
+# target/tools: Debian's binary, nothing started, nothing installed system-wide.
+tools=$root/target/tools
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$tools/promtool" ]; then
+  echo "unpacking promtool from Debian's prometheus package into $tools" >&2
+  mkdir -p "$tools"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1) || { apt-get update -qq && (cd "$tmp" && apt-get download prometheus >/dev/null); }
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
+  install -m 0755 "$tmp/root/usr/bin/promtool" "$tools/promtool"
+  rm -rf "$tmp"
+fi

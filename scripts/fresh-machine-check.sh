@@ -119,6 +119,8 @@ check "/bin/kill (procps, the unit's ExecReload)" test -x /bin/kill
 check "systemd-analyze" systemd-analyze --version
 check "bash" bash --version
 check "jq" jq --version
+check "promtool (unpacked from Debian's prometheus into target/tools)" target/tools/promtool --version
+check "no Prometheus server installed by the test step" bash -c '! command -v prometheus'
 
 # The Python test clients, in the project-local venv, not the system's Python.
 py=/work/repo/target/test-venv/bin/python

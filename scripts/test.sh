@@ -2,12 +2,14 @@
 # The whole test suite, as CI runs it: installs what the tests need (system packages, and the
 # Python test clients into target/test-venv), then formatting, lints, every test (unit,
 # in-process multi-node, real processes, real etcd), the fresh-machine check of that install
-# step and the docker compose cluster test (both skipped where docker is absent).
+# step, the docker compose cluster test and the Debian package test (skipped where docker is absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh --test
 # The interpreter of the Python test clients (node/tests/h3_interop.rs and others).
 export MESHNODE_TEST_PYTHON="${MESHNODE_TEST_VENV:-$PWD/target/test-venv}/bin/python"
+# promtool for the alert rules' tests: on PATH, else unpacked by deps.sh into target/tools.
+command -v promtool >/dev/null 2>&1 || export MESHNODE_PROMTOOL="$PWD/target/tools/promtool"
 export CARGO_TERM_COLOR=never
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
@@ -24,4 +26,6 @@ else
   # The docker compose cluster (deploy/docker): etcd, three nodes, a kill and a partition. It
   # reuses the binary the tests just built (release builds are for users, not for this check).
   MESHNODE_BIN="$PWD/target/debug/meshnode" deploy/docker/test.sh
+  # The Debian package (of the same binary): install, upgrade keeping the config, remove, purge.
+  deploy/debian/test.sh "$PWD/target/debug/meshnode"
 fi

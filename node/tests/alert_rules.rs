@@ -9,16 +9,18 @@ fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
 }
 
-/// promtool comes from Debian's `prometheus` package (scripts/deps.sh installs it). Outside CI a
-/// machine without it skips with a note; in CI (CI=true) its absence fails the test.
-fn promtool() -> Option<&'static str> {
-    let found = Command::new("promtool")
+/// promtool comes from Debian's `prometheus` package: on PATH, or `$MESHNODE_PROMTOOL` (where
+/// scripts/deps.sh --test unpacks it). Outside CI a machine without it skips with a note; in CI
+/// (CI=true) its absence fails the test.
+fn promtool() -> Option<String> {
+    let candidate = std::env::var("MESHNODE_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let found = Command::new(&candidate)
         .arg("--version")
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
     if found {
-        return Some("promtool");
+        return Some(candidate);
     }
     assert!(
         std::env::var("CI").as_deref() != Ok("true"),
@@ -46,6 +48,7 @@ fn run(promtool: &str, args: &[&str]) -> String {
 #[test]
 fn alert_rules_pass_promtool_and_their_unit_tests() {
     let Some(promtool) = promtool() else { return };
+    let promtool = promtool.as_str();
     let check = run(promtool, &["check", "rules", "alerts.yml"]);
     assert!(check.contains("SUCCESS: 8 rules found"), "{check}");
     let tests = run(promtool, &["test", "rules", "alerts.test.yml"]);
