@@ -46,8 +46,9 @@ pub const DEFAULT_RETRY_BUDGET_RATIO: f64 = 0.2;
 pub const DEFAULT_RETRY_BUDGET_MIN_PER_SEC: u32 = 10;
 /// Window over which requests and retries are counted (Finagle and Linkerd: 10 s).
 pub const DEFAULT_RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
-/// Relative weight of an endpoint that does not set one; cost is divided by `weight / 100`.
-pub const DEFAULT_WEIGHT: u32 = 100;
+/// Relative weight of an endpoint that does not set one (the registry's record default); cost
+/// is divided by `weight / 100`.
+pub use meshnode_registry::DEFAULT_WEIGHT;
 
 /// Balancer tuning. Every default is one of the `DEFAULT_*` constants of this module.
 #[derive(Debug, Clone)]
