@@ -23,7 +23,7 @@ use crate::info::{NodeInfo, Readiness};
 use crate::local::LocalServices;
 use crate::metrics::Metrics;
 use crate::migrate::AddressInputs;
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, OutboundListener};
 use crate::peer_health::{Migrations, PeerHealthInputs};
 use crate::routing::Routing;
 use crate::sampler::SamplerInputs;
@@ -66,41 +66,6 @@ pub struct Node {
     admin_addr: SocketAddr,
     http_proxy_addr: Option<SocketAddr>,
     pub(crate) outbounds: Mutex<Vec<OutboundListener>>,
-}
-
-/// One `[[outbound]]` listener and its accept task.
-pub(crate) struct OutboundListener {
-    pub service: String,
-    /// The address in the config (may have port 0).
-    pub configured: SocketAddr,
-    /// The address actually bound.
-    pub bound: SocketAddr,
-    pub task: JoinHandle<()>,
-}
-
-impl OutboundListener {
-    /// Binds and starts serving `service` on `listen`.
-    pub(crate) async fn start(
-        outbound: &Arc<Outbound>,
-        drain: &drain::Watch,
-        service: &str,
-        listen: SocketAddr,
-    ) -> std::io::Result<OutboundListener> {
-        let listener = TcpListener::bind(listen).await?;
-        let bound = listener.local_addr()?;
-        let task = tokio::spawn(crate::outbound::accept_loop(
-            outbound.clone(),
-            drain.clone(),
-            service.to_string(),
-            listener,
-        ));
-        Ok(OutboundListener {
-            service: service.to_string(),
-            configured: listen,
-            bound,
-            task,
-        })
-    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -14,6 +14,7 @@ use meshnode_proto::StreamHeader;
 use meshnode_transport::tunnel::{self, OpenError};
 use meshnode_transport::{Alpn, PeerPool};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
 use crate::balance::InflightGuard;
 use crate::dispatch::{Decision, Dispatch, Outcome, Request};
@@ -29,6 +30,43 @@ pub struct Outbound {
     pub pool: PeerPool,
     /// Metric handles.
     pub telemetry: Arc<Telemetry>,
+}
+
+/// One `[[outbound]]` listener and its accept task.
+pub struct OutboundListener {
+    /// The service it serves.
+    pub service: String,
+    /// The address in the config (may have port 0).
+    pub configured: SocketAddr,
+    /// The address actually bound.
+    pub bound: SocketAddr,
+    /// The accept loop.
+    pub task: JoinHandle<()>,
+}
+
+impl OutboundListener {
+    /// Binds and starts serving `service` on `listen`.
+    pub async fn start(
+        outbound: &Arc<Outbound>,
+        drain: &drain::Watch,
+        service: &str,
+        listen: SocketAddr,
+    ) -> std::io::Result<OutboundListener> {
+        let listener = TcpListener::bind(listen).await?;
+        let bound = listener.local_addr()?;
+        let task = tokio::spawn(accept_loop(
+            outbound.clone(),
+            drain.clone(),
+            service.to_string(),
+            listener,
+        ));
+        Ok(OutboundListener {
+            service: service.to_string(),
+            configured: listen,
+            bound,
+            task,
+        })
+    }
 }
 
 /// Accepts application connections for `service` until a drain begins or the task is stopped.

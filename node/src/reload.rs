@@ -3,7 +3,8 @@
 
 use crate::config::Config;
 use crate::exit::{self, Failure};
-use crate::node::{lock, Node, OutboundListener};
+use crate::node::{lock, Node};
+use crate::outbound::OutboundListener;
 
 impl Node {
     /// Applies a new, already validated config. Tunnels in flight are untouched: inbound ones
