@@ -1,4 +1,4 @@
-//! The admin API (SPEC §6): `/metrics`, `/status`, `/healthz`, `/readyz` over HTTP/1.1.
+//! The admin API (docs/README.md): `/metrics`, `/status`, `/healthz`, `/readyz` over HTTP/1.1.
 
 use std::convert::Infallible;
 use std::sync::Arc;

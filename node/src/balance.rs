@@ -1,4 +1,4 @@
-//! Load balancing and failover decisions (SPEC §8): which endpoint gets the next tunnel or
+//! Load balancing and failover decisions (docs/README.md): which endpoint gets the next tunnel or
 //! request, when an endpoint is ejected and how it comes back, and how many retries the mesh
 //! can afford.
 //!

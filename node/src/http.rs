@@ -1,4 +1,4 @@
-//! HTTP between nodes (SPEC §5, §8): the local HTTP/1.1 proxy on `[http_proxy] listen`
+//! HTTP between nodes (docs/README.md): the local HTTP/1.1 proxy on `[http_proxy] listen`
 //! (caller side), HTTP/3 between nodes on the `h3` ALPN, and the h3 server that forwards each
 //! request to the local target over pooled HTTP/1.1 (callee side). Standard CONNECT
 //! (RFC 9114 §4.4) on `h3` opens a TCP tunnel to a service's target.
@@ -63,7 +63,7 @@ pub fn mesh_error(code: StatusCode, reason: &str) -> Response<Body> {
     resp
 }
 
-/// Methods that may be retried after a 502/503 from an endpoint (SPEC §8).
+/// Methods that may be retried after a 502/503 from an endpoint (docs/README.md).
 pub fn is_idempotent(m: &http::Method) -> bool {
     use http::Method as M;
     [M::GET, M::HEAD, M::OPTIONS, M::PUT, M::DELETE].contains(m)

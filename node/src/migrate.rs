@@ -11,7 +11,7 @@
 //!
 //! Polling was chosen over rtnetlink: it needs no extra privileges or dependencies, costs one
 //! syscall pair per check, and catches route changes as well as address changes. Half a second
-//! keeps the stall well under the one second SPEC §8 allows.
+//! keeps the stall well under the one second docs/README.md allows.
 //!
 //! The passive side (a peer's address changing under a live connection) is announced by the
 //! transport's connection pool (`PeerEvent::Migrated`) and counted in `peer_health`.

@@ -357,7 +357,7 @@ impl Node {
         }
     }
 
-    /// Graceful shutdown (SPEC §8): readyz → 503, new tunnels refused with 503 (callers retry
+    /// Graceful shutdown (docs/README.md): readyz → 503, new tunnels refused with 503 (callers retry
     /// elsewhere), registry keys deleted, in-flight tunnels get `drain_timeout`, then every
     /// connection is closed with the draining code.
     pub async fn drain(self) {

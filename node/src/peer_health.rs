@@ -1,4 +1,4 @@
-//! Peer health from the transport (SPEC §8, Failover): the pool's connection events write the
+//! Peer health from the transport (docs/README.md, Failover): the pool's connection events write the
 //! node's one peer table (which every balancer reads), and a reconnector dials the peers that are
 //! down. Path migrations, announced by the pool as events too, are counted here.
 //!

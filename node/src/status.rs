@@ -1,4 +1,4 @@
-//! The `/status` document (SPEC §6), built from the node's live state.
+//! The `/status` document (docs/README.md), built from the node's live state.
 
 use std::collections::BTreeMap;
 use std::time::Instant;

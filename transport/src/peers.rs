@@ -1,5 +1,5 @@
 //! This node's own outbound connections: one lazily dialled, reused connection per peer and
-//! ALPN, always to the peer's advertised address (SPEC §5), re-dialled after loss.
+//! ALPN, always to the peer's advertised address (docs/README.md), re-dialled after loss.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
