@@ -400,3 +400,75 @@ impl EndpointTelemetry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_render_under_the_documented_names_and_labels() {
+        let t = Telemetry::new();
+        t.rejected(RefusalKind::Forbidden);
+        t.rejected(RefusalKind::Forbidden);
+        t.migration();
+        let svc = t.service("echo");
+        assert!(
+            Arc::ptr_eq(&svc, &t.service("echo")),
+            "one handle set per service"
+        );
+        svc.endpoint("node-b").opened(AttemptResult::Ok);
+        svc.endpoint("").opened(AttemptResult::NoEndpoint);
+        svc.retry(AttemptResult::Status503);
+        svc.endpoint("node-b").http(http::StatusCode::OK, 0.0003);
+        svc.endpoint("node-b")
+            .http(http::StatusCode::IM_A_TEAPOT, 0.002);
+        {
+            let _a = svc.active();
+            let _b = svc.active();
+            assert_eq!(t.metrics().get("meshnode_tunnels_active", &["echo"]), 2.0);
+        }
+        svc.bytes.sent.fetch_add(10, Ordering::Relaxed);
+        svc.sync([("node-b".to_string(), 2)]);
+        t.registry(true, 7);
+        let m = t.metrics();
+        let get = |name: &str, labels: &[&str]| m.get(name, labels);
+        assert_eq!(get("meshnode_inbound_rejected_total", &["forbidden"]), 2.0);
+        assert_eq!(get("meshnode_quic_migrations_total", &[]), 1.0);
+        assert_eq!(
+            get("meshnode_tunnels_opened_total", &["echo", "node-b", "ok"]),
+            1.0
+        );
+        assert_eq!(
+            get(
+                "meshnode_tunnels_opened_total",
+                &["echo", "", "no_endpoint"]
+            ),
+            1.0
+        );
+        assert_eq!(get("meshnode_retries_total", &["echo", "status_503"]), 1.0);
+        assert_eq!(
+            get("meshnode_http_requests_total", &["echo", "node-b", "200"]),
+            1.0
+        );
+        assert_eq!(
+            get("meshnode_http_requests_total", &["echo", "node-b", "418"]),
+            1.0
+        );
+        assert_eq!(get("meshnode_tunnels_active", &["echo"]), 0.0);
+        assert_eq!(get("meshnode_tunnel_bytes_total", &["echo", "sent"]), 10.0);
+        assert_eq!(
+            get("meshnode_tunnel_bytes_total", &["echo", "received"]),
+            0.0
+        );
+        assert_eq!(
+            get("meshnode_endpoint_ejections_total", &["echo", "node-b"]),
+            2.0
+        );
+        assert_eq!(get("meshnode_registry_connected", &[]), 1.0);
+        assert_eq!(get("meshnode_registry_updates_total", &[]), 7.0);
+        let text = m.render();
+        assert!(text.contains(
+            "meshnode_http_request_duration_seconds_bucket{service=\"echo\",peer=\"node-b\",le=\"0.0005\"} 1"
+        ), "{text}");
+    }
+}
