@@ -1,4 +1,4 @@
-//! The admin API (SPEC §6): `/metrics`, `/status`, `/healthz`, `/readyz` over HTTP/1.1.
+//! The admin API (docs/README.md): `/metrics`, `/status`, `/healthz`, `/readyz` over HTTP/1.1.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -10,7 +10,16 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::node::{sync_metrics, Shared};
+use crate::sampler::{self, SamplerInputs};
+use crate::status::StatusInputs;
+
+/// What the admin API reads.
+pub struct AdminInputs {
+    /// `/status` and `/readyz`.
+    pub status: Arc<StatusInputs>,
+    /// Sampled totals, brought up to date before `/metrics` renders.
+    pub sampler: Arc<SamplerInputs>,
+}
 
 /// The admin API's own thread and runtime, away from the data plane: a saturated data plane
 /// must not make `/metrics` and `/readyz` time out, and a flood of admin requests must not
@@ -38,7 +47,7 @@ impl Drop for AdminThread {
 
 /// Starts the admin API on `listener` in a thread with a single-threaded runtime.
 pub(crate) fn spawn(
-    shared: Arc<Shared>,
+    shared: Arc<AdminInputs>,
     listener: std::net::TcpListener,
 ) -> std::io::Result<AdminThread> {
     listener.set_nonblocking(true)?;
@@ -67,7 +76,7 @@ pub(crate) fn spawn(
 }
 
 /// Serves the admin API until the task is stopped.
-async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+async fn serve(shared: Arc<AdminInputs>, listener: TcpListener) {
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(c) => c,
@@ -101,14 +110,14 @@ fn reply(code: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respon
     r
 }
 
-fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(shared: &AdminInputs, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n");
     }
     match req.uri().path() {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
-            let blockers = shared.readiness_blockers();
+            let blockers = shared.status.readiness.blockers();
             if blockers.is_empty() {
                 reply(StatusCode::OK, "text/plain", "ready\n")
             } else {
@@ -119,7 +128,7 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             }
         }
-        "/status" => match serde_json::to_vec_pretty(&crate::status::build(shared)) {
+        "/status" => match serde_json::to_vec_pretty(&crate::status::build(&shared.status)) {
             Ok(json) => reply(StatusCode::OK, "application/json", json),
             Err(e) => reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -128,11 +137,11 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             ),
         },
         "/metrics" => {
-            sync_metrics(shared);
+            sampler::sync(&shared.sampler);
             reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                shared.metrics.render(),
+                shared.sampler.telemetry.metrics().render(),
             )
         }
         _ => reply(

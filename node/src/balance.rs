@@ -1,4 +1,4 @@
-//! Load balancing and failover decisions (SPEC §8): which endpoint gets the next tunnel or
+//! Load balancing and failover decisions (docs/README.md): which endpoint gets the next tunnel or
 //! request, when an endpoint is ejected and how it comes back, and how many retries the mesh
 //! can afford.
 //!
@@ -17,6 +17,7 @@ mod budget;
 mod config;
 mod eject;
 mod ewma;
+mod peers;
 mod pick;
 
 #[cfg(test)]
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 
 pub use self::config::*;
 pub use budget::RetryBudget;
+pub use peers::{PeerHealth, PeerTable};
 
 use eject::Health;
 use ewma::PeakEwma;
@@ -87,6 +89,10 @@ pub struct EndpointSnapshot {
 #[derive(Debug)]
 pub struct Balancer {
     cfg: BalanceConfig,
+    /// Peer facts (down, draining, RTT), shared by every balancer of a node.
+    peers: Arc<PeerTable>,
+    /// The table was made for this balancer alone (tests): `retain` prunes it too.
+    owns_peers: bool,
     table: Mutex<Table>,
 }
 
@@ -99,6 +105,8 @@ struct Table {
     generation: u64,
     /// Picks since the last re-measurement pick (`remeasure_spacing` apart at least).
     picks_since_remeasure: u32,
+    /// The [`PeerTable`] generation last applied.
+    peers_seen: u64,
 }
 
 #[derive(Debug, Default)]
@@ -123,6 +131,10 @@ struct Endpoint {
     health: Health,
     requests_total: u64,
     failures_total: u64,
+    /// `downs`, `ups` and `rtt_samples` of the peer's [`PeerHealth`] last applied.
+    downs_seen: u64,
+    ups_seen: u64,
+    rtt_seen: u64,
 }
 
 /// Marks one request or tunnel as in flight on an endpoint until dropped.
@@ -139,12 +151,30 @@ impl Drop for InflightGuard {
 }
 
 impl Balancer {
-    /// A balancer with no endpoint state yet; endpoints are learnt from the calls.
+    /// A balancer with no endpoint state yet and a peer table of its own; endpoints are learnt
+    /// from the calls.
     pub fn new(cfg: BalanceConfig) -> Balancer {
         Balancer {
             cfg,
+            peers: Arc::new(PeerTable::new()),
+            owns_peers: true,
             table: Mutex::new(Table::default()),
         }
+    }
+
+    /// A balancer reading the node's shared peer table.
+    pub fn with_peers(cfg: BalanceConfig, peers: Arc<PeerTable>) -> Balancer {
+        Balancer {
+            cfg,
+            peers,
+            owns_peers: false,
+            table: Mutex::new(Table::default()),
+        }
+    }
+
+    /// The peer table this balancer reads.
+    pub fn peers(&self) -> &Arc<PeerTable> {
+        &self.peers
     }
 
     /// The settings in use.
@@ -175,11 +205,23 @@ impl Balancer {
         table.generation += 1;
         let generation = table.generation;
         let may_remeasure = table.picks_since_remeasure >= self.cfg.remeasure_spacing;
+        let mut created = false;
+        for c in candidates {
+            if !table.endpoints.contains_key(c.node) {
+                table
+                    .endpoints
+                    .insert(c.node.to_owned(), Endpoint::default());
+                created = true;
+            }
+        }
+        self.sync_peers(&mut table, created);
         let map = &mut table.endpoints;
         let mut nodes: Vec<&str> = Vec::with_capacity(candidates.len());
         let mut choices: Vec<Choice> = Vec::with_capacity(candidates.len());
         for c in candidates {
-            let ep = map.entry(c.node.to_owned()).or_default();
+            let Some(ep) = map.get_mut(c.node) else {
+                continue;
+            };
             ep.listed = generation;
             if exclude.contains(&c.node) || nodes.contains(&c.node) {
                 continue;
@@ -237,6 +279,7 @@ impl Balancer {
     /// guess, a smoothed transport RTT, or stale.
     pub fn record_success(&self, node: &str, latency: Duration, now: Instant) {
         let mut table = self.lock();
+        self.sync_peers(&mut table, false);
         let ep = table.entry(node);
         if ep.last_answer.is_none() || std::mem::take(&mut ep.remeasuring) {
             ep.ewma.replace(latency, now);
@@ -245,9 +288,15 @@ impl Balancer {
         }
         ep.last_answer = Some(now);
         // An answer came over a live connection, so the peer is not down.
-        ep.down = false;
+        let was_down = std::mem::take(&mut ep.down);
         if ep.health.on_success(now) {
             tracing::info!(node, "endpoint back after a successful probe");
+        }
+        if was_down {
+            self.peers.mark_up(node, now);
+            if let Some(ep) = table.endpoints.get_mut(node) {
+                ep.ups_seen = self.peers.get(node).map_or(0, |p| p.ups);
+            }
         }
     }
 
@@ -256,6 +305,7 @@ impl Balancer {
     /// the candidate list of the latest [`Balancer::pick`].
     pub fn record_failure(&self, node: &str, now: Instant) {
         let mut table = self.lock();
+        self.sync_peers(&mut table, false);
         let may_eject = table.may_eject(node, self.cfg.max_ejected_fraction);
         let ep = table.entry(node);
         ep.failures_total += 1;
@@ -268,77 +318,52 @@ impl Balancer {
         }
     }
 
-    /// A transport RTT sample of the peer (call it periodically for every known peer).
+    /// A transport RTT sample of the peer, written to the peer table.
     ///
     /// It is the estimate of an endpoint without recent answers (never picked yet, or idle
     /// longer than `rtt_fallback_after`), and ignored while answers are fresh: an answer
     /// measures the same path plus the far node's work, at once, while QUIC's smoothed RTT
     /// trails a change by seconds and would hold a recovered endpoint at its old latency.
     pub fn observe_rtt(&self, node: &str, rtt: Duration, now: Instant) {
-        let (decay, fresh_for) = (self.cfg.decay, self.cfg.rtt_fallback_after);
-        let mut table = self.lock();
-        let ep = table.entry(node);
-        let answers_fresh = ep
-            .last_answer
-            .is_some_and(|at| now.saturating_duration_since(at) < fresh_for);
-        if !answers_fresh {
-            ep.ewma.observe_smoothed(rtt, now, decay);
-        }
+        self.peers.observe_rtt(node, rtt, now);
+        self.sync_peers(&mut self.lock(), false);
     }
 
     /// The peer is known dead (QUIC connection closed or reset, or a dial failed): eject it
     /// now. It comes back with [`Balancer::mark_up`] when a connection to it succeeds, not by
     /// probing with an application's request. When the ejection cap leaves no room, it stays
-    /// in service and its next failure ejects it.
+    /// in service and its next failure ejects it. Written to the peer table, so every balancer
+    /// sharing it applies it.
     pub fn mark_down(&self, node: &str, now: Instant) {
-        let mut table = self.lock();
-        let may_eject = table.may_eject(node, self.cfg.max_ejected_fraction);
-        let ep = table.entry(node);
-        ep.down = true;
-        if let Some(backoff) = ep.health.on_down(now, may_eject, &self.cfg) {
-            tracing::info!(
-                node,
-                backoff_ms = backoff.as_millis() as u64,
-                "endpoint ejected: peer down"
-            );
-        }
+        self.peers.mark_down(node, now);
+        self.sync_peers(&mut self.lock(), false);
     }
 
     /// A new connection to the peer succeeded: a down endpoint returns to service at once,
     /// whatever its back-off (a restarted or reconnected peer is fresh evidence). Does nothing
     /// for an endpoint that was not down; one ejected for failed answers still needs a probe.
     pub fn mark_up(&self, node: &str, now: Instant) {
-        let mut table = self.lock();
-        let Some(ep) = table.endpoints.get_mut(node) else {
-            return;
-        };
-        if !std::mem::take(&mut ep.down) {
-            return;
-        }
-        if ep.health.on_up(now) {
-            tracing::info!(node, "endpoint back: peer reachable again");
-        }
+        self.peers.mark_up(node, now);
+        self.sync_peers(&mut self.lock(), false);
     }
 
-    /// Endpoints marked down and not yet reconnected: what the node's reconnector dials.
+    /// Peers marked down and not yet reconnected: what the node's reconnector dials.
     pub fn down_nodes(&self) -> Vec<String> {
-        let table = self.lock();
-        table
-            .endpoints
-            .iter()
-            .filter(|(_, ep)| ep.down)
-            .map(|(k, _)| k.clone())
-            .collect()
+        self.peers.down_peers()
     }
 
     /// Marks `node` as draining (the peer said it is going away) or not; draining endpoints get
     /// no new work while any other endpoint can take it.
     pub fn set_draining(&self, node: &str, draining: bool) {
-        self.lock().entry(node).draining = draining;
+        self.peers.set_draining(node, draining);
+        self.sync_peers(&mut self.lock(), false);
     }
 
     /// Drops the state of endpoints for which `keep` is false (no longer in the registry).
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        if self.owns_peers {
+            self.peers.retain(&keep);
+        }
         self.lock().endpoints.retain(|node, _| keep(node));
     }
 
@@ -350,6 +375,7 @@ impl Balancer {
     /// State and counters of `node` at `now`; an unknown node reads as healthy and idle.
     pub fn snapshot(&self, node: &str, now: Instant) -> EndpointSnapshot {
         let mut table = self.lock();
+        self.sync_peers(&mut table, false);
         let Some(ep) = table.endpoints.get_mut(node) else {
             return snapshot_of(&Endpoint::default(), &self.cfg);
         };

@@ -1,4 +1,4 @@
-//! The command line (SPEC §2). One function per subcommand; each returns the exit failure.
+//! The command line (docs/README.md). One function per subcommand; each returns the exit failure.
 
 use std::path::{Path, PathBuf};
 

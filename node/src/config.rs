@@ -23,8 +23,8 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
 /// Lease TTL: a silently dead node vanishes from every view within this time.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
-/// Default relative weight of an endpoint.
-pub const DEFAULT_WEIGHT: u32 = 100;
+/// Default relative weight of an endpoint (the registry record's default).
+pub use meshnode_registry::DEFAULT_WEIGHT;
 
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize)]

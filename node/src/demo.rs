@@ -1,4 +1,4 @@
-//! `meshnode demo`: a whole mesh in one process with no set-up (SPEC §9).
+//! `meshnode demo`: a whole mesh in one process with no set-up (docs/README.md).
 //!
 //! Three real nodes (real QUIC on loopback, a throw-away CA in a temp dir, the in-process
 //! registry), a TCP echo service on node-b and node-c, and a client opening a new connection

@@ -1,4 +1,4 @@
-//! HTTP between nodes (SPEC §5, §8): the local HTTP/1.1 proxy on `[http_proxy] listen`
+//! HTTP between nodes (docs/README.md): the local HTTP/1.1 proxy on `[http_proxy] listen`
 //! (caller side), HTTP/3 between nodes on the `h3` ALPN, and the h3 server that forwards each
 //! request to the local target over pooled HTTP/1.1 (callee side). Standard CONNECT
 //! (RFC 9114 §4.4) on `h3` opens a TCP tunnel to a service's target.
@@ -15,6 +15,7 @@ pub(crate) mod headers;
 pub(crate) mod proxy;
 pub(crate) mod server;
 pub(crate) mod sniff;
+pub(crate) mod stream;
 pub(crate) mod tunnel;
 
 use std::time::Duration;
@@ -28,38 +29,24 @@ pub use body::Body;
 pub const MESH_ERROR: &str = "meshnode-error";
 /// Largest request header block the proxy and the h3 server accept (431 above it).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Deadline for connecting to a local HTTP target (502 when it passes or is refused).
-pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline for connecting to a local HTTP target (502 when it passes or is refused): the
+/// same as for tunnels.
+pub use crate::local::TARGET_CONNECT_TIMEOUT;
 /// How long an idle pooled HTTP/1.1 connection to a target is kept.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// HTTP state of a node: the pooled HTTP/1.1 client to local targets and the cached h3
-/// clients to peers.
-pub(crate) struct HttpState {
-    /// HTTP/1.1 client to this node's targets (keep-alive pool).
-    pub targets: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Body,
-    >,
-    /// One h3 client per peer connection.
-    pub peers: proxy::H3Clients,
-}
+/// The pooled HTTP/1.1 client to this node's targets.
+pub type TargetClient =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
 
-impl HttpState {
-    /// A fresh state with an empty pool.
-    pub fn new() -> HttpState {
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(TARGET_CONNECT_TIMEOUT));
-        let targets =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                .build(connector);
-        HttpState {
-            targets,
-            peers: proxy::H3Clients::default(),
-        }
-    }
+/// A fresh keep-alive client to local targets.
+pub fn target_client() -> TargetClient {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(TARGET_CONNECT_TIMEOUT));
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(connector)
 }
 
 /// A mesh error answer: `code`, the `meshnode-error: reason` header and a one-line body.
@@ -76,7 +63,7 @@ pub fn mesh_error(code: StatusCode, reason: &str) -> Response<Body> {
     resp
 }
 
-/// Methods that may be retried after a 502/503 from an endpoint (SPEC §8).
+/// Methods that may be retried after a 502/503 from an endpoint (docs/README.md).
 pub fn is_idempotent(m: &http::Method) -> bool {
     use http::Method as M;
     [M::GET, M::HEAD, M::OPTIONS, M::PUT, M::DELETE].contains(m)

@@ -1,34 +1,49 @@
-//! Inbound: QUIC connections from peers, one stream per tunnel, each checked (header,
-//! service, port, `allow`) before the local target is dialled.
+//! Inbound: QUIC connections from peers. `h3` connections go to the h3 server; on
+//! `meshnode/1` each stream is a tunnel, checked by the one authoriser (header, service, port,
+//! `allow`) before the local target is dialled, then spliced.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshnode_proto::{Status, StatusCode, StreamHeader};
 use meshnode_transport::tunnel::{self, ReadMessageError};
-use meshnode_transport::{Alpn, InboundConnection};
-use tokio::net::TcpStream;
+use meshnode_transport::{Alpn, InboundConnection, MeshEndpoint, PeerPool};
 
-use crate::node::Shared;
+use crate::drain;
+use crate::http::server::H3Server;
+use crate::local::LocalServices;
+use crate::refusal::{Refusal, RefusalKind};
+use crate::telemetry::Telemetry;
 
 /// A caller must send its whole header within this time; slow headers are refused so they
 /// cannot hold streams open.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Deadline for connecting to the local target when the caller sent none.
-pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the inbound side uses.
+pub struct Inbound {
+    /// Accepts connections.
+    pub endpoint: MeshEndpoint,
+    /// Follows inbound connections' paths (migrations).
+    pub pool: PeerPool,
+    /// The hosted services and the authoriser.
+    pub local: Arc<LocalServices>,
+    /// Metric handles.
+    pub telemetry: Arc<Telemetry>,
+    /// Drain signal and holds.
+    pub drain: drain::Watch,
+    /// The h3 server, for `h3` connections.
+    pub(crate) h3: Arc<H3Server>,
+}
 
 /// Accepts peers' connections until the endpoint closes.
-pub(crate) async fn accept_loop(shared: Arc<Shared>) {
-    while let Some(incoming) = shared.endpoint.accept().await {
-        let shared = shared.clone();
+pub async fn accept_loop(inbound: Arc<Inbound>) {
+    while let Some(incoming) = inbound.endpoint.accept().await {
+        let inbound = inbound.clone();
         tokio::spawn(async move {
-            match shared.endpoint.accept_connection(incoming).await {
-                Ok(conn) => serve_connection(shared, conn).await,
+            match inbound.endpoint.accept_connection(incoming).await {
+                Ok(conn) => serve_connection(inbound, conn).await,
                 Err(reason) => {
-                    shared
-                        .metrics
-                        .inc("meshnode_inbound_rejected_total", &["handshake"]);
+                    inbound.telemetry.rejected(RefusalKind::Handshake);
                     tracing::info!(%reason, "inbound connection refused");
                 }
             }
@@ -36,24 +51,20 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
     }
 }
 
-async fn serve_connection(shared: Arc<Shared>, inbound: InboundConnection) {
-    let InboundConnection { conn, peer, alpn } = inbound;
+async fn serve_connection(inbound: Arc<Inbound>, conn: InboundConnection) {
+    let InboundConnection { conn, peer, alpn } = conn;
     if alpn == Alpn::H3 {
-        crate::http::server::serve(shared, peer, conn).await;
+        inbound.h3.clone().serve(peer, conn).await;
         return;
     }
     tracing::debug!(%peer, remote = %conn.remote_address(), "peer connected");
-    tokio::spawn(crate::migrate::follow_peer_address(
-        shared.clone(),
-        peer.clone(),
-        conn.clone(),
-    ));
+    inbound.pool.watch_inbound(peer.clone(), conn.clone());
+    let peer: Arc<str> = peer.into();
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                let shared = shared.clone();
-                let peer = peer.clone();
-                tokio::spawn(async move { serve_stream(shared, peer, send, recv).await });
+                let (inbound, peer) = (inbound.clone(), peer.clone());
+                tokio::spawn(async move { serve_stream(inbound, peer, send, recv).await });
             }
             Err(e) => {
                 tracing::debug!(%peer, reason = %e, "peer connection ended");
@@ -67,22 +78,22 @@ fn quinn_code(code: StatusCode) -> meshnode_transport::quinn::VarInt {
     meshnode_transport::quinn::VarInt::from_u32(u32::from(code.as_u16()))
 }
 
+/// Answers a refused stream: counted, status written, the caller's side stopped.
 async fn refuse(
-    shared: &Shared,
+    inbound: &Inbound,
     send: &mut meshnode_transport::quinn::SendStream,
-    code: StatusCode,
-    reason: &str,
-    counted_as: &str,
+    recv: &mut meshnode_transport::quinn::RecvStream,
+    refusal: &Refusal,
 ) {
-    shared
-        .metrics
-        .inc("meshnode_inbound_rejected_total", &[counted_as]);
-    let _ = tunnel::write_status(send, &Status::new(code, reason)).await;
+    inbound.telemetry.rejected(refusal.kind);
+    let code = refusal.kind.code();
+    let _ = tunnel::write_status(send, &Status::new(code, &refusal.detail)).await;
+    let _ = recv.stop(quinn_code(code));
 }
 
 async fn serve_stream(
-    shared: Arc<Shared>,
-    peer: String,
+    inbound: Arc<Inbound>,
+    peer: Arc<str>,
     mut send: meshnode_transport::quinn::SendStream,
     mut recv: meshnode_transport::quinn::RecvStream,
 ) {
@@ -95,27 +106,13 @@ async fn serve_stream(
             }
             Ok(Err(e)) => {
                 tracing::info!(%peer, error = %e, "malformed tunnel header");
-                refuse(
-                    &shared,
-                    &mut send,
-                    StatusCode::BadRequest,
-                    &e.to_string(),
-                    "malformed",
-                )
-                .await;
-                let _ = recv.stop(quinn_code(StatusCode::BadRequest));
+                let refusal = Refusal::new(RefusalKind::Malformed, e.to_string());
+                refuse(&inbound, &mut send, &mut recv, &refusal).await;
                 return;
             }
             Err(_) => {
-                refuse(
-                    &shared,
-                    &mut send,
-                    StatusCode::BadRequest,
-                    "header timeout",
-                    "slow_header",
-                )
-                .await;
-                let _ = recv.stop(quinn_code(StatusCode::BadRequest));
+                let refusal = Refusal::new(RefusalKind::SlowHeader, "header timeout");
+                refuse(&inbound, &mut send, &mut recv, &refusal).await;
                 return;
             }
         };
@@ -132,14 +129,17 @@ async fn serve_stream(
         .unwrap_or("");
     let started = Instant::now();
     // Before the draining check inside, so that a drain beginning now waits for this tunnel.
-    let _hold = shared.hold();
-    let result = authorise_and_connect(&shared, &peer, service, *port, *deadline_ms).await;
+    let _hold = inbound.drain.hold();
+    let result = inbound
+        .local
+        .authorise_and_connect(&peer, service, *port, *deadline_ms)
+        .await;
     let tcp = match result {
         Ok(tcp) => tcp,
-        Err((code, reason, counted_as)) => {
-            tracing::info!(%peer, %service, code = code.as_u16(), %reason, "tunnel refused");
-            refuse(&shared, &mut send, code, &reason, counted_as).await;
-            let _ = recv.stop(quinn_code(code));
+        Err(refusal) => {
+            let code = refusal.kind.code().as_u16();
+            tracing::info!(%peer, %service, code, reason = %refusal, "tunnel refused");
+            refuse(&inbound, &mut send, &mut recv, &refusal).await;
             return;
         }
     };
@@ -149,9 +149,9 @@ async fn serve_stream(
     {
         return;
     }
-    let _active = shared.track(service);
-    let counters = shared.bytes(service);
-    let outcome = tunnel::splice(tcp, send, recv, leftover, &counters).await;
+    let svc = inbound.telemetry.service(service);
+    let _active = svc.active();
+    let outcome = tunnel::splice(tcp, send, recv, leftover, &svc.bytes).await;
     tracing::info!(
         target: "meshnode::access",
         direction = "inbound",
@@ -164,65 +164,4 @@ async fn serve_stream(
         duration_ms = started.elapsed().as_millis() as u64,
         "tunnel closed"
     );
-}
-
-/// A refused tunnel: status, reason, and the `meshnode_inbound_rejected_total` label.
-pub(crate) type Refusal = (StatusCode, String, &'static str);
-
-/// Checks a tunnel request (draining, service, port, `allow`) and connects to the target.
-pub(crate) async fn authorise_and_connect(
-    shared: &Shared,
-    peer: &str,
-    service: &str,
-    port: u16,
-    deadline_ms: Option<u32>,
-) -> Result<TcpStream, Refusal> {
-    if shared.draining.load(Ordering::SeqCst) {
-        return Err((StatusCode::Unavailable, "node draining".into(), "draining"));
-    }
-    let local = shared.local_services();
-    let Some(svc) = local.get(service) else {
-        return Err((
-            StatusCode::NotFound,
-            format!("service {service} is not hosted on {}", shared.name),
-            "unknown_service",
-        ));
-    };
-    if svc.port() != port {
-        return Err((
-            StatusCode::NotFound,
-            format!("service {service} does not advertise port {port}"),
-            "unknown_port",
-        ));
-    }
-    if let Some(allow) = &svc.allow {
-        if !allow.iter().any(|a| a == peer) {
-            return Err((
-                StatusCode::Forbidden,
-                format!("node {peer} may not call {service}"),
-                "forbidden",
-            ));
-        }
-    }
-    let timeout = deadline_ms
-        .map(|ms| Duration::from_millis(u64::from(ms)))
-        .unwrap_or(TARGET_CONNECT_TIMEOUT)
-        .min(TARGET_CONNECT_TIMEOUT);
-    match tokio::time::timeout(timeout, TcpStream::connect(svc.target)).await {
-        Ok(Ok(tcp)) => Ok(tcp),
-        Ok(Err(e)) => Err((
-            StatusCode::BadGateway,
-            format!("target {} refused: {e}", svc.target),
-            "target_refused",
-        )),
-        Err(_) => Err((
-            StatusCode::GatewayTimeout,
-            format!(
-                "target {} did not answer within {} ms",
-                svc.target,
-                timeout.as_millis()
-            ),
-            "target_timeout",
-        )),
-    }
 }

@@ -2,16 +2,22 @@
 //! balancing, failover), the admin API and metrics, and the command-line front end.
 //!
 //! `main.rs` only parses the command line; everything a test or the demo needs is here.
+//! docs/ARCHITECTURE.md describes the parts and how a connection or a request moves through
+//! them.
 
 pub mod admin;
 pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod dispatch;
 pub mod docgen;
+pub mod drain;
 pub mod exit;
 pub mod http;
 pub mod inbound;
+pub mod info;
+pub mod local;
 pub mod metrics;
 pub mod migrate;
 pub mod node;
@@ -19,9 +25,13 @@ pub mod notify;
 pub mod outbound;
 pub mod peer_health;
 pub mod pki_cmd;
+pub mod refusal;
 pub mod reload;
+pub mod routing;
 pub mod runtime;
+pub mod sampler;
 pub mod status;
 pub mod status_cmd;
+pub mod telemetry;
 
 pub use node::{Node, NodeParts};

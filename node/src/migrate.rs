@@ -11,16 +11,41 @@
 //!
 //! Polling was chosen over rtnetlink: it needs no extra privileges or dependencies, costs one
 //! syscall pair per check, and catches route changes as well as address changes. Half a second
-//! keeps the stall well under the one second SPEC §8 allows.
+//! keeps the stall well under the one second docs/README.md allows.
+//!
+//! The passive side (a peer's address changing under a live connection) is announced by the
+//! transport's connection pool (`PeerEvent::Migrated`) and counted in `peer_health`.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshnode_registry::MeshView;
+use meshnode_registry::{MeshView, Registry};
+use meshnode_transport::MeshEndpoint;
 
 use crate::config::Config;
-use crate::node::Shared;
+use crate::info::NodeInfo;
+use crate::local::LocalServices;
+use crate::routing::Routing;
+use crate::telemetry::Telemetry;
+
+/// What following the host's address uses.
+pub struct AddressInputs {
+    /// Registry endpoints and static peers: references for the route lookup.
+    pub config: Config,
+    /// The advertised address.
+    pub info: Arc<NodeInfo>,
+    /// Rebound when bound to the old address.
+    pub endpoint: MeshEndpoint,
+    /// Re-registered with the new address.
+    pub registry: Registry,
+    /// The services to re-register.
+    pub local: Arc<LocalServices>,
+    /// The view: peers' addresses are references too.
+    pub routing: Arc<Routing>,
+    /// Counts this node's own migrations.
+    pub telemetry: Arc<Telemetry>,
+}
 
 /// How often the local address is checked.
 pub const ADDRESS_CHECK_INTERVAL: Duration = Duration::from_millis(500);
@@ -62,24 +87,24 @@ pub(crate) fn route_source(refs: &[SocketAddr]) -> Option<IpAddr> {
 }
 
 /// Follows the host's address for as long as the node runs.
-pub(crate) async fn follow_local_address(shared: Arc<Shared>) {
+pub async fn follow_local_address(inputs: Arc<AddressInputs>) {
     let mut tick = tokio::time::interval(ADDRESS_CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let refs = references(&shared.config, &shared.view.borrow());
+        let refs = references(&inputs.config, &inputs.routing.view());
         let Some(ip) = route_source(&refs) else {
             continue;
         };
-        let old = shared.advertise();
+        let old = inputs.info.advertise();
         if ip == old.ip() {
             continue;
         }
         let new = SocketAddr::new(ip, old.port());
-        if let Ok(bound) = shared.endpoint.local_addr() {
+        if let Ok(bound) = inputs.endpoint.local_addr() {
             if !bound.ip().is_unspecified() && bound.ip() != ip {
                 let to = SocketAddr::new(ip, bound.port());
-                match shared.endpoint.rebind(to) {
+                match inputs.endpoint.rebind(to) {
                     Ok(()) => tracing::info!(old = %bound, new = %to, "QUIC endpoint rebound"),
                     Err(e) => {
                         tracing::warn!(error = %e, new = %to, "cannot rebind the QUIC endpoint");
@@ -88,52 +113,12 @@ pub(crate) async fn follow_local_address(shared: Arc<Shared>) {
                 }
             }
         }
-        *shared.advertise.write().unwrap_or_else(|p| p.into_inner()) = new;
-        shared.metrics.inc("meshnode_quic_migrations_total", &[]);
+        inputs.info.set_advertise(new);
+        inputs.telemetry.migration();
         tracing::info!(%old, %new, "local address changed; connections migrate and the node re-registers");
-        if let Err(e) = shared.registry.register(shared.registration()).await {
+        let registration = inputs.info.registration(&inputs.local);
+        if let Err(e) = inputs.registry.register(registration).await {
             tracing::warn!(error = %e, "re-registration with the new address failed");
-        }
-    }
-}
-
-/// Migration, passive side: follows a caller's address on an inbound connection (NAT
-/// rebinding, the caller's own migration) until the connection closes.
-pub(crate) async fn follow_peer_address(
-    shared: Arc<Shared>,
-    peer: String,
-    conn: meshnode_transport::quinn::Connection,
-) {
-    let mut last = conn.remote_address();
-    let id = conn.stable_id();
-    crate::node::lock(&shared.inbound_paths)
-        .entry(peer.clone())
-        .and_modify(|e| {
-            e.0 = last;
-            e.2 = id;
-        })
-        .or_insert((last, 0, id));
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    loop {
-        tokio::select! {
-            _ = conn.closed() => {
-                let mut paths = crate::node::lock(&shared.inbound_paths);
-                if paths.get(&peer).is_some_and(|e| e.2 == id) {
-                    paths.remove(&peer);
-                }
-                return;
-            }
-            _ = tick.tick() => {}
-        }
-        let now = conn.remote_address();
-        if now != last {
-            tracing::info!(%peer, old = %last, new = %now, "peer migrated to a new address");
-            shared.metrics.inc("meshnode_quic_migrations_total", &[]);
-            let mut paths = crate::node::lock(&shared.inbound_paths);
-            let e = paths.entry(peer.clone()).or_insert((now, 0, id));
-            e.0 = now;
-            e.1 += 1;
-            last = now;
         }
     }
 }

@@ -1,23 +1,34 @@
 //! A running node: the QUIC endpoint, inbound and outbound tunnels, the registry
 //! registration, the admin API, and the background tasks that keep them in step.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use meshnode_registry::{MeshView, NodeRecord, Registration, Registry, ServiceRecord};
-use meshnode_transport::tunnel::TunnelCounters;
+use meshnode_registry::Registry;
 use meshnode_transport::{EndpointOptions, Identity, MeshEndpoint, PeerPool};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::balance::{BalanceConfig, Balancer, RetryBudget};
-use crate::config::{Config, ServiceConfig};
+use crate::admin::AdminInputs;
+use crate::balance::{BalanceConfig, PeerTable};
+use crate::config::Config;
+use crate::drain;
 use crate::exit::{self, Failure};
+use crate::http::proxy::{H3Clients, Proxy};
+use crate::http::server::H3Server;
+use crate::inbound::Inbound;
+use crate::info::{NodeInfo, Readiness};
+use crate::local::LocalServices;
 use crate::metrics::Metrics;
+use crate::migrate::AddressInputs;
+use crate::outbound::{Outbound, OutboundListener};
+use crate::peer_health::{Migrations, PeerHealthInputs};
+use crate::routing::Routing;
+use crate::sampler::SamplerInputs;
+use crate::status::StatusInputs;
+use crate::telemetry::Telemetry;
 
 /// Deadline for a tunnel open (header sent → status back) when the config names none. A
 /// healthy peer answers in about one RTT plus a local TCP connect. A dead peer is not found by
@@ -25,7 +36,7 @@ use crate::metrics::Metrics;
 /// open on it at once; so this only bounds a live but overloaded peer, and is generous.
 pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_millis(3_000);
 /// How often QUIC statistics (RTT, losses) are sampled into metrics and the balancer.
-pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
+pub use crate::sampler::SAMPLE_INTERVAL;
 
 /// What a node is built from: the config, the TLS identity, and a started registry backend.
 pub struct NodeParts {
@@ -37,197 +48,18 @@ pub struct NodeParts {
     pub registry: Registry,
 }
 
-/// State shared by every task of a node.
-pub(crate) struct Shared {
-    pub name: String,
-    pub zone: String,
-    pub advertise: RwLock<SocketAddr>,
-    pub started: Instant,
-    pub started_unix: u64,
-    pub config: Config,
-    pub endpoint: MeshEndpoint,
-    pub pool: PeerPool,
-    pub registry: Registry,
-    pub view: watch::Receiver<Arc<MeshView>>,
-    pub local: RwLock<Arc<HashMap<String, ServiceConfig>>>,
-    pub balancers: Mutex<HashMap<String, Arc<Balancer>>>,
-    pub budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
-    pub balance_cfg: BalanceConfig,
-    pub metrics: Metrics,
-    pub bytes: Mutex<HashMap<String, Arc<TunnelCounters>>>,
-    /// Inbound connections: each caller's current address and the migrations seen.
-    pub inbound_paths: Mutex<HashMap<String, (SocketAddr, u64, usize)>>,
-    /// Last seen remote address of each peer connection and the migrations counted.
-    pub paths: Mutex<HashMap<String, (usize, SocketAddr, u64)>>,
-    pub open_timeout: Duration,
-    pub draining: AtomicBool,
-    pub listeners_bound: AtomicBool,
-    pub active: AtomicUsize,
-    pub idle: Notify,
-    /// HTTP clients: pooled HTTP/1.1 to local targets, h3 to peers.
-    pub http: crate::http::HttpState,
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Shared {
-    pub fn balancer(&self, service: &str) -> Arc<Balancer> {
-        lock(&self.balancers)
-            .entry(service.to_string())
-            .or_insert_with(|| Arc::new(Balancer::new(self.balance_cfg.clone())))
-            .clone()
-    }
-
-    /// Every service's balancer.
-    pub fn all_balancers(&self) -> Vec<Arc<Balancer>> {
-        lock(&self.balancers).values().cloned().collect()
-    }
-
-    pub fn balancer_if_any(&self, service: &str) -> Option<Arc<Balancer>> {
-        lock(&self.balancers).get(service).cloned()
-    }
-
-    /// Tunnels in flight to `node` across every service.
-    pub fn streams_to(&self, node: &str, now: Instant) -> u64 {
-        let balancers: Vec<Arc<Balancer>> = lock(&self.balancers).values().cloned().collect();
-        balancers
-            .iter()
-            .map(|b| u64::from(b.snapshot(node, now).inflight))
-            .sum()
-    }
-
-    /// Path migrations seen on the connection to `node`.
-    pub fn migrations_of(&self, node: &str) -> u64 {
-        lock(&self.paths).get(node).map(|p| p.2).unwrap_or(0)
-    }
-
-    pub fn budget(&self, service: &str) -> Arc<RetryBudget> {
-        let c = &self.balance_cfg;
-        lock(&self.budgets)
-            .entry(service.to_string())
-            .or_insert_with(|| {
-                Arc::new(RetryBudget::new(
-                    c.retry_budget_ratio,
-                    c.retry_budget_min_per_sec,
-                    c.retry_budget_window,
-                ))
-            })
-            .clone()
-    }
-
-    /// Live byte counters of a service (exported as `meshnode_tunnel_bytes_total`).
-    pub fn bytes(&self, service: &str) -> Arc<TunnelCounters> {
-        lock(&self.bytes)
-            .entry(service.to_string())
-            .or_default()
-            .clone()
-    }
-
-    pub fn local_services(&self) -> Arc<HashMap<String, ServiceConfig>> {
-        self.local.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub fn advertise(&self) -> SocketAddr {
-        *self.advertise.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Tracks one active tunnel or request, for draining and the active-tunnels gauge.
-    pub fn track(self: &Arc<Self>, service: &str) -> ActiveGuard {
-        self.metrics.add("meshnode_tunnels_active", &[service], 1.0);
-        ActiveGuard {
-            _hold: self.hold(),
-            shared: self.clone(),
-            service: service.to_string(),
-        }
-    }
-
-    /// Makes a drain wait until the hold is dropped. An inbound stream or request takes one
-    /// *before* it checks `draining`: a drain that begins after the check then waits for it.
-    /// Taken only once the tunnel was open, as before, it left a window (the connect to the
-    /// target) in which a drain could find nothing active and close the connection under a
-    /// tunnel it had just accepted.
-    pub fn hold(self: &Arc<Self>) -> DrainHold {
-        self.active.fetch_add(1, Ordering::SeqCst);
-        DrainHold {
-            shared: self.clone(),
-        }
-    }
-
-    pub fn registration(&self) -> Registration {
-        let local = self.local_services();
-        let mut services: Vec<ServiceRecord> = local
-            .values()
-            .map(|s| ServiceRecord {
-                service: s.name.clone(),
-                node: self.name.clone(),
-                protocol: s.protocol,
-                port: s.port(),
-                weight: s.weight,
-                zone: self.zone.clone(),
-            })
-            .collect();
-        services.sort_by(|a, b| a.service.cmp(&b.service));
-        Registration {
-            node: NodeRecord {
-                name: self.name.clone(),
-                addr: self.advertise().to_string(),
-                zone: self.zone.clone(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                started_at: self.started_unix,
-            },
-            services,
-        }
-    }
-
-    /// Ready = listeners bound, registered once, not draining. Returns the blockers.
-    pub fn readiness_blockers(&self) -> Vec<&'static str> {
-        let mut blockers = Vec::new();
-        if !self.listeners_bound.load(Ordering::SeqCst) {
-            blockers.push("listeners");
-        }
-        if !self.registry.status().borrow().registered {
-            blockers.push("registry");
-        }
-        if self.draining.load(Ordering::SeqCst) {
-            blockers.push("draining");
-        }
-        blockers
-    }
-}
-
-/// Releases an active-tunnel slot on drop.
-pub(crate) struct ActiveGuard {
-    _hold: DrainHold,
-    shared: Arc<Shared>,
-    service: String,
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.shared
-            .metrics
-            .add("meshnode_tunnels_active", &[&self.service], -1.0);
-    }
-}
-
-/// Work a drain waits for, until dropped ([`Shared::hold`]).
-pub(crate) struct DrainHold {
-    shared: Arc<Shared>,
-}
-
-impl Drop for DrainHold {
-    fn drop(&mut self) {
-        if self.shared.active.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.shared.idle.notify_waiters();
-        }
-    }
-}
-
 /// A running node.
 pub struct Node {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) config: Config,
+    pub(crate) info: Arc<NodeInfo>,
+    pub(crate) endpoint: MeshEndpoint,
+    pub(crate) registry: Registry,
+    pub(crate) local: Arc<LocalServices>,
+    telemetry: Arc<Telemetry>,
+    status: Arc<StatusInputs>,
+    pub(crate) outbound: Arc<Outbound>,
+    drain: drain::Trigger,
+    pub(crate) drain_watch: drain::Watch,
     admin_thread: crate::admin::AdminThread,
     tasks: Vec<JoinHandle<()>>,
     quic_addr: SocketAddr,
@@ -236,37 +68,8 @@ pub struct Node {
     pub(crate) outbounds: Mutex<Vec<OutboundListener>>,
 }
 
-/// One `[[outbound]]` listener and its accept task.
-pub(crate) struct OutboundListener {
-    pub service: String,
-    /// The address in the config (may have port 0).
-    pub configured: SocketAddr,
-    /// The address actually bound.
-    pub bound: SocketAddr,
-    pub task: JoinHandle<()>,
-}
-
-impl OutboundListener {
-    /// Binds and starts serving `service` on `listen`.
-    pub(crate) async fn start(
-        shared: &Arc<Shared>,
-        service: &str,
-        listen: SocketAddr,
-    ) -> std::io::Result<OutboundListener> {
-        let listener = TcpListener::bind(listen).await?;
-        let bound = listener.local_addr()?;
-        let task = tokio::spawn(crate::outbound::accept_loop(
-            shared.clone(),
-            service.to_string(),
-            listener,
-        ));
-        Ok(OutboundListener {
-            service: service.to_string(),
-            configured: listen,
-            bound,
-            task,
-        })
-    }
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Node {
@@ -317,83 +120,132 @@ impl Node {
         let admin_addr = admin
             .local_addr()
             .map_err(|e| Failure::new(exit::UNAVAILABLE, e.to_string()))?;
-        let local: HashMap<String, ServiceConfig> = config
-            .service
-            .iter()
-            .map(|s| (s.name.clone(), s.clone()))
-            .collect();
         let open_timeout = config
             .transport
             .open_timeout
             .unwrap_or(DEFAULT_OPEN_TIMEOUT);
-        let shared = Arc::new(Shared {
-            name: config.node.name.clone(),
-            zone: config.node.zone.clone(),
-            advertise: RwLock::new(advertise),
-            started: Instant::now(),
-            started_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            pool: PeerPool::new(endpoint.clone()),
-            endpoint,
-            view: registry.view(),
-            registry,
-            local: RwLock::new(Arc::new(local)),
-            balancers: Mutex::default(),
-            budgets: Mutex::default(),
-            balance_cfg: BalanceConfig::default(),
-            metrics: Metrics::new(),
-            bytes: Mutex::default(),
-            paths: Mutex::default(),
-            inbound_paths: Mutex::default(),
+        let (drain, drain_watch) = drain::new();
+        let info = Arc::new(NodeInfo::new(
+            &config.node.name,
+            &config.node.zone,
+            advertise,
+        ));
+        let pool = PeerPool::new(endpoint.clone());
+        // Subscribed before any dial can happen.
+        let pool_events = pool.subscribe();
+        let telemetry = Arc::new(Telemetry::new());
+        let routing = Arc::new(Routing::new(
+            registry.view(),
+            BalanceConfig::default(),
+            Arc::new(PeerTable::new()),
             open_timeout,
-            draining: AtomicBool::new(false),
-            listeners_bound: AtomicBool::new(false),
-            active: AtomicUsize::new(0),
-            idle: Notify::new(),
-            http: crate::http::HttpState::new(),
-            config,
+        ));
+        let local = Arc::new(LocalServices::new(
+            &config.node.name,
+            &config.service,
+            drain_watch.clone(),
+        ));
+        let readiness = Arc::new(Readiness::new(registry.clone(), drain_watch.clone()));
+        let migrations = Arc::new(Migrations::default());
+        let outbound = Arc::new(Outbound {
+            routing: routing.clone(),
+            pool: pool.clone(),
+            telemetry: telemetry.clone(),
+        });
+        let h3 = Arc::new(H3Server {
+            local: local.clone(),
+            telemetry: telemetry.clone(),
+            drain: drain_watch.clone(),
+            targets: crate::http::target_client(),
+        });
+        let inbound = Arc::new(Inbound {
+            endpoint: endpoint.clone(),
+            pool: pool.clone(),
+            local: local.clone(),
+            telemetry: telemetry.clone(),
+            drain: drain_watch.clone(),
+            h3,
+        });
+        let health = Arc::new(PeerHealthInputs {
+            node: config.node.name.clone(),
+            routing: routing.clone(),
+            pool: pool.clone(),
+            telemetry: telemetry.clone(),
+            migrations: migrations.clone(),
+            connect_timeout: config.transport().connect_timeout,
+        });
+        let sampler = Arc::new(SamplerInputs {
+            routing: routing.clone(),
+            pool: pool.clone(),
+            registry: registry.clone(),
+            telemetry: telemetry.clone(),
+        });
+        let status = Arc::new(StatusInputs {
+            info: info.clone(),
+            readiness: readiness.clone(),
+            registry: registry.clone(),
+            pool: pool.clone(),
+            routing: routing.clone(),
+            local: local.clone(),
+            migrations,
+        });
+        let proxy = config.http_proxy.as_ref().map(|_| {
+            Arc::new(Proxy {
+                routing: routing.clone(),
+                pool: pool.clone(),
+                telemetry: telemetry.clone(),
+                outbound: outbound.clone(),
+                h3: H3Clients::default(),
+            })
         });
 
         let reconnect_wake = Arc::new(Notify::new());
         let mut tasks = vec![
-            tokio::spawn(crate::inbound::accept_loop(shared.clone())),
-            tokio::spawn(sample_loop(shared.clone())),
-            tokio::spawn(view_loop(shared.clone())),
+            tokio::spawn(crate::inbound::accept_loop(inbound)),
+            tokio::spawn(crate::sampler::run(sampler.clone())),
+            tokio::spawn(follow_view(sampler.clone(), proxy.clone())),
             tokio::spawn(crate::peer_health::follow_pool_events(
-                shared.clone(),
-                shared.pool.subscribe(),
+                health.clone(),
+                pool_events,
                 reconnect_wake.clone(),
             )),
-            tokio::spawn(crate::peer_health::reconnect_loop(
-                shared.clone(),
-                reconnect_wake,
-            )),
+            tokio::spawn(crate::peer_health::reconnect_loop(health, reconnect_wake)),
         ];
-        if shared.config.node.advertise == Some(crate::config::Advertise::Auto) {
+        if config.node.advertise == Some(crate::config::Advertise::Auto) {
             tasks.push(tokio::spawn(crate::migrate::follow_local_address(
-                shared.clone(),
+                Arc::new(AddressInputs {
+                    config: config.clone(),
+                    info: info.clone(),
+                    endpoint: endpoint.clone(),
+                    registry: registry.clone(),
+                    local: local.clone(),
+                    routing: routing.clone(),
+                    telemetry: telemetry.clone(),
+                }),
             )));
         }
-        let admin_thread = crate::admin::spawn(shared.clone(), admin)
+        let admin_inputs = AdminInputs {
+            status: status.clone(),
+            sampler,
+        };
+        let admin_thread = crate::admin::spawn(Arc::new(admin_inputs), admin)
             .map_err(|e| Failure::new(exit::SOFTWARE, format!("admin API: {e}")))?;
-        let mut outbound = Vec::new();
-        for (i, o) in shared.config.outbound.iter().enumerate() {
-            match OutboundListener::start(&shared, &o.service, o.listen).await {
-                Ok(l) => outbound.push(l),
+        let mut outbound_listeners = Vec::new();
+        for (i, o) in config.outbound.iter().enumerate() {
+            match OutboundListener::start(&outbound, &drain_watch, &o.service, o.listen).await {
+                Ok(l) => outbound_listeners.push(l),
                 Err(e) => {
                     return Err(abort_start(
-                        &shared,
+                        &endpoint,
                         &tasks,
-                        &outbound,
+                        &outbound_listeners,
                         format!("outbound[{i}].listen: cannot bind {}: {e}", o.listen),
                     ));
                 }
             }
         }
         let mut http_proxy_addr = None;
-        if let Some(p) = &shared.config.http_proxy {
+        if let (Some(p), Some(proxy)) = (&config.http_proxy, proxy) {
             let bound = match TcpListener::bind(p.listen).await {
                 Ok(l) => l.local_addr().map(|a| (l, a)),
                 Err(e) => Err(e),
@@ -402,48 +254,57 @@ impl Node {
                 Ok((listener, addr)) => {
                     http_proxy_addr = Some(addr);
                     tasks.push(tokio::spawn(crate::http::proxy::accept_loop(
-                        shared.clone(),
+                        proxy,
+                        drain_watch.clone(),
                         listener,
                     )));
                 }
                 Err(e) => {
                     return Err(abort_start(
-                        &shared,
+                        &endpoint,
                         &tasks,
-                        &outbound,
+                        &outbound_listeners,
                         format!("http_proxy.listen: cannot bind {}: {e}", p.listen),
                     ));
                 }
             }
         }
-        shared.listeners_bound.store(true, Ordering::SeqCst);
-        shared
-            .registry
-            .register(shared.registration())
+        readiness.listeners_bound();
+        registry
+            .register(info.registration(&local))
             .await
             .map_err(|e| Failure::config(format!("registration refused: {e}")))?;
         tracing::info!(
-            node = %shared.name,
+            node = %info.name,
             quic = %quic_addr,
             %advertise,
             admin = %admin_addr,
-            outbound = ?outbound.iter().map(|o| (&o.service, o.bound)).collect::<Vec<_>>(),
+            outbound = ?outbound_listeners.iter().map(|o| (&o.service, o.bound)).collect::<Vec<_>>(),
             "node started"
         );
         Ok(Node {
-            shared,
+            config,
+            info,
+            endpoint,
+            registry,
+            local,
+            telemetry,
+            status,
+            outbound,
+            drain,
+            drain_watch,
             admin_thread,
             tasks,
             quic_addr,
             admin_addr,
             http_proxy_addr,
-            outbounds: Mutex::new(outbound),
+            outbounds: Mutex::new(outbound_listeners),
         })
     }
 
     /// Node name.
     pub fn name(&self) -> &str {
-        &self.shared.name
+        &self.info.name
     }
 
     /// The bound QUIC (UDP) address.
@@ -471,22 +332,22 @@ impl Node {
 
     /// This node's metrics.
     pub fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
+        self.telemetry.metrics()
     }
 
     /// The `/status` document.
     pub fn status(&self) -> crate::status::StatusDoc {
-        crate::status::build(&self.shared)
+        crate::status::build(&self.status)
     }
 
     /// Whether the node is ready (registered, listening, not draining).
     pub fn is_ready(&self) -> bool {
-        self.shared.readiness_blockers().is_empty()
+        self.status.readiness.blockers().is_empty()
     }
 
     /// Resolves once the node is ready (listeners bound and registered once).
     pub async fn wait_ready(&self) {
-        let mut status = self.shared.registry.status();
+        let mut status = self.registry.status();
         loop {
             if self.is_ready() {
                 return;
@@ -496,47 +357,39 @@ impl Node {
         }
     }
 
-    /// Graceful shutdown (SPEC §8): readyz → 503, new tunnels refused with 503 (callers retry
+    /// Graceful shutdown (docs/README.md): readyz → 503, new tunnels refused with 503 (callers retry
     /// elsewhere), registry keys deleted, in-flight tunnels get `drain_timeout`, then every
     /// connection is closed with the draining code.
     pub async fn drain(self) {
-        let shared = &self.shared;
-        shared.draining.store(true, Ordering::SeqCst);
-        tracing::info!(node = %shared.name, active = shared.active.load(Ordering::SeqCst), "draining");
-        if let Err(e) = shared.registry.shutdown(Duration::from_secs(2)).await {
+        // Raised first: readiness, the authoriser and the accept loops see it at once.
+        self.drain.signal();
+        tracing::info!(node = %self.info.name, active = self.drain.active(), "draining");
+        if let Err(e) = self.registry.shutdown(Duration::from_secs(2)).await {
             tracing::warn!(error = %e, "registry deregistration failed; the lease will expire");
         }
-        let grace = shared.config.node.drain_timeout;
-        let deadline = tokio::time::Instant::now() + grace;
-        loop {
-            let idle = shared.idle.notified();
-            if shared.active.load(Ordering::SeqCst) == 0 {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, idle).await.is_err() {
-                tracing::warn!(
-                    active = shared.active.load(Ordering::SeqCst),
-                    "drain timeout reached; closing remaining tunnels"
-                );
-                break;
-            }
+        let left = self.drain.drain(self.config.node.drain_timeout).await;
+        if left > 0 {
+            tracing::warn!(
+                active = left,
+                "drain timeout reached; closing remaining tunnels"
+            );
         }
-        shared
-            .endpoint
+        self.endpoint
             .close(meshnode_transport::peers::CLOSE_DRAINING, b"draining");
-        let _ = tokio::time::timeout(Duration::from_secs(1), shared.endpoint.wait_idle()).await;
-        for t in &self.tasks {
-            t.abort();
-        }
-        for o in lock(&self.outbounds).iter() {
-            o.task.abort();
-        }
-        self.admin_thread.stop();
-        tracing::info!(node = %shared.name, "stopped");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        let name = self.info.name.clone();
+        self.stop_tasks();
+        tracing::info!(node = %name, "stopped");
     }
 
     /// Stops at once without deregistering or notifying anyone, like a crash (demo, tests).
     pub fn kill(self) {
+        let endpoint = self.endpoint.clone();
+        self.stop_tasks();
+        endpoint.close(0, b"");
+    }
+
+    fn stop_tasks(self) {
         for t in &self.tasks {
             t.abort();
         }
@@ -544,14 +397,13 @@ impl Node {
             o.task.abort();
         }
         self.admin_thread.stop();
-        self.shared.endpoint.close(0, b"");
     }
 }
 
 /// Undoes a start that failed part-way (a listener could not bind): stops the tasks started
 /// so far, closes the QUIC endpoint, and returns the failure (exit 69) naming `reason`.
 fn abort_start(
-    shared: &Shared,
+    endpoint: &MeshEndpoint,
     tasks: &[tokio::task::JoinHandle<()>],
     outbound: &[OutboundListener],
     reason: String,
@@ -559,117 +411,23 @@ fn abort_start(
     for t in tasks.iter().chain(outbound.iter().map(|o| &o.task)) {
         t.abort();
     }
-    shared.endpoint.close(0, b"start-up failed");
+    endpoint.close(0, b"start-up failed");
     Failure::new(exit::UNAVAILABLE, reason)
 }
 
-/// Samples QUIC statistics into metrics and the balancers, and the registry state.
-async fn sample_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let now = Instant::now();
-        let balancers: Vec<Arc<Balancer>> = lock(&shared.balancers).values().cloned().collect();
-        for peer in shared.pool.snapshot() {
-            if peer.alpn != meshnode_transport::Alpn::Meshnode {
-                continue;
-            }
-            if let (Some(remote), Some(id)) = (peer.remote, peer.conn_id) {
-                let mut paths = lock(&shared.paths);
-                let entry = paths.entry(peer.name.clone()).or_insert((id, remote, 0));
-                if entry.0 != id {
-                    // A new connection: its address is a fresh start, not a migration.
-                    entry.0 = id;
-                    entry.1 = remote;
-                } else if entry.1 != remote {
-                    tracing::info!(peer = %peer.name, old = %entry.1, new = %remote, "peer connection migrated");
-                    entry.1 = remote;
-                    entry.2 += 1;
-                    shared.metrics.inc("meshnode_quic_migrations_total", &[]);
-                }
-            }
-            if let Some(rtt) = peer.rtt {
-                shared.metrics.set(
-                    "meshnode_peer_rtt_seconds",
-                    &[&peer.name],
-                    rtt.as_secs_f64(),
-                );
-                for b in &balancers {
-                    b.observe_rtt(&peer.name, rtt, now);
-                }
-            }
-            shared.metrics.set_counter(
-                "meshnode_quic_lost_packets_total",
-                &[&peer.name],
-                peer.lost_packets as f64,
-            );
-        }
-        sync_metrics(&shared);
-    }
-}
-
-/// Brings sampled values (registry state, byte totals) into the metrics; called by the
-/// sampler and before every `/metrics` render so counters are exact when read.
-pub(crate) fn sync_metrics(shared: &Shared) {
-    let now = Instant::now();
-    let balancers: Vec<(String, Arc<Balancer>)> = lock(&shared.balancers)
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    for (service, b) in balancers {
-        // Every endpoint the balancer holds, including ones just gone from the view.
-        for node in b.nodes() {
-            let ejections = b.snapshot(&node, now).ejections_total;
-            if ejections > 0 {
-                shared.metrics.set_counter(
-                    "meshnode_endpoint_ejections_total",
-                    &[&service, &node],
-                    ejections as f64,
-                );
-            }
-        }
-    }
-    let status = shared.registry.status().borrow().clone();
-    let connected = status.state == meshnode_registry::RegistryState::Connected;
-    shared.metrics.set(
-        "meshnode_registry_connected",
-        &[],
-        if connected { 1.0 } else { 0.0 },
-    );
-    shared.metrics.set_counter(
-        "meshnode_registry_updates_total",
-        &[],
-        status.updates_total as f64,
-    );
-    let bytes: Vec<(String, Arc<TunnelCounters>)> = lock(&shared.bytes)
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    for (svc, c) in bytes {
-        let sent = c.sent.load(Ordering::Relaxed) as f64;
-        let received = c.received.load(Ordering::Relaxed) as f64;
-        shared
-            .metrics
-            .set_counter("meshnode_tunnel_bytes_total", &[&svc, "sent"], sent);
-        shared
-            .metrics
-            .set_counter("meshnode_tunnel_bytes_total", &[&svc, "received"], received);
-    }
-}
-
-/// Forgets connections and balancer state of nodes that left the registry.
-async fn view_loop(shared: Arc<Shared>) {
-    let mut view = shared.view.clone();
+/// Forgets connections, h3 clients, balancer state and peer facts of nodes that left the
+/// registry.
+async fn follow_view(sampler: Arc<SamplerInputs>, proxy: Option<Arc<Proxy>>) {
+    let mut view = sampler.routing.watch_view();
     while view.changed().await.is_ok() {
         // Export what the balancers know of endpoints about to be forgotten (ejections).
-        sync_metrics(&shared);
+        crate::sampler::sync(&sampler);
         let v = view.borrow_and_update().clone();
-        shared.pool.retain(|n| v.nodes.contains_key(n));
-        shared.http.peers.retain(|n| v.nodes.contains_key(n));
-        let balancers: Vec<Arc<Balancer>> = lock(&shared.balancers).values().cloned().collect();
-        for b in balancers {
-            b.retain(|n| v.nodes.contains_key(n));
+        let keep = |n: &str| v.nodes.contains_key(n);
+        sampler.pool.retain(keep);
+        if let Some(p) = &proxy {
+            p.h3.retain(keep);
         }
+        sampler.routing.retain(keep);
     }
 }

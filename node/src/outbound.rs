@@ -1,5 +1,7 @@
-//! Outbound: an application's TCP connection on a local port becomes a tunnel to one of the
-//! service's endpoints, chosen by the balancer and retried elsewhere if the open fails.
+//! Outbound, L4: an application's TCP connection on a local port becomes a tunnel to one of the
+//! service's endpoints, chosen and retried by the dispatch engine. This file is the engine's
+//! L4 adapter ([`Outbound::open`], shared with the proxy's CONNECT) and the `[[outbound]]`
+//! accept loop.
 //!
 //! Nothing is read from the application before the tunnel is open, so a retry is invisible
 //! to it: its first bytes wait in the kernel's socket buffer, not in ours.
@@ -10,123 +12,105 @@ use std::time::{Duration, Instant};
 
 use meshnode_proto::StreamHeader;
 use meshnode_transport::tunnel::{self, OpenError};
-use meshnode_transport::Alpn;
+use meshnode_transport::{Alpn, PeerPool};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
-use crate::balance::{Balancer, Candidate, InflightGuard};
-use crate::node::Shared;
+use crate::balance::InflightGuard;
+use crate::dispatch::{Decision, Dispatch, Outcome, Request};
+use crate::drain;
+use crate::routing::{Routing, Target};
+use crate::telemetry::{AttemptResult, ServiceTelemetry, Telemetry};
 
-/// Attempts per connection: the first try plus up to two retries on other endpoints.
-pub const MAX_ATTEMPTS: usize = 3;
-/// A tunnel open may take this many times the endpoint's peak-EWMA latency before it is
-/// abandoned and retried elsewhere: far above normal jitter, far below "dead".
-pub const OPEN_DEADLINE_FACTOR: f64 = 10.0;
-/// The shortest open deadline: below this, a busy but healthy target (a TCP accept queue, a
-/// GC pause) would be retried needlessly.
-pub const MIN_OPEN_DEADLINE: Duration = Duration::from_millis(500);
-
-/// The deadline for opening a tunnel to an endpoint whose peak-EWMA latency is `ewma_ms`:
-/// derived from what was measured, between [`MIN_OPEN_DEADLINE`] and the configured ceiling.
-pub fn open_deadline(ewma_ms: f64, ceiling: Duration) -> Duration {
-    let measured = Duration::from_secs_f64((ewma_ms.max(0.0) * OPEN_DEADLINE_FACTOR) / 1e3);
-    measured
-        .max(MIN_OPEN_DEADLINE)
-        .min(ceiling.max(MIN_OPEN_DEADLINE))
+/// What the L4 adapter uses: routing, the peer pool, telemetry.
+pub struct Outbound {
+    /// Endpoints, balancers, budgets.
+    pub routing: Arc<Routing>,
+    /// This node's connections to peers.
+    pub pool: PeerPool,
+    /// Metric handles.
+    pub telemetry: Arc<Telemetry>,
 }
 
-/// Accepts application connections for `service` until the task is stopped.
-pub(crate) async fn accept_loop(shared: Arc<Shared>, service: String, listener: TcpListener) {
+/// One `[[outbound]]` listener and its accept task.
+pub struct OutboundListener {
+    /// The service it serves.
+    pub service: String,
+    /// The address in the config (may have port 0).
+    pub configured: SocketAddr,
+    /// The address actually bound.
+    pub bound: SocketAddr,
+    /// The accept loop.
+    pub task: JoinHandle<()>,
+}
+
+impl OutboundListener {
+    /// Binds and starts serving `service` on `listen`.
+    pub async fn start(
+        outbound: &Arc<Outbound>,
+        drain: &drain::Watch,
+        service: &str,
+        listen: SocketAddr,
+    ) -> std::io::Result<OutboundListener> {
+        let listener = TcpListener::bind(listen).await?;
+        let bound = listener.local_addr()?;
+        let task = tokio::spawn(accept_loop(
+            outbound.clone(),
+            drain.clone(),
+            service.to_string(),
+            listener,
+        ));
+        Ok(OutboundListener {
+            service: service.to_string(),
+            configured: listen,
+            bound,
+            task,
+        })
+    }
+}
+
+/// Accepts application connections for `service` until a drain begins or the task is stopped.
+pub async fn accept_loop(
+    outbound: Arc<Outbound>,
+    drain: drain::Watch,
+    service: String,
+    listener: TcpListener,
+) {
+    let svc = outbound.telemetry.service(&service);
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = drain.signalled() => return,
+        };
+        match accepted {
             Ok((tcp, client)) => {
-                let shared = shared.clone();
-                let service = service.clone();
-                tokio::spawn(async move { handle(shared, service, tcp, client).await });
+                let (outbound, drain, svc) = (outbound.clone(), drain.clone(), svc.clone());
+                tokio::spawn(async move { handle(outbound, drain, svc, tcp, client).await });
             }
             Err(e) => {
                 // EMFILE and the like: back off briefly rather than spin.
                 tracing::warn!(%service, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
 }
 
-/// One endpoint of a service as the balancer sees it.
-pub(crate) struct Target {
-    pub node: String,
-    pub addr: SocketAddr,
-    pub port: u16,
-    pub weight: u32,
-}
-
-/// The endpoints of `service` in the current view.
-pub(crate) fn targets(shared: &Shared, service: &str) -> Vec<Target> {
-    let view = shared.view.borrow().clone();
-    view.endpoints(service)
-        .filter_map(|(svc, node)| {
-            Some(Target {
-                node: node.name.clone(),
-                addr: node.addr.parse().ok()?,
-                port: svc.port,
-                weight: svc.weight,
-            })
-        })
-        .collect()
-}
-
-/// Picks an endpoint of `all` for the next attempt, skipping those already `tried` — unless
-/// every endpoint failed once already: a second try on one of them still beats failing the
-/// application (a transient overload, a connection being replaced).
-pub(crate) fn pick_endpoint(
-    balancer: &Balancer,
-    all: &[Target],
-    tried: &[String],
-) -> Option<String> {
-    let candidates: Vec<Candidate<'_>> = all
-        .iter()
-        .map(|t| Candidate {
-            node: &t.node,
-            weight: t.weight,
-        })
-        .collect();
-    let mut exclude: Vec<&str> = tried.iter().map(String::as_str).collect();
-    if !candidates.is_empty() && candidates.iter().all(|c| exclude.contains(&c.node)) {
-        exclude.clear();
-    }
-    balancer.pick(
-        &candidates,
-        &exclude,
-        Instant::now(),
-        &mut rand::thread_rng(),
-    )
-}
-
-/// Why an attempt failed, for metrics and logs.
-pub(crate) enum AttemptError {
-    Connect(String),
-    Open(OpenError),
-}
-
-async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: SocketAddr) {
+async fn handle(
+    outbound: Arc<Outbound>,
+    drain: drain::Watch,
+    svc: Arc<ServiceTelemetry>,
+    tcp: TcpStream,
+    client: SocketAddr,
+) {
     let started = Instant::now();
+    let service = svc.name();
     // One W3C trace per application connection; every attempt is its own span, and the far
     // node logs the same trace id, so a tunnel can be followed across the mesh.
     let trace_id = format!("{:032x}", rand::random::<u128>());
-    let opened = match open_with_retries(&shared, &service, None, &trace_id).await {
+    let opened = match outbound.open(&svc, None, &trace_id).await {
         Ok(o) => o,
         Err(failure) => {
-            let counted = match &failure {
-                NoTunnel::NoEndpoint { tried } if tried.is_empty() => Some("no_endpoint"),
-                NoTunnel::NoEndpoint { .. } => Some("exhausted"),
-                NoTunnel::BudgetExhausted => Some("budget_exhausted"),
-                NoTunnel::Failed(_) => None,
-            };
-            if let Some(result) = counted {
-                shared
-                    .metrics
-                    .inc("meshnode_tunnels_opened_total", &[&service, "", result]);
-            }
             tracing::warn!(%service, %client, reason = %failure, "no tunnel; connection reset");
             reset(tcp);
             return;
@@ -138,9 +122,9 @@ async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: So
         inflight,
         attempts,
     } = opened;
-    let _active = shared.track(&service);
-    let counters = shared.bytes(&service);
-    let outcome = tunnel::splice(tcp, t.send, t.recv, t.leftover, &counters).await;
+    let _hold = drain.hold();
+    let _active = svc.active();
+    let outcome = tunnel::splice(tcp, t.send, t.recv, t.leftover, &svc.bytes).await;
     drop(inflight);
     tracing::info!(
         target: "meshnode::access",
@@ -158,10 +142,11 @@ async fn handle(shared: Arc<Shared>, service: String, tcp: TcpStream, client: So
     );
 }
 
-/// A tunnel opened by [`open_with_retries`].
-pub(crate) struct Opened {
+/// A tunnel opened by [`Outbound::open`].
+pub struct Opened {
     /// The endpoint that accepted it.
     pub node: String,
+    /// The tunnel.
     pub tunnel: tunnel::OpenTunnel,
     /// Keeps the tunnel counted as in flight on `node` until dropped.
     pub inflight: InflightGuard,
@@ -169,10 +154,58 @@ pub(crate) struct Opened {
     pub attempts: usize,
 }
 
-/// Why [`open_with_retries`] opened nothing.
-pub(crate) enum NoTunnel {
+/// Why an attempt failed.
+#[derive(Debug)]
+pub enum AttemptError {
+    /// No connection to the peer.
+    Connect(String),
+    /// The tunnel open failed.
+    Open(OpenError),
+}
+
+impl AttemptError {
+    /// The typed outcome the engine decides on.
+    fn outcome(&self, latency: Duration) -> Outcome {
+        match self {
+            AttemptError::Connect(_) => Outcome::Unreachable,
+            AttemptError::Open(OpenError::Refused(s)) => Outcome::Refused {
+                status: s.code.as_u16(),
+                mesh: true,
+                // A `meshnode/1` refusal comes before any application byte was read: the far
+                // node's 502/503/504 mean the target never saw this tunnel.
+                unreached: self.is_open_retryable(),
+                latency,
+            },
+            AttemptError::Open(OpenError::Timeout(_)) => Outcome::Timeout,
+            AttemptError::Open(OpenError::Stream(_)) => Outcome::ResetBeforeSend,
+            AttemptError::Open(OpenError::Closed(_)) => Outcome::ResetAfterSend,
+            AttemptError::Open(OpenError::Header(_) | OpenError::Malformed(_)) => {
+                Outcome::Protocol { latency }
+            }
+        }
+    }
+
+    fn is_open_retryable(&self) -> bool {
+        matches!(self, AttemptError::Open(o) if o.is_retryable())
+    }
+
+    /// The `result` label.
+    pub fn result(&self) -> AttemptResult {
+        match self {
+            AttemptError::Connect(_) => AttemptResult::Unreachable,
+            AttemptError::Open(e) => open_result(e),
+        }
+    }
+}
+
+/// Why [`Outbound::open`] opened nothing.
+#[derive(Debug)]
+pub enum NoTunnel {
     /// No endpoint left to try (`tried` is empty when the service had none at all).
-    NoEndpoint { tried: Vec<String> },
+    NoEndpoint {
+        /// Endpoints tried.
+        tried: Vec<String>,
+    },
     /// A retry was due but the service's retry budget refused it.
     BudgetExhausted,
     /// The last attempt failed: not retryable, or the attempts ran out.
@@ -199,169 +232,124 @@ impl std::fmt::Display for AttemptError {
     }
 }
 
-/// Opens a tunnel to one of `service`'s endpoints (on `port` when given, else each endpoint's
-/// registered port): picks with the balancer, retries a failure that is retryable on another
-/// endpoint within [`MAX_ATTEMPTS`] and the retry budget, and reports every outcome to the
-/// balancer and the metrics. Shared by `[[outbound]]` listeners and the proxy's CONNECT.
-pub(crate) async fn open_with_retries(
-    shared: &Shared,
-    service: &str,
-    port: Option<u16>,
-    trace_id: &str,
-) -> Result<Opened, NoTunnel> {
-    let balancer = shared.balancer(service);
-    let budget = shared.budget(service);
-    budget.record_request(Instant::now());
-    let mut tried: Vec<String> = Vec::new();
-    let mut last: Option<AttemptError> = None;
-    for attempt in 0..MAX_ATTEMPTS {
-        let mut all = targets(shared, service);
-        if let Some(port) = port {
-            for t in &mut all {
-                t.port = port;
-            }
-        }
-        // The budget is checked before `pick`, so every endpoint picked gets an outcome
-        // reported (a picked probe that never reported would keep its endpoint out).
-        if attempt > 0 && !budget.try_retry(Instant::now()) {
-            return Err(NoTunnel::BudgetExhausted);
-        }
-        let Some(node) = pick_endpoint(&balancer, &all, &tried) else {
-            return Err(NoTunnel::NoEndpoint { tried });
-        };
-        // `pick` chose from `all`, so the lookup cannot miss.
-        let Some(target) = all.iter().find(|t| t.node == node) else {
-            return Err(NoTunnel::NoEndpoint { tried });
-        };
-        let inflight = balancer.start(&node);
-        let mut open_started = Instant::now();
-        let traceparent = format!("00-{trace_id}-{:016x}-01", rand::random::<u64>());
-        let deadline = open_deadline(
-            balancer.snapshot(&node, Instant::now()).ewma_ms,
-            shared.open_timeout,
-        );
-        let e = match open(
-            shared,
-            service,
-            target,
-            &traceparent,
-            deadline,
-            &mut open_started,
-        )
-        .await
-        {
-            Ok(t) => {
-                balancer.record_success(&node, open_started.elapsed(), Instant::now());
-                shared
-                    .metrics
-                    .inc("meshnode_tunnels_opened_total", &[service, &node, "ok"]);
-                return Ok(Opened {
-                    node,
-                    tunnel: t,
-                    inflight,
-                    attempts: attempt + 1,
-                });
-            }
-            Err(e) => e,
-        };
-        drop(inflight);
-        let (result, retry) = match &e {
-            AttemptError::Connect(_) => {
-                balancer.mark_down(&node, Instant::now());
-                ("unreachable", true)
-            }
-            AttemptError::Open(o) => {
-                if o.is_retryable() {
-                    balancer.record_failure(&node, Instant::now());
-                } else {
-                    // 403/404/400: the endpoint is alive and answered; the request is
-                    // refused, the endpoint is not failing.
-                    balancer.record_success(&node, open_started.elapsed(), Instant::now());
-                }
-                (open_result(o), o.is_retryable())
-            }
-        };
-        shared
-            .metrics
-            .inc("meshnode_tunnels_opened_total", &[service, &node, result]);
-        tracing::info!(%service, peer = %node, attempt, reason = %e, retry, "tunnel open failed");
-        if !retry {
-            return Err(NoTunnel::Failed(e));
-        }
-        shared
-            .metrics
-            .inc("meshnode_retries_total", &[service, result]);
-        tried.push(node);
-        last = Some(e);
-    }
-    Err(match last {
-        Some(e) => NoTunnel::Failed(e),
-        None => NoTunnel::NoEndpoint { tried },
-    })
-}
-
-pub(crate) fn open_result(e: &OpenError) -> &'static str {
+/// The `result` label of a failed open.
+pub fn open_result(e: &OpenError) -> AttemptResult {
     match e {
         OpenError::Refused(s) => match s.code.as_u16() {
-            403 => "forbidden",
-            404 => "not_found",
-            502 => "bad_gateway",
-            503 => "unavailable",
-            504 => "gateway_timeout",
-            _ => "refused",
+            403 => AttemptResult::Forbidden,
+            404 => AttemptResult::NotFound,
+            502 => AttemptResult::BadGateway,
+            503 => AttemptResult::Unavailable,
+            504 => AttemptResult::GatewayTimeout,
+            _ => AttemptResult::Refused,
         },
-        OpenError::Timeout(_) => "timeout",
-        OpenError::Stream(_) | OpenError::Closed(_) => "stream_error",
-        OpenError::Header(_) | OpenError::Malformed(_) => "protocol_error",
+        OpenError::Timeout(_) => AttemptResult::Timeout,
+        OpenError::Stream(_) | OpenError::Closed(_) => AttemptResult::StreamError,
+        OpenError::Header(_) | OpenError::Malformed(_) => AttemptResult::ProtocolError,
     }
 }
 
-/// Opens a tunnel to `target`. `open_started` is reset once a connection is at hand, so the
-/// latency sample is the tunnel open alone, not a first dial's handshake.
-pub(crate) async fn open(
-    shared: &Shared,
-    service: &str,
-    target: &Target,
-    traceparent: &str,
-    deadline: Duration,
-    open_started: &mut Instant,
-) -> Result<tunnel::OpenTunnel, AttemptError> {
-    let conn = shared
-        .pool
-        .connection(&target.node, target.addr, Alpn::Meshnode)
-        .await
-        .map_err(|e| AttemptError::Connect(e.to_string()))?;
-    *open_started = Instant::now();
-    let header = StreamHeader {
-        service: service.to_string(),
-        port: target.port,
-        traceparent: Some(traceparent.to_string()),
-        deadline_ms: u32::try_from(deadline.as_millis()).ok(),
-    };
-    tunnel::open(&conn, &header, deadline)
-        .await
-        .map_err(AttemptError::Open)
+impl Outbound {
+    /// Opens a tunnel to one of `svc`'s endpoints (on `port` when given, else each endpoint's
+    /// registered port), driving the dispatch engine, and counts every attempt and a failure
+    /// without an attempt. Shared by `[[outbound]]` listeners and the proxy's CONNECT.
+    pub async fn open(
+        &self,
+        svc: &ServiceTelemetry,
+        port: Option<u16>,
+        trace_id: &str,
+    ) -> Result<Opened, NoTunnel> {
+        let service = svc.name();
+        let route = self.routing.route(service);
+        let mut dispatch = Dispatch::new(&route, Request::TUNNEL, Instant::now());
+        loop {
+            let all = self.routing.targets(service, port);
+            let target = match dispatch.pick(&all, Instant::now(), &mut rand::thread_rng()) {
+                Ok(t) => t,
+                Err(none) => {
+                    let result = if none.tried.is_empty() {
+                        AttemptResult::NoEndpoint
+                    } else {
+                        AttemptResult::Exhausted
+                    };
+                    svc.endpoint("").opened(result);
+                    return Err(NoTunnel::NoEndpoint { tried: none.tried });
+                }
+            };
+            let node = target.node.clone();
+            let inflight = dispatch.start(&node);
+            let traceparent = format!("00-{trace_id}-{:016x}-01", rand::random::<u64>());
+            let deadline = dispatch.deadline(&node, self.routing.open_timeout, Instant::now());
+            let mut open_started = Instant::now();
+            let attempt = dispatch.attempts();
+            let endpoint = svc.endpoint(&node);
+            let e = match self
+                .attempt(service, target, &traceparent, deadline, &mut open_started)
+                .await
+            {
+                Ok(t) => {
+                    let latency = open_started.elapsed();
+                    dispatch.report(&node, Outcome::Ok { latency }, Instant::now());
+                    endpoint.opened(AttemptResult::Ok);
+                    return Ok(Opened {
+                        node,
+                        tunnel: t,
+                        inflight,
+                        attempts: attempt,
+                    });
+                }
+                Err(e) => e,
+            };
+            drop(inflight);
+            let result = e.result();
+            endpoint.opened(result);
+            let decision =
+                dispatch.report(&node, e.outcome(open_started.elapsed()), Instant::now());
+            let retry = decision == Decision::Retry;
+            tracing::info!(%service, peer = %node, attempt = attempt - 1, reason = %e, retry, "tunnel open failed");
+            match decision {
+                Decision::Retry => svc.retry(result),
+                Decision::Deliver => return Err(NoTunnel::Failed(e)),
+                Decision::OutOfBudget => {
+                    svc.endpoint("").opened(AttemptResult::BudgetExhausted);
+                    return Err(NoTunnel::BudgetExhausted);
+                }
+            }
+        }
+    }
+
+    /// One attempt on `target`. `open_started` is reset once a connection is at hand, so the
+    /// latency sample is the tunnel open alone, not a first dial's handshake.
+    async fn attempt(
+        &self,
+        service: &str,
+        target: &Target,
+        traceparent: &str,
+        deadline: Duration,
+        open_started: &mut Instant,
+    ) -> Result<tunnel::OpenTunnel, AttemptError> {
+        let conn = self
+            .pool
+            .connection(&target.node, target.addr, Alpn::Meshnode)
+            .await
+            .map_err(|e| AttemptError::Connect(e.to_string()))?;
+        *open_started = Instant::now();
+        let header = StreamHeader {
+            service: service.to_string(),
+            port: target.port,
+            traceparent: Some(traceparent.to_string()),
+            deadline_ms: u32::try_from(deadline.as_millis()).ok(),
+        };
+        tunnel::open(&conn, &header, deadline)
+            .await
+            .map_err(AttemptError::Open)
+    }
 }
 
 /// Closes the application's connection with RST, so it sees a failure at once rather than an
 /// orderly end of an empty stream.
 fn reset(tcp: TcpStream) {
     // Linger zero makes close send RST; it does not block, unlike a non-zero linger.
-    let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
     drop(tcp);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn open_deadline_follows_measured_latency_within_bounds() {
-        let ceiling = Duration::from_secs(3);
-        assert_eq!(open_deadline(0.0, ceiling), MIN_OPEN_DEADLINE);
-        assert_eq!(open_deadline(1.0, ceiling), MIN_OPEN_DEADLINE);
-        assert_eq!(open_deadline(80.0, ceiling), Duration::from_millis(800));
-        assert_eq!(open_deadline(1_000.0, ceiling), ceiling);
-        assert_eq!(open_deadline(f64::NAN, ceiling), MIN_OPEN_DEADLINE);
-    }
 }

@@ -1,5 +1,6 @@
-//! Peer health from the transport (SPEC §8, Failover): the pool's connection events drive every
-//! service's balancer, and a reconnector dials the peers that are down.
+//! Peer health from the transport (docs/README.md, Failover): the pool's connection events write the
+//! node's one peer table (which every balancer reads), and a reconnector dials the peers that are
+//! down. Path migrations, announced by the pool as events too, are counted here.
 //!
 //! - A connection that dies (idle timeout of a silent peer, stateless reset from a restarted
 //!   one) marks the peer down at once: no new work goes there.
@@ -21,12 +22,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meshnode_transport::{Alpn, PeerEvent};
+use meshnode_transport::{Alpn, PeerEvent, PeerPool};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::Notify;
 
-use crate::balance::Balancer;
-use crate::node::{lock, Shared};
+use crate::balance::PeerTable;
+use crate::routing::Routing;
+use crate::telemetry::Telemetry;
 
 /// How often the reconnector looks for down peers (it is also woken when one goes down).
 pub const RECONNECT_TICK: Duration = Duration::from_millis(100);
@@ -41,19 +43,72 @@ pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// round trip is long.
 pub const RECONNECT_FIRST_DIAL: Duration = Duration::from_millis(250);
 
-/// Applies the pool's connection events to the balancers until the pool is gone; wakes the
-/// reconnector when a peer goes down. `events` is subscribed before any dial can happen.
-pub(crate) async fn follow_pool_events(
-    shared: Arc<Shared>,
+/// What the peer-health tasks use.
+pub struct PeerHealthInputs {
+    /// This node's name (never dialled).
+    pub node: String,
+    /// The view (who is in the registry) and the peer table.
+    pub routing: Arc<Routing>,
+    /// The connection pool: its events, its dials.
+    pub pool: PeerPool,
+    /// Migration counter.
+    pub telemetry: Arc<Telemetry>,
+    /// Path migrations per peer, for `/status`.
+    pub migrations: Arc<Migrations>,
+    /// The transport's connect timeout (the longest reconnect dial).
+    pub connect_timeout: Duration,
+}
+
+/// Path migrations seen per peer: the one place they are counted.
+#[derive(Default)]
+pub struct Migrations {
+    by_peer: Mutex<HashMap<String, u64>>,
+}
+
+impl Migrations {
+    /// Migrations seen on connections with `peer`.
+    pub fn of(&self, peer: &str) -> u64 {
+        self.by_peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn record(&self, peer: &str) {
+        *self
+            .by_peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(peer.to_string())
+            .or_insert(0) += 1;
+    }
+}
+
+/// Applies the pool's connection events to the peer table until the pool is gone; wakes the
+/// reconnector when a peer goes down, and counts path migrations. `events` is subscribed
+/// before any dial can happen.
+pub async fn follow_pool_events(
+    inputs: Arc<PeerHealthInputs>,
     mut events: tokio::sync::broadcast::Receiver<PeerEvent>,
     wake: Arc<Notify>,
 ) {
     loop {
         match events.recv().await {
             Ok(event) => {
-                apply(&shared.all_balancers(), &event, Instant::now());
-                if matches!(event, PeerEvent::Lost { .. }) {
-                    wake.notify_one();
+                apply(inputs.routing.peers(), &event, Instant::now());
+                match &event {
+                    PeerEvent::Lost { .. } => wake.notify_one(),
+                    PeerEvent::Migrated {
+                        peer,
+                        alpn: Alpn::Meshnode,
+                        ..
+                    } => {
+                        inputs.migrations.record(peer);
+                        inputs.telemetry.migration();
+                    }
+                    _ => {}
                 }
             }
             Err(RecvError::Lagged(missed)) => {
@@ -66,33 +121,21 @@ pub(crate) async fn follow_pool_events(
     }
 }
 
-/// One event's effect on every balancer.
-fn apply(balancers: &[Arc<Balancer>], event: &PeerEvent, now: Instant) {
+/// One event's effect on the peer table (and so on every balancer).
+fn apply(peers: &PeerTable, event: &PeerEvent, now: Instant) {
     let peer = event.peer();
     match event {
-        PeerEvent::Connected { .. } => {
-            for b in balancers {
-                b.set_draining(peer, false);
-                b.mark_up(peer, now);
-            }
-        }
+        PeerEvent::Connected { .. } => peers.connected(peer, now),
         PeerEvent::Lost { reason, .. } => {
             tracing::info!(peer, %reason, "peer marked down: connection lost");
-            for b in balancers {
-                b.mark_down(peer, now);
-            }
+            peers.mark_down(peer, now);
         }
-        PeerEvent::DialFailed { .. } => {
-            for b in balancers {
-                b.mark_down(peer, now);
-            }
-        }
+        PeerEvent::DialFailed { .. } => peers.mark_down(peer, now),
         PeerEvent::Draining { .. } => {
             tracing::info!(peer, "peer draining: no new work");
-            for b in balancers {
-                b.set_draining(peer, true);
-            }
+            peers.set_draining(peer, true);
         }
+        PeerEvent::Migrated { .. } => {}
     }
 }
 
@@ -123,11 +166,11 @@ pub fn dial_timeout(failures: u32, ceiling: Duration) -> Duration {
         .min(ceiling.max(RECONNECT_FIRST_DIAL))
 }
 
-/// Dials every peer some balancer holds as down, while it is in the registry.
-pub(crate) async fn reconnect_loop(shared: Arc<Shared>, wake: Arc<Notify>) {
+/// Dials every peer the table holds as down, while it is in the registry.
+pub async fn reconnect_loop(inputs: Arc<PeerHealthInputs>, wake: Arc<Notify>) {
     let attempts: Arc<Mutex<HashMap<String, Attempts>>> = Arc::default();
-    let connect_timeout = shared.config.transport().connect_timeout;
-    let mut views = Some(shared.view.clone());
+    let connect_timeout = inputs.connect_timeout;
+    let mut views = Some(inputs.routing.watch_view());
     loop {
         let mut view_changed = false;
         tokio::select! {
@@ -141,20 +184,14 @@ pub(crate) async fn reconnect_loop(shared: Arc<Shared>, wake: Arc<Notify>) {
                 }
             }
         }
-        let mut down: Vec<String> = shared
-            .all_balancers()
-            .iter()
-            .flat_map(|b| b.down_nodes())
-            .collect();
-        down.sort();
-        down.dedup();
-        let view = shared.view.borrow().clone();
+        let down = inputs.routing.peers().down_peers();
+        let view = inputs.routing.view();
         let now = Instant::now();
-        let mut table = lock(&attempts);
+        let mut table = attempts.lock().unwrap_or_else(|p| p.into_inner());
         // Forget peers that are no longer down (back, or gone from the registry).
         table.retain(|node, a| a.dialing || down.contains(node));
         for node in down {
-            if node == shared.name {
+            if node == inputs.node {
                 continue;
             }
             let Some(addr) = view
@@ -175,9 +212,9 @@ pub(crate) async fn reconnect_loop(shared: Arc<Shared>, wake: Arc<Notify>) {
             }
             a.dialing = true;
             let timeout = dial_timeout(a.failures, connect_timeout);
-            let (shared, attempts) = (shared.clone(), attempts.clone());
+            let (inputs, attempts) = (inputs.clone(), attempts.clone());
             tokio::spawn(async move {
-                let result = shared
+                let result = inputs
                     .pool
                     .connection_within(&node, addr, Alpn::Meshnode, timeout)
                     .await;
@@ -186,12 +223,9 @@ pub(crate) async fn reconnect_loop(shared: Arc<Shared>, wake: Arc<Notify>) {
                     // The pool announces a new connection itself; a connection that was already
                     // up (the peer was marked down by another protocol's failure) is not
                     // announced, so mark it up here as well.
-                    let now = Instant::now();
-                    for b in shared.all_balancers() {
-                        b.mark_up(&node, now);
-                    }
+                    inputs.routing.peers().mark_up(&node, Instant::now());
                 }
-                let mut table = lock(&attempts);
+                let mut table = attempts.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(a) = table.get_mut(&node) {
                     a.dialing = false;
                     if ok {
@@ -210,7 +244,7 @@ pub(crate) async fn reconnect_loop(shared: Arc<Shared>, wake: Arc<Notify>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::{BalanceConfig, Candidate, EndpointState};
+    use crate::balance::{BalanceConfig, Balancer, Candidate, EndpointState};
 
     #[test]
     fn retry_delay_doubles_up_to_the_cap() {
@@ -250,7 +284,7 @@ mod tests {
     #[test]
     fn events_move_the_peer_through_down_draining_and_back() {
         let b = Arc::new(Balancer::new(BalanceConfig::default()));
-        let all = [b.clone()];
+        let all = b.peers().clone();
         let t0 = Instant::now();
         let cands: Vec<Candidate<'_>> = ["a", "b", "c"]
             .iter()

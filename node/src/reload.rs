@@ -1,20 +1,17 @@
 //! SIGHUP reload: services, allow lists, outbounds and certificates change without dropping
 //! established tunnels. Settings that shape the node itself need a restart and are reported.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
-use crate::config::{Config, ServiceConfig};
+use crate::config::Config;
 use crate::exit::{self, Failure};
-use crate::node::{lock, Node, OutboundListener};
+use crate::node::{lock, Node};
+use crate::outbound::OutboundListener;
 
 impl Node {
     /// Applies a new, already validated config. Tunnels in flight are untouched: inbound ones
     /// keep the target they connected to; outbound listeners that stay keep running.
     /// Returns a one-line summary of what changed.
     pub async fn reload(&self, new: Config) -> Result<String, Failure> {
-        let shared = &self.shared;
-        let old = &shared.config;
+        let old = &self.config;
         if new.node.name != old.node.name {
             return Err(Failure::config(
                 "node.name cannot change on reload; restart the node",
@@ -38,8 +35,7 @@ impl Node {
         }
 
         // Certificates first: a bad certificate fails the reload before anything changed.
-        shared
-            .endpoint
+        self.endpoint
             .identity()
             .reload_files(&new.tls.cert, &new.tls.key)
             .map_err(|e| Failure::config(format!("tls: {e}")))?;
@@ -73,7 +69,8 @@ impl Node {
             {
                 continue;
             }
-            match OutboundListener::start(shared, service, *listen).await {
+            match OutboundListener::start(&self.outbound, &self.drain_watch, service, *listen).await
+            {
                 Ok(l) => {
                     kept.push(l);
                     added += 1;
@@ -90,22 +87,10 @@ impl Node {
         *lock(&self.outbounds) = kept;
 
         // Services and allow lists: swap the table new streams read, then re-register.
-        let services: HashMap<String, ServiceConfig> = new
-            .service
-            .iter()
-            .map(|s| (s.name.clone(), s.clone()))
-            .collect();
-        let changed_services = {
-            let current = shared.local_services();
-            let before: Vec<String> = sorted_debug(&current);
-            let after: Vec<String> = sorted_debug(&services);
-            before != after
-        };
-        *shared.local.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(services);
+        let changed_services = self.local.replace(&new.service);
         if changed_services {
-            shared
-                .registry
-                .register(shared.registration())
+            self.registry
+                .register(self.info.registration(&self.local))
                 .await
                 .map_err(|e| Failure::config(format!("registration refused: {e}")))?;
         }
@@ -126,10 +111,4 @@ impl Node {
         }
         Ok(summary)
     }
-}
-
-fn sorted_debug(m: &HashMap<String, ServiceConfig>) -> Vec<String> {
-    let mut v: Vec<String> = m.values().map(|s| format!("{s:?}")).collect();
-    v.sort();
-    v
 }

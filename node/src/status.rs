@@ -1,11 +1,36 @@
-//! The `/status` document (SPEC §6), built from the node's live state.
+//! The `/status` document (docs/README.md), built from the node's live state.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use std::sync::Arc;
+
+use meshnode_registry::Registry;
+use meshnode_transport::PeerPool;
 use serde::{Deserialize, Serialize};
 
-use crate::node::Shared;
+use crate::info::{NodeInfo, Readiness};
+use crate::local::LocalServices;
+use crate::peer_health::Migrations;
+use crate::routing::Routing;
+
+/// What `/status` reads.
+pub struct StatusInputs {
+    /// Name, zone, address, uptime.
+    pub info: Arc<NodeInfo>,
+    /// Readiness blockers.
+    pub readiness: Arc<Readiness>,
+    /// Registry state.
+    pub registry: Registry,
+    /// Peer connections.
+    pub pool: PeerPool,
+    /// The view and the balancers.
+    pub routing: Arc<Routing>,
+    /// Hosted services.
+    pub local: Arc<LocalServices>,
+    /// Path migrations per peer.
+    pub migrations: Arc<Migrations>,
+}
 
 /// The whole `/status` answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,9 +135,9 @@ pub struct EndpointStatus {
 }
 
 /// Builds the document.
-pub(crate) fn build(shared: &Shared) -> StatusDoc {
+pub fn build(shared: &StatusInputs) -> StatusDoc {
     let reg = shared.registry.status().borrow().clone();
-    let view = shared.view.borrow().clone();
+    let view = shared.routing.view();
     let now = Instant::now();
     let peers: Vec<PeerStatus> = shared
         .pool
@@ -123,35 +148,37 @@ pub(crate) fn build(shared: &Shared) -> StatusDoc {
             addr: p.remote.unwrap_or(p.addr).to_string(),
             state: p.state.as_str().to_string(),
             rtt_ms: p.rtt.map(|r| r.as_secs_f64() * 1e3),
-            streams_active: shared.streams_to(&p.name, now),
+            streams_active: shared.routing.streams_to(&p.name, now),
             bytes_sent: p.bytes_sent,
             bytes_received: p.bytes_received,
-            migrations: shared.migrations_of(&p.name),
+            migrations: shared.migrations.of(&p.name),
             name: p.name,
         })
         .collect();
     // Callers that have not been dialled back appear through their inbound connection.
     let mut peers: Vec<PeerStatus> = peers;
-    for (name, (addr, migrations, _)) in crate::node::lock(&shared.inbound_paths).iter() {
-        match peers.iter_mut().find(|p| &p.name == name) {
-            Some(p) => p.migrations += migrations,
-            None => peers.push(PeerStatus {
-                name: name.clone(),
-                addr: addr.to_string(),
+    for inbound in shared.pool.inbound() {
+        if !peers.iter().any(|p| p.name == inbound.name) {
+            peers.push(PeerStatus {
+                migrations: shared.migrations.of(&inbound.name),
+                name: inbound.name,
+                addr: inbound.remote.to_string(),
                 state: "connected".into(),
                 rtt_ms: None,
                 streams_active: 0,
                 bytes_sent: 0,
                 bytes_received: 0,
-                migrations: *migrations,
-            }),
+            });
         }
     }
     peers.sort_by(|a, b| a.name.cmp(&b.name));
-    let local = shared.local_services();
+    let local = shared.local.get();
     let mut services: BTreeMap<String, ServiceStatus> = BTreeMap::new();
     for (name, by_node) in &view.services {
-        let balancer = shared.balancer_if_any(name);
+        let balancer = shared
+            .routing
+            .route_if_any(name)
+            .map(|r| r.balancer.clone());
         let mut endpoints = Vec::new();
         let mut protocol = String::new();
         for (svc, node) in view.endpoints(name) {
@@ -191,14 +218,15 @@ pub(crate) fn build(shared: &Shared) -> StatusDoc {
                 endpoints: Vec::new(),
             });
     }
-    let blockers = shared.readiness_blockers();
+    let blockers = shared.readiness.blockers();
+    let info = &shared.info;
     StatusDoc {
         node: NodeStatus {
-            name: shared.name.clone(),
-            addr: shared.advertise().to_string(),
-            zone: shared.zone.clone(),
+            name: info.name.clone(),
+            addr: info.advertise().to_string(),
+            zone: info.zone.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            uptime_s: shared.started.elapsed().as_secs(),
+            uptime_s: info.started.elapsed().as_secs(),
         },
         registry: RegistryStatusDoc {
             backend: reg.backend.to_string(),

@@ -17,6 +17,6 @@ pub mod tunnel;
 
 pub use config::TransportConfig;
 pub use endpoint::{Alpn, ConnectError, EndpointOptions, InboundConnection, MeshEndpoint};
-pub use peers::{PeerEvent, PeerInfo, PeerPool, PeerState};
+pub use peers::{InboundInfo, PeerEvent, PeerInfo, PeerPool, PeerState};
 pub use quinn;
 pub use tls::Identity;

@@ -1,5 +1,5 @@
 //! This node's own outbound connections: one lazily dialled, reused connection per peer and
-//! ALPN, always to the peer's advertised address (SPEC §5), re-dialled after loss.
+//! ALPN, always to the peer's advertised address (docs/README.md), re-dialled after loss.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -71,6 +71,21 @@ pub enum PeerEvent {
         /// Protocol of the connection.
         alpn: Alpn,
     },
+    /// A live connection's path changed: the peer's address moved from `old` to `new` (NAT
+    /// rebinding, the peer's own migration). Seen on connections this node dialled and on
+    /// inbound ones handed to [`PeerPool::watch_inbound`]; a new connection is not a migration.
+    Migrated {
+        /// Peer node name.
+        peer: String,
+        /// Protocol of the connection.
+        alpn: Alpn,
+        /// Whether this node dialled the connection (`false`: the peer did).
+        outbound: bool,
+        /// The address before.
+        old: SocketAddr,
+        /// The address now.
+        new: SocketAddr,
+    },
 }
 
 impl PeerEvent {
@@ -80,7 +95,8 @@ impl PeerEvent {
             PeerEvent::Connected { peer, .. }
             | PeerEvent::DialFailed { peer, .. }
             | PeerEvent::Lost { peer, .. }
-            | PeerEvent::Draining { peer, .. } => peer,
+            | PeerEvent::Draining { peer, .. }
+            | PeerEvent::Migrated { peer, .. } => peer,
         }
     }
 }
@@ -88,6 +104,20 @@ impl PeerEvent {
 /// Events buffered per subscriber; a subscriber that falls further behind loses the oldest
 /// (it is told how many) and should resynchronise from [`PeerPool::snapshot`].
 const EVENT_BUFFER: usize = 1024;
+
+/// How often a live connection's remote address is compared with the last one seen. quinn
+/// reports no path change, so it is polled; the read is a lock and a copy, and 100 ms keeps a
+/// migration visible well within the second a path change may stall traffic.
+pub const PATH_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A connection a peer dialled to this node, as [`PeerPool::inbound`] lists it.
+#[derive(Debug, Clone)]
+pub struct InboundInfo {
+    /// Peer node name.
+    pub name: String,
+    /// The address the connection uses now.
+    pub remote: SocketAddr,
+}
 
 /// A point-in-time view of one peer connection, for status and metrics.
 #[derive(Debug, Clone)]
@@ -127,12 +157,15 @@ struct Entry {
 }
 
 type Entries = Arc<Mutex<HashMap<(String, Alpn), Arc<Entry>>>>;
+/// Live inbound `meshnode/1` connections by peer: the connection's stable id and itself.
+type Inbound = Arc<Mutex<HashMap<String, (usize, quinn::Connection)>>>;
 
 /// The outbound connection pool of one node.
 #[derive(Clone)]
 pub struct PeerPool {
     endpoint: MeshEndpoint,
     entries: Entries,
+    inbound: Inbound,
     events: tokio::sync::broadcast::Sender<PeerEvent>,
 }
 
@@ -147,6 +180,7 @@ impl PeerPool {
         PeerPool {
             endpoint,
             entries: Arc::default(),
+            inbound: Arc::default(),
             events: tokio::sync::broadcast::channel(EVENT_BUFFER).0,
         }
     }
@@ -265,11 +299,71 @@ impl PeerPool {
         }
     }
 
+    /// Follows `conn`'s remote address until it closes, announcing each change as
+    /// [`PeerEvent::Migrated`]. Returns the close reason.
+    async fn follow_path(
+        &self,
+        peer: &str,
+        alpn: Alpn,
+        outbound: bool,
+        conn: &quinn::Connection,
+    ) -> quinn::ConnectionError {
+        let mut last = conn.remote_address();
+        let mut tick = tokio::time::interval(PATH_CHECK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                reason = conn.closed() => return reason,
+                _ = tick.tick() => {}
+            }
+            let now = conn.remote_address();
+            if now != last {
+                tracing::info!(peer, old = %last, new = %now, outbound, "peer connection migrated");
+                self.emit(PeerEvent::Migrated {
+                    peer: peer.to_string(),
+                    alpn,
+                    outbound,
+                    old: last,
+                    new: now,
+                });
+                last = now;
+            }
+        }
+    }
+
+    /// Follows a connection a peer dialled to this node (`meshnode/1`) until it closes: its
+    /// path changes become [`PeerEvent::Migrated`], and it is listed by [`PeerPool::inbound`].
+    pub fn watch_inbound(&self, peer: String, conn: quinn::Connection) {
+        let pool = self.clone();
+        let id = conn.stable_id();
+        lock(&self.inbound).insert(peer.clone(), (id, conn.clone()));
+        tokio::spawn(async move {
+            pool.follow_path(&peer, Alpn::Meshnode, false, &conn).await;
+            let mut inbound = lock(&pool.inbound);
+            if inbound.get(&peer).is_some_and(|(i, _)| *i == id) {
+                inbound.remove(&peer);
+            }
+        });
+    }
+
+    /// The live inbound connections handed to [`PeerPool::watch_inbound`].
+    pub fn inbound(&self) -> Vec<InboundInfo> {
+        let mut out: Vec<InboundInfo> = lock(&self.inbound)
+            .iter()
+            .map(|(name, (_, c))| InboundInfo {
+                name: name.clone(),
+                remote: c.remote_address(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
     /// Marks the peer down the moment its connection closes, so it is skipped at once.
     fn watch_close(&self, peer: String, alpn: Alpn, entry: Arc<Entry>, conn: quinn::Connection) {
         let pool = self.clone();
         tokio::spawn(async move {
-            let reason = conn.closed().await;
+            let reason = pool.follow_path(&peer, alpn, true, &conn).await;
             let draining = matches!(
                 &reason,
                 quinn::ConnectionError::ApplicationClosed(c)

@@ -12,7 +12,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use meshnode_proto::{DecodeError, Status, StreamHeader, MAX_HEADER_LEN};
 
-pub use splice::{splice, SpliceEnd, SpliceOutcome, TunnelCounters};
+pub use splice::{
+    splice, splice_with, LocalSide, MeshRecv, MeshSend, SpliceEnd, SpliceOutcome, TunnelCounters,
+};
 
 /// Application error code on RESET_STREAM/STOP_SENDING: the TCP peer reset its connection.
 pub const CODE_TCP_RESET: u32 = 1;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::RetryBudget;
 
-/// SPEC §8: "the EWMA decays over ~10 s", read as: a slow spell is forgotten ten seconds later
+/// docs/README.md: "the EWMA decays over ~10 s", read as: a slow spell is forgotten ten seconds later
 /// (its excess is down to `exp(-10)`). Between picks the cost decays on read, so an endpoint
 /// that lost every P2C contest is picked again after `decay × ln(slow / fast)` — 3.7 s for a
 /// path 40× slower with 1 s, 11 s with 3 s, 37 s with Linkerd's 10 s; [`DEFAULT_REMEASURE_AFTER`]
@@ -37,7 +37,7 @@ pub const DEFAULT_FAILURES_TO_EJECT: u32 = 3;
 pub const DEFAULT_EJECT_BASE: Duration = Duration::from_secs(1);
 /// Longest ejection: a peer that keeps failing is still probed twice a minute.
 pub const DEFAULT_EJECT_MAX: Duration = Duration::from_secs(30);
-/// SPEC §8: never more than half of a service's endpoints ejected, so a fault on the client's
+/// docs/README.md: never more than half of a service's endpoints ejected, so a fault on the client's
 /// side (which makes every endpoint look bad) cannot empty the pool.
 pub const DEFAULT_MAX_EJECTED_FRACTION: f64 = 0.5;
 /// Retries may add at most 20 % load: Finagle's and Linkerd's default.
@@ -46,8 +46,9 @@ pub const DEFAULT_RETRY_BUDGET_RATIO: f64 = 0.2;
 pub const DEFAULT_RETRY_BUDGET_MIN_PER_SEC: u32 = 10;
 /// Window over which requests and retries are counted (Finagle and Linkerd: 10 s).
 pub const DEFAULT_RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
-/// Relative weight of an endpoint that does not set one; cost is divided by `weight / 100`.
-pub const DEFAULT_WEIGHT: u32 = 100;
+/// Relative weight of an endpoint that does not set one (the registry's record default); cost
+/// is divided by `weight / 100`.
+pub use meshnode_registry::DEFAULT_WEIGHT;
 
 /// Balancer tuning. Every default is one of the `DEFAULT_*` constants of this module.
 #[derive(Debug, Clone)]

@@ -1,6 +1,7 @@
 //! Caller side: the local HTTP/1.1 proxy on `[http_proxy] listen`. Requests are routed by the
 //! absolute-form URI's host (`HTTP_PROXY` clients) or by `Host`; each is sent as an HTTP/3
-//! request to one endpoint chosen per request, and retried elsewhere per SPEC §8.
+//! request to one endpoint chosen per request by the dispatch engine, and retried elsewhere
+//! when the engine says so (docs/README.md, Failover). This file is the engine's HTTP adapter.
 //!
 //! One h3 client per peer connection: the QUIC connection comes from the node's pool (ALPN
 //! `h3`, dialled by this node); the h3 client on it is built once, its driver polled in a task
@@ -11,52 +12,77 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use meshnode_transport::Alpn;
+use meshnode_transport::{Alpn, PeerPool};
 use tokio::net::TcpListener;
 
 use super::body::{self, Body};
 use super::headers::{add_forwarded_for, ensure_traceparent, host_of, strip_hop_by_hop};
-use super::{is_idempotent, mesh_error, MAX_HEADER_BYTES};
+use super::{is_idempotent, mesh_error, MAX_HEADER_BYTES, MESH_ERROR};
 
-use crate::node::{lock, Shared};
-use crate::outbound::{pick_endpoint, targets, MAX_ATTEMPTS};
+use crate::balance::InflightGuard;
+use crate::dispatch::{self, Decision, Dispatch, Outcome};
+use crate::drain;
+use crate::outbound::Outbound;
+use crate::refusal::RefusalKind;
+use crate::routing::{Routing, Target};
+use crate::telemetry::{AttemptResult, EndpointTelemetry, Telemetry};
 
-/// Accepts proxy clients until the task is stopped.
-pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+/// What the proxy uses.
+pub(crate) struct Proxy {
+    /// Endpoints, balancers, budgets.
+    pub routing: Arc<Routing>,
+    /// This node's connections to peers (ALPN `h3`).
+    pub pool: PeerPool,
+    /// Metric handles.
+    pub telemetry: Arc<Telemetry>,
+    /// The L4 adapter, for CONNECT.
+    pub outbound: Arc<Outbound>,
+    /// One h3 client per peer connection.
+    pub h3: H3Clients,
+}
+
+/// Accepts proxy clients until a drain begins or the task is stopped.
+pub(crate) async fn accept_loop(proxy: Arc<Proxy>, drain: drain::Watch, listener: TcpListener) {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = drain.signalled() => return,
+        };
+        match accepted {
             Ok((tcp, client)) => {
-                let shared = shared.clone();
-                tokio::spawn(serve_client(shared, tcp, client));
+                tokio::spawn(serve_client(proxy.clone(), drain.clone(), tcp, client));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "http proxy accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
 }
 
-async fn serve_client(shared: Arc<Shared>, tcp: tokio::net::TcpStream, client: SocketAddr) {
+async fn serve_client(
+    proxy: Arc<Proxy>,
+    drain: drain::Watch,
+    tcp: tokio::net::TcpStream,
+    client: SocketAddr,
+) {
     let _ = tcp.set_nodelay(true);
     let smuggled = Arc::new(AtomicBool::new(false));
     let io = TokioIo::new(super::sniff::Sniffer::new(tcp, smuggled.clone()));
     let service = service_fn(move |req| {
-        let shared = shared.clone();
+        let (proxy, drain) = (proxy.clone(), drain.clone());
         let smuggled = smuggled.clone();
         async move {
             let resp = if smuggled.load(Ordering::SeqCst) {
-                shared
-                    .metrics
-                    .inc("meshnode_inbound_rejected_total", &["smuggling"]);
+                proxy.telemetry.rejected(RefusalKind::Smuggling);
                 let mut r = mesh_error(
                     StatusCode::BAD_REQUEST,
                     "conflicting Content-Length and Transfer-Encoding",
@@ -67,7 +93,7 @@ async fn serve_client(shared: Arc<Shared>, tcp: tokio::net::TcpStream, client: S
                 );
                 r
             } else {
-                handle(shared, client, req).await
+                handle(proxy, drain, client, req).await
             };
             Ok::<_, Infallible>(resp)
         }
@@ -93,9 +119,14 @@ fn route(req: &Request<Incoming>) -> Option<String> {
         .map(host_of)
 }
 
-async fn handle(shared: Arc<Shared>, client: SocketAddr, req: Request<Incoming>) -> Response<Body> {
-    if req.method() == http::Method::CONNECT {
-        return super::tunnel::connect(shared, req).await;
+async fn handle(
+    proxy: Arc<Proxy>,
+    drain: drain::Watch,
+    client: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    if req.method() == Method::CONNECT {
+        return super::tunnel::connect(&proxy.outbound, drain, req).await;
     }
     let Some(service) = route(&req) else {
         return mesh_error(
@@ -103,15 +134,14 @@ async fn handle(shared: Arc<Shared>, client: SocketAddr, req: Request<Incoming>)
             "no Host header and no absolute URI",
         );
     };
-    if targets(&shared, &service).is_empty() {
-        shared
-            .metrics
-            .inc("meshnode_http_requests_total", &[&service, "", "404"]);
+    let svc = proxy.telemetry.service(&service);
+    if proxy.routing.targets(&service, None).is_empty() {
+        svc.endpoint("").count_code(StatusCode::NOT_FOUND);
         return mesh_error(StatusCode::NOT_FOUND, &format!("unknown service {service}"));
     }
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let started = Instant::now();
-    let resp = forward(shared, client, service.clone(), req).await;
+    let resp = forward(&proxy, client, &service, req).await;
     // One access-log line per request (off unless MESHNODE_LOG enables meshnode::access), at
     // the response head: the body may stream for a long time after.
     tracing::info!(
@@ -122,25 +152,27 @@ async fn handle(shared: Arc<Shared>, client: SocketAddr, req: Request<Incoming>)
         %method,
         path,
         status = resp.status().as_u16(),
-        mesh_error = resp.headers().contains_key(super::MESH_ERROR),
+        mesh_error = resp.headers().contains_key(MESH_ERROR),
         head_ms = started.elapsed().as_millis() as u64,
         "http request answered"
     );
     resp
 }
 
-/// The outcome of one attempt that did not produce the final answer.
-enum Attempt {
-    /// Nothing reached the far node's target: retry anywhere.
-    Unsent(&'static str),
-    /// The answer, which may be a retryable 502/503.
-    Answer(Response<Body>),
+/// One request as each attempt sends it.
+struct Prepared {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    /// The body, until an attempt takes it (only a body-less request is retried).
+    body: Option<Incoming>,
+    body_empty: bool,
 }
 
 async fn forward(
-    shared: Arc<Shared>,
+    proxy: &Proxy,
     client: SocketAddr,
-    service: String,
+    service: &str,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -159,168 +191,135 @@ async fn forward(
         return mesh_error(StatusCode::BAD_REQUEST, "malformed request target");
     };
     let body_empty = incoming.is_end_stream();
-    let idempotent = is_idempotent(&parts.method);
-    let mut incoming = Some(incoming);
-    let balancer = shared.balancer(&service);
-    let budget = shared.budget(&service);
-    budget.record_request(Instant::now());
-    let mut tried: Vec<String> = Vec::new();
-    for attempt in 0..MAX_ATTEMPTS {
-        let all = targets(&shared, &service);
-        let picked = pick_endpoint(&balancer, &all, &tried);
-        let Some(node) = picked else {
-            return finish(
-                &shared,
-                &service,
-                "",
-                started,
-                mesh_error(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint"),
-            );
-        };
-        let Some(target) = all.iter().find(|t| t.node == node) else {
-            break;
-        };
-        let inflight = balancer.start(&node);
-        let last = attempt + 1 == MAX_ATTEMPTS;
-        let mut h3req = Request::new(());
-        *h3req.method_mut() = parts.method.clone();
-        *h3req.uri_mut() = uri.clone();
-        *h3req.headers_mut() = headers.clone();
-        let outcome = match shared.http.peers.get(&shared, &node, target.addr).await {
-            Err(reason) => {
-                balancer.mark_down(&node, Instant::now());
-                tracing::info!(%service, peer = %node, %reason, "h3 connection failed");
-                Attempt::Unsent("unreachable")
-            }
-            Ok(mut sr) => {
-                let t0 = Instant::now();
-                match sr.send_request(h3req).await {
-                    Err(e) => {
-                        balancer.record_failure(&node, Instant::now());
-                        tracing::info!(%service, peer = %node, error = %e, "h3 request failed");
-                        Attempt::Unsent("stream_error")
-                    }
-                    Ok(stream) => {
-                        let (mut send, mut recv) = stream.split();
-                        if body_empty {
-                            let _ = send.finish().await;
-                        } else if let Some(b) = incoming.take() {
-                            tokio::spawn(async move {
-                                let _ = body::send_client_body(&mut send, b).await;
-                            });
-                        }
-                        match recv.recv_response().await {
-                            Err(e) => {
-                                balancer.record_failure(&node, Instant::now());
-                                tracing::info!(%service, peer = %node, error = %e, "no response");
-                                if body_empty {
-                                    Attempt::Unsent("stream_error")
-                                } else {
-                                    return finish(
-                                        &shared,
-                                        &service,
-                                        &node,
-                                        started,
-                                        mesh_error(
-                                            StatusCode::BAD_GATEWAY,
-                                            "peer reset the request",
-                                        ),
-                                    );
-                                }
-                            }
-                            Ok(head) => {
-                                let mesh = head.headers().contains_key(super::MESH_ERROR);
-                                let code = head.status();
-                                if mesh
-                                    && (code == StatusCode::BAD_GATEWAY
-                                        || code == StatusCode::SERVICE_UNAVAILABLE
-                                        || code == StatusCode::GATEWAY_TIMEOUT)
-                                {
-                                    balancer.record_failure(&node, Instant::now());
-                                } else {
-                                    balancer.record_success(&node, t0.elapsed(), Instant::now());
-                                }
-                                let (mut rparts, ()) = head.into_parts();
-                                strip_hop_by_hop(&mut rparts.headers);
-                                rparts.version = http::Version::HTTP_11;
-                                let rbody =
-                                    body::ClientRecvBody::new(recv, None, Some(Box::new(inflight)))
-                                        .boxed_unsync();
-                                Attempt::Answer(Response::from_parts(rparts, rbody))
-                            }
-                        }
-                    }
-                }
+    let request = dispatch::Request {
+        replayable: body_empty,
+        idempotent: is_idempotent(&parts.method),
+    };
+    let mut prepared = Prepared {
+        method: parts.method,
+        uri,
+        headers,
+        body: Some(incoming),
+        body_empty,
+    };
+    let svc = proxy.telemetry.service(service);
+    let route = proxy.routing.route(service);
+    let mut dispatch = Dispatch::new(&route, request, Instant::now());
+    loop {
+        let all = proxy.routing.targets(service, None);
+        let target = match dispatch.pick(&all, Instant::now(), &mut rand::thread_rng()) {
+            Ok(t) => t,
+            Err(_) => {
+                let answer = mesh_error(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint");
+                return finish(&svc.endpoint(""), started, answer);
             }
         };
-        let retry_reason = match &outcome {
-            Attempt::Unsent(r) => Some(*r),
-            Attempt::Answer(r) => {
-                let code = r.status();
-                let refused =
-                    code == StatusCode::BAD_GATEWAY || code == StatusCode::SERVICE_UNAVAILABLE;
-                // The far node says the target never saw the request: any method may go
-                // elsewhere, as long as there is no body to replay.
-                let unreached = r
-                    .headers()
-                    .get(super::MESH_ERROR)
-                    .is_some_and(|v| v == "node draining" || v == "target refused");
-                (refused && body_empty && (idempotent || unreached)).then_some(
-                    if code == StatusCode::BAD_GATEWAY {
-                        "status_502"
-                    } else {
-                        "status_503"
-                    },
-                )
+        let node = target.node.clone();
+        let inflight = dispatch.start(&node);
+        let (outcome, answer) = attempt(proxy, service, target, &mut prepared, inflight).await;
+        match dispatch.report(&node, outcome, Instant::now()) {
+            Decision::Retry => {
+                let reason = retry_reason(outcome);
+                svc.retry(reason);
+                tracing::debug!(%service, peer = %node, %trace_id, attempt = dispatch.attempts() - 1, reason = reason.label(), "retrying on another endpoint");
             }
-        };
-        let retry = retry_reason.is_some() && !last && budget.try_retry(Instant::now());
-        if let (true, Some(reason)) = (retry, retry_reason) {
-            shared
-                .metrics
-                .inc("meshnode_retries_total", &[&service, reason]);
-            tracing::debug!(%service, peer = %node, %trace_id, attempt, reason, "retrying on another endpoint");
-            tried.push(node);
-            continue;
+            Decision::Deliver | Decision::OutOfBudget => {
+                return finish(&svc.endpoint(&node), started, answer);
+            }
         }
-        return match outcome {
-            Attempt::Answer(r) => finish(&shared, &service, &node, started, r),
-            Attempt::Unsent(reason) => finish(
-                &shared,
-                &service,
-                &node,
-                started,
-                mesh_error(StatusCode::BAD_GATEWAY, &format!("peer {reason}")),
-            ),
-        };
     }
-    finish(
-        &shared,
-        &service,
-        "",
-        started,
-        mesh_error(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint"),
-    )
+}
+
+/// The `meshnode_retries_total` reason of an HTTP attempt.
+fn retry_reason(outcome: Outcome) -> AttemptResult {
+    match outcome {
+        Outcome::Unreachable => AttemptResult::Unreachable,
+        Outcome::Timeout => AttemptResult::Timeout,
+        Outcome::Refused { status: 502, .. } => AttemptResult::Status502,
+        Outcome::Refused { .. } => AttemptResult::Status503,
+        _ => AttemptResult::StreamError,
+    }
+}
+
+/// One attempt on `target`: the typed outcome, and the answer the client gets if it is the
+/// last (a peer's response, or a mesh error saying what failed).
+async fn attempt(
+    proxy: &Proxy,
+    service: &str,
+    target: &Target,
+    req: &mut Prepared,
+    inflight: InflightGuard,
+) -> (Outcome, Response<Body>) {
+    let node = &target.node;
+    let failed = |reason: &str| mesh_error(StatusCode::BAD_GATEWAY, &format!("peer {reason}"));
+    let mut sr = match proxy.h3.get(&proxy.pool, node, target.addr).await {
+        Ok(sr) => sr,
+        Err(reason) => {
+            tracing::info!(%service, peer = %node, %reason, "h3 connection failed");
+            return (Outcome::Unreachable, failed("unreachable"));
+        }
+    };
+    let mut h3req = Request::new(());
+    *h3req.method_mut() = req.method.clone();
+    *h3req.uri_mut() = req.uri.clone();
+    *h3req.headers_mut() = req.headers.clone();
+    let t0 = Instant::now();
+    let stream = match sr.send_request(h3req).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(%service, peer = %node, error = %e, "h3 request failed");
+            return (Outcome::ResetBeforeSend, failed("stream_error"));
+        }
+    };
+    let (mut send, mut recv) = stream.split();
+    if req.body_empty {
+        let _ = send.finish().await;
+    } else if let Some(b) = req.body.take() {
+        tokio::spawn(async move {
+            let _ = body::send_client_body(&mut send, b).await;
+        });
+    }
+    let head = match recv.recv_response().await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::info!(%service, peer = %node, error = %e, "no response");
+            let answer = if req.body_empty {
+                failed("stream_error")
+            } else {
+                mesh_error(StatusCode::BAD_GATEWAY, "peer reset the request")
+            };
+            return (Outcome::ResetAfterSend, answer);
+        }
+    };
+    let latency = t0.elapsed();
+    let status = head.status().as_u16();
+    // What the far node says, decoded once: its own refusal (`meshnode-error`), and whether
+    // that refusal means the target never saw the request.
+    let refusal = head.headers().get(MESH_ERROR);
+    let mesh = refusal.is_some();
+    let unreached = refusal
+        .and_then(|v| RefusalKind::from_wire(v.as_bytes()))
+        .is_some_and(RefusalKind::target_unreached);
+    let outcome = if mesh || matches!(status, 502..=504) {
+        Outcome::Refused {
+            status,
+            mesh,
+            unreached,
+            latency,
+        }
+    } else {
+        Outcome::Ok { latency }
+    };
+    let (mut rparts, ()) = head.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    rparts.version = http::Version::HTTP_11;
+    let rbody = body::ClientRecvBody::new(recv, None, Some(Box::new(inflight))).boxed_unsync();
+    (outcome, Response::from_parts(rparts, rbody))
 }
 
 /// Counts the answer in the HTTP metrics and returns it.
-fn finish(
-    shared: &Shared,
-    service: &str,
-    peer: &str,
-    started: Instant,
-    resp: Response<Body>,
-) -> Response<Body> {
-    let code = resp.status();
-    shared.metrics.inc(
-        "meshnode_http_requests_total",
-        &[service, peer, code.as_str()],
-    );
-    shared.metrics.observe(
-        "meshnode_http_request_duration_seconds",
-        &[service, peer],
-        started.elapsed().as_secs_f64(),
-    );
+fn finish(endpoint: &EndpointTelemetry, started: Instant, resp: Response<Body>) -> Response<Body> {
+    endpoint.http(resp.status(), started.elapsed().as_secs_f64());
     resp
 }
 
@@ -341,17 +340,19 @@ impl H3Clients {
     /// The h3 client for `node` at `addr`, dialling and setting it up if needed.
     pub(crate) async fn get(
         &self,
-        shared: &Shared,
+        pool: &PeerPool,
         node: &str,
         addr: SocketAddr,
     ) -> Result<SendRequest, String> {
-        let conn = shared
-            .pool
+        let conn = pool
             .connection(node, addr, Alpn::H3)
             .await
             .map_err(|e| e.to_string())?;
         let id = conn.stable_id();
-        let slot = lock(&self.slots)
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .entry(node.to_string())
             .or_default()
             .clone();
@@ -377,6 +378,9 @@ impl H3Clients {
 
     /// Forgets peers for which `keep` is false (nodes that left the mesh).
     pub(crate) fn retain(&self, keep: impl Fn(&str) -> bool) {
-        lock(&self.slots).retain(|k, _| keep(k));
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| keep(k));
     }
 }

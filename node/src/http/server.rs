@@ -5,25 +5,49 @@
 //! the service's target, answered 200, then bytes both ways; a FIN on either side is passed
 //! on as a FIN, a TCP reset resets the stream.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use h3::error::Code;
+use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use meshnode_transport::tunnel::splice_with;
 
 use super::body::{self, Body, ServerRecv, ServerSend};
 use super::headers::{host_of, strip_hop_by_hop};
-use super::{mesh_error, MAX_HEADER_BYTES};
-use crate::config::ServiceConfig;
-use crate::node::Shared;
+use super::stream::{H3Recv, H3Send};
+use super::{mesh_error, TargetClient, MAX_HEADER_BYTES};
+use crate::drain;
+use crate::local::LocalServices;
+use crate::refusal::{Refusal, RefusalKind};
+use crate::telemetry::Telemetry;
 
-/// Serves HTTP/3 requests on one inbound connection until it closes. `peer` is the caller's
-/// node name, taken from its certificate.
-pub(crate) async fn serve(shared: Arc<Shared>, peer: String, conn: quinn::Connection) {
+/// What the h3 server uses.
+pub(crate) struct H3Server {
+    /// The hosted services and the authoriser.
+    pub local: Arc<LocalServices>,
+    /// Metric handles.
+    pub telemetry: Arc<Telemetry>,
+    /// Drain signal and holds.
+    pub drain: drain::Watch,
+    /// HTTP/1.1 client to local targets (keep-alive pool).
+    pub targets: TargetClient,
+}
+
+impl H3Server {
+    /// Serves HTTP/3 requests on one inbound connection until it closes. `peer` is the
+    /// caller's node name, taken from its certificate.
+    pub(crate) async fn serve(self: Arc<Self>, peer: String, conn: quinn::Connection) {
+        serve(self, peer, conn).await;
+    }
+
+    /// Counts and answers a refusal.
+    async fn refuse(&self, send: &mut ServerSend, refusal: &Refusal) {
+        self.telemetry.rejected(refusal.kind);
+        respond_error(send, refusal.kind.http_code(), refusal.wire()).await;
+    }
+}
+
+async fn serve(shared: Arc<H3Server>, peer: String, conn: quinn::Connection) {
     let built = h3::server::builder()
         .max_field_section_size(MAX_HEADER_BYTES as u64)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn))
@@ -68,32 +92,8 @@ pub(crate) async fn respond_error(send: &mut ServerSend, code: StatusCode, reaso
     }
 }
 
-/// Checks that `service` is hosted here, callable by `peer`, and that the node takes work.
-pub(crate) fn authorise(
-    shared: &Shared,
-    peer: &str,
-    service: &str,
-) -> Result<ServiceConfig, (StatusCode, String)> {
-    if shared.draining.load(Ordering::SeqCst) {
-        return Err((StatusCode::SERVICE_UNAVAILABLE, "node draining".into()));
-    }
-    let local = shared.local_services();
-    let Some(svc) = local.get(service) else {
-        return Err((StatusCode::NOT_FOUND, "unknown service".into()));
-    };
-    if let Some(allow) = &svc.allow {
-        if !allow.iter().any(|a| a == peer) {
-            return Err((
-                StatusCode::FORBIDDEN,
-                format!("node {peer} may not call {service}"),
-            ));
-        }
-    }
-    Ok(svc.clone())
-}
-
 async fn handle(
-    shared: Arc<Shared>,
+    shared: Arc<H3Server>,
     peer: String,
     req: Request<()>,
     mut send: ServerSend,
@@ -118,18 +118,15 @@ async fn handle(
         return;
     };
     // Before the draining check inside, so that a drain beginning now waits for this request.
-    let _hold = shared.hold();
-    let svc = match authorise(&shared, &peer, &service) {
+    let _hold = shared.drain.hold();
+    let svc = match shared.local.authorise(&peer, &service, None) {
         Ok(s) => s,
-        Err((code, reason)) => {
-            shared
-                .metrics
-                .inc("meshnode_inbound_rejected_total", &[code.as_str()]);
-            respond_error(&mut send, code, &reason).await;
+        Err(refusal) => {
+            shared.refuse(&mut send, &refusal).await;
             return;
         }
     };
-    let _active = shared.track(&service);
+    let _active = shared.telemetry.service(&service).active();
     let (parts, ()) = req.into_parts();
     let path = parts
         .uri
@@ -172,22 +169,25 @@ async fn handle(
     *out.uri_mut() = uri;
     *out.headers_mut() = headers;
     let timeout = svc.request_timeout();
-    let answer = tokio::time::timeout(timeout, shared.http.targets.request(out)).await;
+    let answer = tokio::time::timeout(timeout, shared.targets.request(out)).await;
     let resp = match answer {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             let reason = if e.is_connect() {
-                "target refused"
+                Refusal::new(RefusalKind::TargetRefused, "")
+                    .wire()
+                    .to_string()
             } else {
-                "target reset"
+                "target reset".to_string()
             };
             tracing::info!(%peer, %service, error = %e, "target failed");
-            respond_error(&mut send, StatusCode::BAD_GATEWAY, reason).await;
+            respond_error(&mut send, StatusCode::BAD_GATEWAY, &reason).await;
             return;
         }
         Err(_) => {
             tracing::info!(%peer, %service, timeout_ms = timeout.as_millis() as u64, "target timed out");
-            respond_error(&mut send, StatusCode::GATEWAY_TIMEOUT, "target timed out").await;
+            let timed_out = Refusal::new(RefusalKind::TargetTimeout, "");
+            respond_error(&mut send, StatusCode::GATEWAY_TIMEOUT, timed_out.wire()).await;
             return;
         }
     };
@@ -200,12 +200,9 @@ async fn handle(
     let _ = body::send_server_body(&mut send, body).await;
 }
 
-/// Largest DATA frame sent: each frame is copied once by h3, so few large ones are best.
-const FRAME: usize = 64 * 1024;
-
 /// Serves one CONNECT request from `peer`.
 async fn serve_connect(
-    shared: Arc<Shared>,
+    shared: Arc<H3Server>,
     peer: String,
     req: Request<()>,
     mut send: ServerSend,
@@ -225,25 +222,17 @@ async fn serve_connect(
         return;
     };
     // Before the draining check inside, so that a drain beginning now waits for this tunnel.
-    let _hold = shared.hold();
-    let tcp = match crate::inbound::authorise_and_connect(&shared, &peer, &service, port, None)
+    let _hold = shared.drain.hold();
+    let tcp = match shared
+        .local
+        .authorise_and_connect(&peer, &service, port, None)
         .await
     {
         Ok(t) => t,
-        Err((code, reason, counted_as)) => {
-            shared
-                .metrics
-                .inc("meshnode_inbound_rejected_total", &[counted_as]);
-            let code =
-                StatusCode::from_u16(code.as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let reason = match code {
-                StatusCode::NOT_FOUND => "unknown service",
-                StatusCode::BAD_GATEWAY => "target refused",
-                StatusCode::GATEWAY_TIMEOUT => "target timed out",
-                _ => reason.as_str(),
-            };
-            tracing::info!(%peer, %service, port, code = code.as_u16(), %reason, "CONNECT refused");
-            respond_error(&mut send, code, reason).await;
+        Err(refusal) => {
+            let code = refusal.kind.code().as_u16();
+            tracing::info!(%peer, %service, port, code, reason = %refusal, "CONNECT refused");
+            shared.refuse(&mut send, &refusal).await;
             return;
         }
     };
@@ -252,52 +241,10 @@ async fn serve_connect(
     if send.send_response(ok).await.is_err() {
         return;
     }
-    let _active = shared.track(&service);
-    splice(tcp, send, recv).await;
-}
-
-/// Copies between the request stream and `tcp` until both directions end.
-async fn splice(tcp: TcpStream, mut send: ServerSend, mut recv: ServerRecv) {
+    let svc = shared.telemetry.service(&service);
+    let _active = svc.active();
+    let mut tcp = tcp;
     let _ = tcp.set_nodelay(true);
-    let (mut tr, mut tw) = tcp.into_split();
-    let to_target = async move {
-        loop {
-            // Never cancelled: the loop ends only when a read has completed.
-            match recv.recv_data().await {
-                Ok(Some(mut buf)) => {
-                    if tw.write_all_buf(&mut buf).await.is_err() {
-                        recv.stop_sending(Code::H3_REQUEST_CANCELLED);
-                        return;
-                    }
-                }
-                Ok(None) => {
-                    let _ = tw.shutdown().await;
-                    return;
-                }
-                Err(_) => return,
-            }
-        }
-    };
-    let from_target = async move {
-        let mut buf = BytesMut::with_capacity(FRAME);
-        loop {
-            buf.reserve(FRAME);
-            match tr.read_buf(&mut buf).await {
-                Ok(0) => {
-                    let _ = send.finish().await;
-                    return;
-                }
-                Ok(_) => {
-                    if send.send_data(buf.split().freeze()).await.is_err() {
-                        return;
-                    }
-                }
-                Err(_) => {
-                    send.stop_stream(Code::H3_REQUEST_CANCELLED);
-                    return;
-                }
-            }
-        }
-    };
-    tokio::join!(to_target, from_target);
+    let (mut send, mut recv) = (H3Send(send), H3Recv::new(recv));
+    splice_with(&mut tcp, &mut send, &mut recv, Bytes::new(), &svc.bytes).await;
 }

@@ -1,24 +1,26 @@
 //! Caller side of `CONNECT service:port` on the local proxy: an L4 tunnel over `meshnode/1`
-//! to an endpoint chosen and retried as for `[[outbound]]` listeners, then the upgraded
-//! client connection is spliced with it.
-
-use std::sync::Arc;
+//! opened by the dispatch engine's L4 adapter, as for `[[outbound]]` listeners, then the
+//! upgraded client connection is spliced with it.
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
 
 use super::body::{self, Body};
 use super::headers::host_of;
 use super::mesh_error;
+use super::stream::Upgraded;
 
-use crate::node::Shared;
-use crate::outbound::{open_with_retries, targets, AttemptError, NoTunnel, Opened};
-use meshnode_transport::tunnel::OpenError;
+use crate::drain;
+use crate::outbound::{AttemptError, NoTunnel, Opened, Outbound};
+use meshnode_transport::tunnel::{splice_with, OpenError, OpenTunnel};
 
 /// Answers a CONNECT request: 200 once a tunnel is open, else a mesh error.
-pub(crate) async fn connect(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn connect(
+    outbound: &std::sync::Arc<Outbound>,
+    drain: drain::Watch,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let Some((service, port)) = req
         .uri()
         .authority()
@@ -26,23 +28,30 @@ pub(crate) async fn connect(shared: Arc<Shared>, mut req: Request<Incoming>) -> 
     else {
         return mesh_error(StatusCode::BAD_REQUEST, "CONNECT needs service:port");
     };
-    if targets(&shared, &service).is_empty() {
+    if outbound.routing.targets(&service, None).is_empty() {
         return mesh_error(StatusCode::NOT_FOUND, &format!("unknown service {service}"));
     }
+    let svc = outbound.telemetry.service(&service);
     let trace_id = format!("{:032x}", rand::random::<u128>());
     // CONNECT names the port: the tunnel asks for it, and the far node checks it.
-    match open_with_retries(&shared, &service, Some(port), &trace_id).await {
+    match outbound.open(&svc, Some(port), &trace_id).await {
         Ok(Opened {
             tunnel: t,
             inflight,
             ..
         }) => {
             let upgrade = hyper::upgrade::on(&mut req);
-            let shared = shared.clone();
             tokio::spawn(async move {
                 let Ok(upgraded) = upgrade.await else { return };
-                let _active = shared.track(&service);
-                splice(TokioIo::new(upgraded), t).await;
+                let _hold = drain.hold();
+                let _active = svc.active();
+                let mut io = Upgraded(TokioIo::new(upgraded));
+                let OpenTunnel {
+                    mut send,
+                    mut recv,
+                    leftover,
+                } = t;
+                splice_with(&mut io, &mut send, &mut recv, leftover, &svc.bytes).await;
                 drop(inflight);
             });
             let mut ok = Response::new(body::empty());
@@ -66,31 +75,4 @@ pub(crate) async fn connect(shared: Arc<Shared>, mut req: Request<Incoming>) -> 
             mesh_error(code, &failure.to_string())
         }
     }
-}
-
-/// Copies between the upgraded client connection and the tunnel until both directions end.
-async fn splice(io: TokioIo<hyper::upgrade::Upgraded>, t: meshnode_transport::tunnel::OpenTunnel) {
-    let meshnode_transport::tunnel::OpenTunnel {
-        mut send,
-        mut recv,
-        leftover,
-    } = t;
-    let (mut r, mut w) = tokio::io::split(io);
-    let up = async move {
-        if tokio::io::copy(&mut r, &mut send).await.is_ok() {
-            let _ = send.finish();
-        } else {
-            let _ = send.reset(meshnode_transport::quinn::VarInt::from_u32(
-                meshnode_transport::tunnel::CODE_TCP_RESET,
-            ));
-        }
-    };
-    let down = async move {
-        if !leftover.is_empty() && w.write_all(&leftover).await.is_err() {
-            return;
-        }
-        let _ = tokio::io::copy(&mut recv, &mut w).await;
-        let _ = w.shutdown().await;
-    };
-    tokio::join!(up, down);
 }
