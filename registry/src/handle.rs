@@ -114,6 +114,10 @@ pub struct RegistryStatus {
     /// Leases granted by this backend so far: 1 after the first session; each more is a
     /// lease etcd reported gone (the node's keys were re-written under a new one).
     pub lease_grants: u64,
+    /// Batches of watch events applied (each published as one new view).
+    pub batches_total: u64,
+    /// Longest time one batch took to apply and publish, microseconds.
+    pub batch_max_us: u64,
 }
 
 impl RegistryStatus {
@@ -130,6 +134,8 @@ impl RegistryStatus {
             last_error: None,
             since: unix_now(),
             lease_grants: 0,
+            batches_total: 0,
+            batch_max_us: 0,
         }
     }
 }

@@ -412,15 +412,9 @@ impl Supervisor {
         });
     }
 
-    /// Publishes the working view if its records differ from the published one.
+    /// Publishes the working view (callers know it changed). The clone shares every
+    /// service's endpoint map with the working view until the next change to it.
     fn publish(&self) {
-        self.view_tx.send_if_modified(|current| {
-            if current.same_records(&self.working) {
-                false
-            } else {
-                *current = Arc::new(self.working.clone());
-                true
-            }
-        });
+        self.view_tx.send_replace(Arc::new(self.working.clone()));
     }
 }

@@ -23,6 +23,19 @@ const HEALTH_CHECK: Duration = Duration::from_millis(250);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 
+/// What `WatchStream::message` yields.
+type WatchMessage = Result<Option<WatchResponse>, etcd_client::Error>;
+
+/// Polls `fut` once: its output if it is ready now, without waiting.
+fn now_or_never<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// Result of opening a watch.
 pub(in crate::etcd) enum Opened {
     /// The watch is created and streaming on the member.
@@ -180,12 +193,12 @@ impl Supervisor {
                     }
                 }
                 msg = watch.message() => {
+                    let Some(msg) = self.apply_batch(msg, &mut watch) else {
+                        continue;
+                    };
                     let failure = match msg {
                         Ok(Some(resp)) => match classify(&resp) {
-                            WatchMsg::Events => {
-                                self.on_events(&resp);
-                                None
-                            }
+                            WatchMsg::Events => None, // taken by apply_batch
                             WatchMsg::Compacted(compacted) => {
                                 warn!(compacted, revision = self.working.revision, "watch compacted; listing again");
                                 (watch, member) = self.resync(&pool).await?;
@@ -212,7 +225,77 @@ impl Supervisor {
 
     /// Applies one watch response's events; publishes once if the records changed.
     fn on_events(&mut self, resp: &WatchResponse) {
-        let mut changed = false;
+        let started = Instant::now();
+        let applied = self.apply_events(resp);
+        self.finish_batch(applied, resp.events().len(), started);
+    }
+
+    /// Applies a batch: `first`, then every response already queued on `watch` (taken
+    /// without waiting), into the working view; publishes once for the whole batch. Work is
+    /// proportional to the events (and a view clone that shares untouched services). Returns
+    /// the first message that is not events (an error, the end, a cancel), to be handled
+    /// by the caller.
+    fn apply_batch(
+        &mut self,
+        first: WatchMessage,
+        watch: &mut WatchStream,
+    ) -> Option<WatchMessage> {
+        let started = Instant::now();
+        let mut applied = 0;
+        let mut events = 0;
+        let mut msg = first;
+        let leftover = loop {
+            match msg {
+                Ok(Some(resp)) if classify(&resp) == WatchMsg::Events => {
+                    applied += self.apply_events(&resp);
+                    events += resp.events().len();
+                    match now_or_never(watch.message()) {
+                        Some(next) => msg = next,
+                        None => break None,
+                    }
+                }
+                other => break Some(other),
+            }
+        };
+        self.finish_batch(applied, events, started);
+        leftover
+    }
+
+    /// Counts and publishes a batch of `applied` changes out of `events` events.
+    fn finish_batch(&mut self, applied: u64, events: usize, started: Instant) {
+        if applied > 0 {
+            self.publish();
+        }
+        let took = started.elapsed();
+        if events > 0 {
+            debug!(
+                events,
+                applied,
+                revision = self.working.revision,
+                ?took,
+                "registry batch applied"
+            );
+        }
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.update_status(|s| {
+            s.updates_total += applied;
+            if events > 0 {
+                s.batches_total += 1;
+                s.batch_max_us = s.batch_max_us.max(micros);
+            }
+        });
+    }
+
+    /// Applies one watch response's events to the working view; returns how many changed
+    /// it. Progress notifications move the revision on.
+    fn apply_events(&mut self, resp: &WatchResponse) -> u64 {
+        let mut changed = 0;
+        if resp.events().is_empty() && !resp.created() {
+            // A progress notification: every event up to its header revision was sent.
+            if let Some(h) = resp.header() {
+                self.working.revision = self.working.revision.max(h.revision());
+            }
+        }
         for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
             let deleted = matches!(event.event_type(), EventType::Delete);
@@ -220,16 +303,12 @@ impl Supervisor {
             let value = (!deleted).then(|| kv.value());
             let mut working = std::mem::take(&mut self.working);
             if self.ingest(&mut working, kv, value) == ApplyOutcome::Applied {
-                changed = true;
-                self.update_status(|s| s.updates_total += 1);
+                changed += 1;
             }
             working.revision = working.revision.max(kv.mod_revision());
             self.working = working;
         }
-        if changed {
-            debug!(revision = self.working.revision, "registry view changed");
-            self.publish();
-        }
+        changed
     }
 
     /// Replaces the view with a snapshot taken at `revision`.
@@ -270,7 +349,9 @@ impl Supervisor {
             changes,
             "registry snapshot loaded"
         );
-        self.publish();
+        if changes > 0 {
+            self.publish();
+        }
     }
 
     /// Applies one key to `view`, counting and logging an invalid value once per revision.
