@@ -54,6 +54,12 @@ pub struct RegistryStatusDoc {
     pub invalid_records: u64,
     /// Conflicts seen (two processes claiming one name).
     pub conflicts: Vec<String>,
+    /// Why the last session broke or could not start (`null` once connected again).
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// When `state` last changed, Unix seconds.
+    #[serde(default)]
+    pub since: u64,
 }
 
 /// One peer connection.
@@ -207,6 +213,8 @@ pub(crate) fn build(shared: &Shared) -> StatusDoc {
             lease_ttl_s: reg.lease_ttl_s,
             invalid_records: reg.invalid_records_total,
             conflicts: reg.conflicts.clone(),
+            last_error: reg.last_error.clone(),
+            since: reg.since,
         },
         peers,
         services: services.into_values().collect(),
