@@ -131,7 +131,8 @@ impl MeshView {
     ///
     /// `{prefix}/nodes/{node}` must carry a [`NodeRecord`] named `{node}`;
     /// `{prefix}/services/{svc}/{node}` a [`ServiceRecord`] for `{svc}` on `{node}`. Names are
-    /// 1-63 of `[a-z0-9-]` and `addr` is `ip:port`. Anything else under the prefix is
+    /// 1-63 of `[a-z0-9-]`, not starting or ending with `-` (`meshnode_proto::identity`), and
+    /// `addr` is `ip:port`. Anything else under the prefix is
     /// [`ApplyOutcome::Ignored`]; a bad value is [`ApplyOutcome::Invalid`] and changes nothing.
     pub fn apply(&mut self, prefix: &str, update: Update) -> ApplyOutcome {
         match update {

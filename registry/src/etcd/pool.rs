@@ -178,8 +178,10 @@ impl Pool {
             ) => {
                 format!("{what}: TLS connection failed ({files}): {text}")
             }
+            // Cancelled, Unknown, Unavailable: the connection was closed under the request
+            // (etcd refusing the handshake, e.g. no client certificate, shows as this).
             (Some(files), etcd_client::Error::GRpcStatus(s))
-                if i32::from(s.code()) == 14 || i32::from(s.code()) == 2 =>
+                if [1, 2, 14].contains(&i32::from(s.code())) =>
             {
                 format!("{what}: TLS connection failed or dropped ({files}): {text}")
             }

@@ -30,6 +30,12 @@ pub struct EtcdProcess {
     pub(super) initial_cluster: String,
     /// Raft timing: heartbeat and election timeout, in ms.
     pub(super) timing: (u32, u32),
+    /// Plain-HTTP `/health` (and `/metrics`) port, also when clients need TLS.
+    metrics_port: u16,
+    /// `https` when started with TLS flags.
+    scheme: &'static str,
+    /// Extra flags (TLS).
+    extra: Vec<String>,
 }
 
 pub(super) fn free_port() -> anyhow::Result<u16> {
@@ -57,6 +63,38 @@ impl EtcdProcess {
         Ok(etcd)
     }
 
+    /// Starts a single member whose client URL is `https://` with the given server
+    /// certificate and key (PEM files), requiring client certificates signed by `ca`.
+    pub async fn start_tls(
+        ca: &std::path::Path,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> anyhow::Result<EtcdProcess> {
+        let client_port = free_port()?;
+        let mut peer_port = free_port()?;
+        while peer_port == client_port {
+            peer_port = free_port()?;
+        }
+        let mut etcd = EtcdProcess::new(
+            "test",
+            client_port,
+            peer_port,
+            format!("test=http://127.0.0.1:{peer_port}"),
+            (25, 250),
+        )?;
+        etcd.scheme = "https";
+        etcd.endpoint = format!("https://127.0.0.1:{client_port}");
+        etcd.extra = vec![
+            format!("--cert-file={}", cert.display()),
+            format!("--key-file={}", key.display()),
+            format!("--trusted-ca-file={}", ca.display()),
+            "--client-cert-auth".to_string(),
+        ];
+        etcd.spawn()?;
+        etcd.wait_ready().await?;
+        Ok(etcd)
+    }
+
     /// A member not yet started (see `EtcdCluster`).
     pub(super) fn new(
         name: &str,
@@ -65,7 +103,14 @@ impl EtcdProcess {
         initial_cluster: String,
         timing: (u32, u32),
     ) -> anyhow::Result<EtcdProcess> {
+        let mut metrics_port = free_port()?;
+        while metrics_port == client_port || metrics_port == peer_port {
+            metrics_port = free_port()?;
+        }
         Ok(EtcdProcess {
+            metrics_port,
+            scheme: "http",
+            extra: Vec::new(),
             endpoint: format!("http://127.0.0.1:{client_port}"),
             client_port,
             peer_port,
@@ -93,7 +138,7 @@ impl EtcdProcess {
 
     pub(super) fn spawn(&mut self) -> anyhow::Result<()> {
         let bin = std::env::var("MESHNODE_ETCD_BIN").unwrap_or_else(|_| "etcd".to_string());
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = format!("{}://127.0.0.1:{}", self.scheme, self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = File::options()
             .create(true)
@@ -114,6 +159,11 @@ impl EtcdProcess {
             .arg(format!("--heartbeat-interval={}", self.timing.0))
             .arg(format!("--election-timeout={}", self.timing.1))
             .arg("--experimental-watch-progress-notify-interval=1s")
+            .arg(format!(
+                "--listen-metrics-urls=http://127.0.0.1:{}",
+                self.metrics_port
+            ))
+            .args(&self.extra)
             .arg("--logger=zap")
             .arg("--log-level=warn")
             .stdin(Stdio::null())
@@ -149,7 +199,7 @@ impl EtcdProcess {
 
     async fn healthy(&self) -> bool {
         let probe = async {
-            let mut conn = TcpStream::connect(("127.0.0.1", self.client_port)).await?;
+            let mut conn = TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
             conn.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
                 .await?;
             let mut body = String::new();
