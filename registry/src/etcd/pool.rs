@@ -148,23 +148,25 @@ impl Pool {
         lock(&self.inner.members).succeeded(i);
     }
 
-    /// Member `i`'s client, connecting (and authenticating) it on first use.
-    async fn client(&self, i: usize) -> Result<Client, String> {
+    /// Member `i`'s client, connecting (and authenticating) it on first use. A refusal
+    /// that any member would give (e.g. a wrong password) is `Ok(Err(_))`.
+    async fn client(&self, i: usize) -> Result<Result<Client, etcd_client::Error>, String> {
         if let Some(c) = lock(&self.inner.clients).get(i).cloned().flatten() {
-            return Ok(c);
+            return Ok(Ok(c));
         }
         let url = self.url(i).to_string();
         let connect = Client::connect([url.as_str()], Some(self.inner.opts.clone()));
         let client =
             match tokio::time::timeout(self.inner.connect + self.inner.attempt, connect).await {
                 Ok(Ok(c)) => c,
+                Ok(Err(e)) if !is_member_failure(&e) => return Ok(Err(e)),
                 Ok(Err(e)) => return Err(self.describe("connect", &e)),
                 Err(_) => return Err(format!("{url}: connect: no answer")),
             };
         if let Some(slot) = lock(&self.inner.clients).get_mut(i) {
             *slot = Some(client.clone());
         }
-        Ok(client)
+        Ok(Ok(client))
     }
 
     /// Text for a member failure: the member, the operation, the whole cause, and for a
@@ -207,15 +209,18 @@ impl Pool {
             let url = self.url(i).to_string();
             let outcome: Result<(), String> = match self.client(i).await {
                 Err(why) => Err(why),
-                Ok(client) => match tokio::time::timeout(self.inner.attempt, op(client)).await {
-                    Ok(Ok(v)) => {
-                        self.succeeded(i);
-                        return Ok((i, v));
+                Ok(Err(e)) => return Err(CallError::Refused(e)),
+                Ok(Ok(client)) => {
+                    match tokio::time::timeout(self.inner.attempt, op(client)).await {
+                        Ok(Ok(v)) => {
+                            self.succeeded(i);
+                            return Ok((i, v));
+                        }
+                        Ok(Err(e)) if !is_member_failure(&e) => return Err(CallError::Refused(e)),
+                        Ok(Err(e)) => Err(self.describe(what, &e)),
+                        Err(_) => Err(format!("{what}: no answer within {:?}", self.inner.attempt)),
                     }
-                    Ok(Err(e)) if !is_member_failure(&e) => return Err(CallError::Refused(e)),
-                    Ok(Err(e)) => Err(self.describe(what, &e)),
-                    Err(_) => Err(format!("{what}: no answer within {:?}", self.inner.attempt)),
-                },
+                }
             };
             if let Err(why) = outcome {
                 self.failed(i, &why);
