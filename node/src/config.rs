@@ -363,6 +363,7 @@ impl Config {
         if let Some(dir) = path.parent() {
             cfg.resolve_paths(dir);
         }
+        cfg.check_registry_files().map_err(|e| e.in_file(path))?;
         Ok(cfg)
     }
 

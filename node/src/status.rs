@@ -79,6 +79,12 @@ pub struct RegistryStatusDoc {
     pub invalid_records: u64,
     /// Conflicts seen (two processes claiming one name).
     pub conflicts: Vec<String>,
+    /// Why the last session broke or could not start (`null` once connected again).
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// When `state` last changed, Unix seconds.
+    #[serde(default)]
+    pub since: u64,
 }
 
 /// One peer connection.
@@ -235,6 +241,8 @@ pub fn build(shared: &StatusInputs) -> StatusDoc {
             lease_ttl_s: reg.lease_ttl_s,
             invalid_records: reg.invalid_records_total,
             conflicts: reg.conflicts.clone(),
+            last_error: reg.last_error.clone(),
+            since: reg.since,
         },
         peers,
         services: services.into_values().collect(),

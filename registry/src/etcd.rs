@@ -12,6 +12,10 @@ use crate::handle::{Registry, RegistryState, RegistryStatus};
 use crate::view::MeshView;
 
 mod backoff;
+mod keeper;
+mod lease;
+mod members;
+mod pool;
 mod supervisor;
 #[cfg(test)]
 mod tests;
@@ -126,6 +130,13 @@ impl EtcdConfig {
     /// than this breaks the session.
     pub fn keepalive_every(&self) -> Duration {
         Duration::from_secs(self.lease_ttl_secs()) / 3
+    }
+
+    /// Deadline of one request on one member before the next member is tried:
+    /// `request_timeout`, but at most `ttl / 3` so a frozen member never holds a lease
+    /// keep-alive past its next due time.
+    pub fn attempt_timeout(&self) -> Duration {
+        self.request_timeout.min(self.keepalive_every())
     }
 
     /// etcd-client options: HTTP/2 keep-alive (also while idle), timeouts, auth and TLS.

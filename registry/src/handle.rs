@@ -109,6 +109,15 @@ pub struct RegistryStatus {
     pub conflicts: Vec<String>,
     /// The last error that broke or prevented a session, for operators.
     pub last_error: Option<String>,
+    /// When `state` last changed, Unix seconds.
+    pub since: u64,
+    /// Leases granted by this backend so far: 1 after the first session; each more is a
+    /// lease etcd reported gone (the node's keys were re-written under a new one).
+    pub lease_grants: u64,
+    /// Batches of watch events applied (each published as one new view).
+    pub batches_total: u64,
+    /// Longest time one batch took to apply and publish, microseconds.
+    pub batch_max_us: u64,
 }
 
 impl RegistryStatus {
@@ -123,8 +132,19 @@ impl RegistryStatus {
             invalid_records_total: 0,
             conflicts: Vec::new(),
             last_error: None,
+            since: unix_now(),
+            lease_grants: 0,
+            batches_total: 0,
+            batch_max_us: 0,
         }
     }
+}
+
+/// Now, in Unix seconds (0 if the clock is before 1970).
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Errors of [`Registry`] operations.

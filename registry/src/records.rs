@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 /// Longest node or service name (a DNS label).
-pub const MAX_NAME_LEN: usize = 63;
+pub const MAX_NAME_LEN: usize = meshnode_proto::identity::MAX_NAME_LEN;
 
 /// Weight a service record gets when it does not carry one (SPEC §3 default).
 pub const DEFAULT_WEIGHT: u32 = 100;
@@ -75,21 +75,20 @@ fn default_weight() -> u32 {
     DEFAULT_WEIGHT
 }
 
-/// Whether `name` is a valid node or service name: 1..=63 of `[a-z0-9-]`.
+/// Whether `name` is a valid node or service name: the one rule of configuration,
+/// certificates and the wire (`meshnode_proto::identity`): 1-63 of `[a-z0-9-]`, not
+/// starting or ending with `-`.
 pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    meshnode_proto::identity::validate_node_name(name).is_ok()
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), String> {
-    if is_valid_name(name) {
-        Ok(())
+    let checked = if what.starts_with("service") {
+        meshnode_proto::identity::validate_service_name(name)
     } else {
-        Err(format!("{what} {name:?} is not 1-63 of [a-z0-9-]"))
-    }
+        meshnode_proto::identity::validate_node_name(name)
+    };
+    checked.map_err(|e| format!("{what} {name:?}: {e}"))
 }
 
 impl NodeRecord {
@@ -179,6 +178,19 @@ mod tests {
         assert!(!is_valid_name("Node"));
         assert!(!is_valid_name("a/b"));
         assert!(!is_valid_name("a.b"));
+        // The proto rule: no leading or trailing '-' (a certificate could not carry it).
+        assert!(!is_valid_name("-a"));
+        assert!(!is_valid_name("a-"));
+        let svc = ServiceRecord {
+            service: "-web".into(),
+            node: "a".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            weight: DEFAULT_WEIGHT,
+            zone: String::new(),
+        };
+        let err = svc.validate().err().unwrap_or_default();
+        assert!(err.contains("service name") && err.contains("'-'"), "{err}");
     }
 
     #[test]

@@ -79,10 +79,8 @@ impl StaticPeer {
 
 fn insert(view: &mut MeshView, node: NodeRecord, services: Vec<ServiceRecord>) {
     for svc in services {
-        view.services
-            .entry(svc.service.clone())
-            .or_default()
-            .insert(svc.node.clone(), svc);
+        let by_node = view.services.entry(svc.service.clone()).or_default();
+        std::sync::Arc::make_mut(by_node).insert(svc.node.clone(), svc);
     }
     view.nodes.insert(node.name.clone(), node);
 }

@@ -15,10 +15,12 @@ use crate::handle::{Registration, Registry, RegistryStatus};
 use crate::records::{NodeRecord, Protocol, ServiceRecord, DEFAULT_WEIGHT};
 use crate::view::MeshView;
 
+mod etcd_cluster;
 mod etcd_process;
 mod proxy;
 
-pub use etcd_process::EtcdProcess;
+pub use etcd_cluster::EtcdCluster;
+pub use etcd_process::{EtcdProcess, Frozen};
 pub use proxy::TcpProxy;
 
 /// A registration for node `name` at `addr` hosting `services` as `(name, port)` TCP services.
@@ -110,4 +112,19 @@ pub fn has_node(view: &MeshView, name: &str, services: &[&str]) -> bool {
         && services
             .iter()
             .all(|s| view.endpoints(s).any(|(svc, _)| svc.node == name))
+}
+
+/// Sends `signal` to process `pid` (a process the test started).
+#[allow(unsafe_code)]
+pub fn signal_pid(pid: u32, signal: libc::c_int) -> anyhow::Result<()> {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        bail!("pid {pid} out of range");
+    };
+    // SAFETY: kill(2) takes two integers and touches no memory of ours; the pid is that of
+    // a child this test started and has not reaped.
+    let rc = unsafe { libc::kill(pid, signal) };
+    if rc != 0 {
+        bail!("kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -5,6 +5,7 @@
 //! etcd, sockets or a clock.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::records::{parse_key, KeyKind, NodeRecord, ServiceRecord};
 
@@ -39,13 +40,16 @@ pub enum ApplyOutcome {
     Invalid(String),
 }
 
-/// Everything a node knows about the mesh at one moment. Cheap to share as `Arc<MeshView>`.
+/// Everything a node knows about the mesh at one moment. Cheap to share as `Arc<MeshView>`,
+/// and cheap to clone: each service's endpoints sit behind their own `Arc`, so a new view
+/// after a change copies the service names and shares every endpoint map it did not touch
+/// (copy-on-write through `Arc::make_mut`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MeshView {
     /// Node name → record.
     pub nodes: BTreeMap<String, NodeRecord>,
-    /// Service name → node name → record.
-    pub services: BTreeMap<String, BTreeMap<String, ServiceRecord>>,
+    /// Service name → node name → record (shared between views until changed).
+    pub services: BTreeMap<String, Arc<BTreeMap<String, ServiceRecord>>>,
     /// etcd revision of the last change this view reflects (or of the snapshot it was built
     /// from); 0 for the static and in-process backends.
     pub revision: i64,
@@ -72,7 +76,7 @@ impl MeshView {
 
     /// Number of service records (endpoints, routable or not).
     pub fn service_record_count(&self) -> usize {
-        self.services.values().map(BTreeMap::len).sum()
+        self.services.values().map(|m| m.len()).sum()
     }
 
     /// Whether both views hold the same records, ignoring the revision.
@@ -90,7 +94,11 @@ impl MeshView {
         let empty = BTreeMap::new();
         let mut n = diff(&self.nodes, &old.nodes);
         for (svc, by_node) in &self.services {
-            n += diff(by_node, old.services.get(svc).unwrap_or(&empty));
+            match old.services.get(svc) {
+                Some(old_by_node) if Arc::ptr_eq(by_node, old_by_node) => {}
+                Some(old_by_node) => n += diff(by_node, old_by_node),
+                None => n += diff(by_node, &empty),
+            }
         }
         for (svc, by_node) in &old.services {
             if !self.services.contains_key(svc) {
@@ -111,10 +119,8 @@ impl MeshView {
             }
             Some(KeyKind::Service { service, node }) => {
                 if let Some(record) = old.services.get(service).and_then(|m| m.get(node)) {
-                    self.services
-                        .entry(service.to_string())
-                        .or_default()
-                        .insert(node.to_string(), record.clone());
+                    let by_node = self.services.entry(service.to_string()).or_default();
+                    Arc::make_mut(by_node).insert(node.to_string(), record.clone());
                 }
             }
             None => {}
@@ -125,7 +131,8 @@ impl MeshView {
     ///
     /// `{prefix}/nodes/{node}` must carry a [`NodeRecord`] named `{node}`;
     /// `{prefix}/services/{svc}/{node}` a [`ServiceRecord`] for `{svc}` on `{node}`. Names are
-    /// 1-63 of `[a-z0-9-]` and `addr` is `ip:port`. Anything else under the prefix is
+    /// 1-63 of `[a-z0-9-]`, not starting or ending with `-` (`meshnode_proto::identity`), and
+    /// `addr` is `ip:port`. Anything else under the prefix is
     /// [`ApplyOutcome::Ignored`]; a bad value is [`ApplyOutcome::Invalid`] and changes nothing.
     pub fn apply(&mut self, prefix: &str, update: Update) -> ApplyOutcome {
         match update {
@@ -157,7 +164,7 @@ impl MeshView {
                 if by_node.get(node) == Some(&record) {
                     return ApplyOutcome::Unchanged;
                 }
-                by_node.insert(node.to_string(), record);
+                Arc::make_mut(by_node).insert(node.to_string(), record);
                 ApplyOutcome::Applied
             }
         }
@@ -174,6 +181,10 @@ impl MeshView {
                 let Some(by_node) = self.services.get_mut(service) else {
                     return ApplyOutcome::Unchanged;
                 };
+                if !by_node.contains_key(node) {
+                    return ApplyOutcome::Unchanged;
+                }
+                let by_node = Arc::make_mut(by_node);
                 let removed = by_node.remove(node).is_some();
                 if by_node.is_empty() {
                     self.services.remove(service);

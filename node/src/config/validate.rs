@@ -57,6 +57,11 @@ impl ConfigError {
     }
 }
 
+/// Largest `[registry]` CA, certificate or key file: a PEM bundle is a few KiB.
+const MAX_REGISTRY_PEM: u64 = 1 << 20;
+/// Largest `registry.password_file`.
+const MAX_REGISTRY_PASSWORD: u64 = 4 << 10;
+
 /// Smallest `transport.socket_buffer` and `transport.send_window`: below 64 KiB a single GSO
 /// batch no longer fits.
 const MIN_TRANSPORT_BUFFER: u64 = 64 << 10;
@@ -208,6 +213,27 @@ impl Config {
                         ));
                     }
                 }
+                if r.cert.is_some() != r.key.is_some() {
+                    return Err(invalid(
+                        if r.cert.is_some() {
+                            "registry.key"
+                        } else {
+                            "registry.cert"
+                        },
+                        "cert and key go together (etcd client certificate)",
+                    ));
+                }
+                let tls = r.ca.is_some() || r.cert.is_some();
+                if let Some(i) = r
+                    .endpoints
+                    .iter()
+                    .position(|e| tls && !e.starts_with("https://"))
+                {
+                    return Err(invalid(
+                        format!("registry.endpoints[{i}]"),
+                        "must be https:// when registry.ca or registry.cert is set",
+                    ));
+                }
                 if r.username.is_some() != r.password_file.is_some() {
                     return Err(invalid(
                         "registry.password_file",
@@ -246,6 +272,33 @@ impl Config {
         Ok(())
     }
 
+    /// Checks the `[registry]` files as `[tls]`'s are checked, before anything starts: each
+    /// exists, is a regular file of bounded size and readable; the key and the password
+    /// file are not readable by group or others. Paths must already be resolved.
+    pub(super) fn check_registry_files(&self) -> Result<(), ConfigError> {
+        let r = &self.registry;
+        if r.backend != Backend::Etcd {
+            return Ok(());
+        }
+        let files = [
+            ("registry.ca", &r.ca, false, MAX_REGISTRY_PEM),
+            ("registry.cert", &r.cert, false, MAX_REGISTRY_PEM),
+            ("registry.key", &r.key, true, MAX_REGISTRY_PEM),
+            (
+                "registry.password_file",
+                &r.password_file,
+                true,
+                MAX_REGISTRY_PASSWORD,
+            ),
+        ];
+        for (field, path, secret, max) in files {
+            if let Some(path) = path {
+                check_file(field, path, secret, max)?;
+            }
+        }
+        Ok(())
+    }
+
     fn validate_services(&self) -> Result<(), ConfigError> {
         let mut names = HashSet::new();
         for (i, s) in self.service.iter().enumerate() {
@@ -273,6 +326,36 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// One `[registry]` file: see [`Config::check_registry_files`].
+fn check_file(field: &str, path: &Path, secret: bool, max: u64) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| invalid(field, format!("{shown}: {e}")))?;
+    if !meta.is_file() {
+        return Err(invalid(field, format!("{shown} is not a regular file")));
+    }
+    if meta.len() > max {
+        return Err(invalid(
+            field,
+            format!("{shown} is {} bytes; at most {max} expected", meta.len()),
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if secret && mode & 0o077 != 0 {
+        return Err(invalid(
+            field,
+            format!(
+                "{shown} is readable by group or others (mode {mode:04o}); run `chmod 600 {shown}`"
+            ),
+        ));
+    }
+    std::fs::File::open(path).map_err(|e| invalid(field, format!("{shown}: {e}")))?;
+    if meta.len() == 0 {
+        return Err(invalid(field, format!("{shown} is empty")));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

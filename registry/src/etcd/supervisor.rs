@@ -1,5 +1,12 @@
 //! The etcd supervisor task: one loop of sessions, each
-//! connect → grant → keep-alive → write our keys → list → watch, and back-off between them.
+//! lease (kept or granted) → keep-alive task → write our keys → list → watch, and back-off
+//! between them.
+//!
+//! Every request goes through the [`Pool`], which tries the cluster's members in order of
+//! health, so one dead or frozen member costs one short attempt and never a session. A
+//! session only breaks when no member answers, or when etcd says the lease is gone. The
+//! lease outlives sessions: a new session asks `TimeToLive` and keeps the lease while etcd
+//! holds it, so the node's keys are never re-granted away by a reconnect.
 //!
 //! Every await that may take long goes through [`Supervisor::step`], which keeps serving
 //! commands meanwhile: `register` is taken at once in any state, and `shutdown` interrupts
@@ -8,15 +15,19 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::fmt::Display;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{GetOptions, PutOptions, Txn, TxnOp};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::keeper;
+use super::lease::LeaseClock;
+use super::members::Members;
+use super::pool::{CallError, Pool};
 use super::{Backoff, EtcdConfig};
 use crate::handle::{
     Command, Registration, RegistryError, RegistryState, RegistryStatus, TaskEnds,
@@ -65,6 +76,8 @@ struct Own {
     written: BTreeMap<String, Vec<u8>>,
     /// `version` that `written` reflects; `None` forces a write.
     written_version: Option<u64>,
+    /// The lease `written` was written under; another lease starts from nothing.
+    written_lease: Option<i64>,
 }
 
 impl Own {
@@ -83,10 +96,12 @@ pub(crate) struct Supervisor {
     /// The view as of the last snapshot or event; published when its records change.
     working: MeshView,
     own: Own,
-    /// Current lease (granted in the last session that got that far).
+    /// This node's lease: granted once, kept across sessions while etcd holds it.
     lease: Option<i64>,
-    /// Client of the last session, kept for the revoke on shutdown.
-    client: Option<Client>,
+    /// Health of each member, kept across sessions.
+    members: Arc<Mutex<Members>>,
+    /// Pool of the last session, kept for the revoke on shutdown.
+    pool: Option<Pool>,
     /// Invalid keys already counted and logged, with the mod revision seen.
     invalid_seen: HashMap<String, i64>,
     /// Our keys currently held under someone else's lease.
@@ -98,7 +113,9 @@ pub(crate) struct Supervisor {
 
 impl Supervisor {
     pub(super) fn new(cfg: EtcdConfig, ends: TaskEnds) -> Supervisor {
+        let members = Arc::new(Mutex::new(Members::new(cfg.endpoints.len())));
         Supervisor {
+            members,
             prefix: normalize_prefix(&cfg.prefix),
             backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max),
             cfg,
@@ -108,7 +125,7 @@ impl Supervisor {
             working: MeshView::new(),
             own: Own::default(),
             lease: None,
-            client: None,
+            pool: None,
             invalid_seen: HashMap::new(),
             conflicts: BTreeMap::new(),
             failures: 0,
@@ -169,43 +186,69 @@ impl Supervisor {
     }
 
     async fn try_session(&mut self) -> Result<Infallible, End> {
-        let opts = self.cfg.connect_options().map_err(End::Broken)?;
-        let endpoints = self.cfg.endpoints.clone();
-        let mut client = self
-            .call("connect", Client::connect(endpoints, Some(opts)))
-            .await?;
-        self.client = Some(client.clone());
-
-        // Always a fresh lease: simpler than probing the old one, and moving our keys to it
-        // before revoking the old lease deletes nothing that is still wanted.
-        let ttl = self.cfg.lease_ttl_secs() as i64;
-        let lease = self
-            .call("lease grant", client.lease_grant(ttl, None))
-            .await?
-            .id();
-        let previous = self.lease.replace(lease);
-        self.own.written.clear();
-        self.own.written_version = None;
-        self.update_status(|s| {
-            s.lease_id = Some(lease);
-            s.registered = false;
-        });
-        let (keeper, keepalive) = self
-            .call("lease keep-alive", client.lease_keep_alive(lease))
-            .await?;
-        self.write_registration(&mut client).await?;
-        if let Some(old) = previous {
-            self.revoke_in_background(&client, old);
-        }
-        let watch = self.resync(&mut client).await?;
+        let pool = Pool::new(&self.cfg, self.members.clone()).map_err(End::Broken)?;
+        self.pool = Some(pool.clone());
+        let (lease, clock) = self.ensure_lease(&pool).await?;
+        let keeper = keeper::spawn(pool.clone(), lease, clock);
+        self.write_registration(&pool).await?;
+        let (watch, member) = self.resync(&pool).await?;
         self.backoff.reset();
         self.failures = 0;
         self.update_status(|s| {
             s.state = RegistryState::Connected;
             s.last_error = None;
         });
-        info!(lease = %format!("{lease:x}"), revision = self.working.revision, "etcd session established");
-        self.established(client, keeper, keepalive, watch).await
+        info!(lease = %format!("{lease:x}"), revision = self.working.revision, member = pool.url(member), "etcd session established");
+        self.established(pool, keeper, watch, member).await
+    }
+
+    /// The lease to register under, with its clock: the current one if etcd still holds it
+    /// (asked with `TimeToLive` on any member), else a new grant. A lease is remembered the
+    /// moment it is granted, so an attempt that fails afterwards leaves no lease behind
+    /// holding keys: the next attempt reuses it.
+    async fn ensure_lease(&mut self, pool: &Pool) -> Result<(i64, LeaseClock), End> {
+        let every = self.cfg.keepalive_every();
+        let within = pool.attempt_timeout();
+        if let Some(id) = self.lease {
+            let asked = Instant::now();
+            let answer = self
+                .step(pool.run("lease time-to-live", |mut c| async move {
+                    c.lease_time_to_live(id, None).await
+                }))
+                .await?;
+            match answer {
+                Ok((_, resp)) if resp.ttl() > 0 => {
+                    debug!(lease = %format!("{id:x}"), ttl = resp.ttl(), "lease still held; keeping it");
+                    let ttl = Duration::from_secs(resp.ttl().unsigned_abs());
+                    return Ok((id, LeaseClock::new(asked, ttl, every, within)));
+                }
+                Ok(_) | Err(CallError::Refused(_)) => {
+                    info!(lease = %format!("{id:x}"), "lease gone in etcd; granting a new one");
+                    self.lease = None;
+                }
+                Err(e @ CallError::Unreachable(_)) => {
+                    return Err(End::Broken(format!("lease time-to-live: {e}")))
+                }
+            }
+        }
+        let ttl = self.cfg.lease_ttl_secs() as i64;
+        let asked = Instant::now();
+        let (_, resp) = self
+            .step(pool.run("lease grant", |mut c| async move {
+                c.lease_grant(ttl, None).await
+            }))
+            .await?
+            .map_err(|e| End::Broken(format!("lease grant: {e}")))?;
+        let id = resp.id();
+        self.lease = Some(id);
+        self.update_status(|s| {
+            s.lease_id = Some(id);
+            s.lease_grants += 1;
+            s.registered = false;
+        });
+        info!(lease = %format!("{id:x}"), ttl = resp.ttl(), "lease granted");
+        let granted = Duration::from_secs(resp.ttl().max(1).unsigned_abs());
+        Ok((id, LeaseClock::new(asked, granted, every, within)))
     }
 
     /// Awaits `fut` while serving commands; a shutdown or dropped handles interrupt it.
@@ -220,17 +263,16 @@ impl Supervisor {
         }
     }
 
-    /// [`Self::step`] with the request deadline; any failure breaks the session.
-    async fn call<T, E: Display>(
-        &mut self,
-        what: &str,
-        fut: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, End> {
-        let limit = self.cfg.request_timeout;
-        match self.step(tokio::time::timeout(limit, fut)).await? {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(End::Broken(format!("{what}: {e}"))),
-            Err(_) => Err(End::Broken(format!("{what}: no answer within {limit:?}"))),
+    /// [`Self::step`] on a request through the pool; when no member answers (or etcd
+    /// refuses), the session breaks. Returns the member that answered and its answer.
+    async fn call<T, F, Fut>(&mut self, pool: &Pool, what: &str, op: F) -> Result<(usize, T), End>
+    where
+        F: FnMut(etcd_client::Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match self.step(pool.run(what, op)).await? {
+            Ok(v) => Ok(v),
+            Err(e) => Err(End::Broken(format!("{what}: {e}"))),
         }
     }
 
@@ -258,11 +300,19 @@ impl Supervisor {
 
     /// Writes the registration under the current lease if it changed or was never written:
     /// puts every wanted key, deletes keys no longer wanted, in one transaction per 100 keys.
-    async fn write_registration(&mut self, client: &mut Client) -> Result<(), End> {
+    async fn write_registration(&mut self, pool: &Pool) -> Result<(), End> {
         let Some(lease) = self.lease else {
             return Ok(());
         };
+        if self.own.written_lease != Some(lease) {
+            self.own.written.clear();
+            self.own.written_version = None;
+            self.own.written_lease = Some(lease);
+        }
         if !self.own.needs_write() {
+            // Written under this lease in an earlier session (kept across reconnects).
+            let registered = !self.own.written.is_empty();
+            self.update_status(|s| s.registered = registered);
             return Ok(());
         }
         let version = self.own.version;
@@ -287,9 +337,15 @@ impl Supervisor {
                 .filter(|k| !desired.contains_key(*k))
                 .map(|k| TxnOp::delete(k.as_str(), None)),
         );
+        // Puts and deletes are idempotent, so a write that timed out on one member and
+        // is sent again to another leaves the same keys.
         for chunk in ops.chunks(MAX_TXN_OPS) {
             let txn = Txn::new().and_then(chunk.to_vec());
-            self.call("register", client.txn(txn)).await?;
+            self.call(pool, "register", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         }
         debug!(keys = desired.len(), lease = %format!("{lease:x}"), "registration written");
         let registered = !desired.is_empty();
@@ -301,16 +357,19 @@ impl Supervisor {
 
     /// Lists the prefix, replaces the view with the snapshot, and opens a watch from the
     /// snapshot's revision + 1; a watch that finds that revision compacted re-lists.
-    async fn resync(&mut self, client: &mut Client) -> Result<etcd_client::WatchStream, End> {
+    async fn resync(&mut self, pool: &Pool) -> Result<(etcd_client::WatchStream, usize), End> {
         loop {
-            let list = GetOptions::new().with_prefix();
-            let resp = self
-                .call("list", client.get(format!("{}/", self.prefix), Some(list)))
+            let key = format!("{}/", self.prefix);
+            let (_, resp) = self
+                .call(pool, "list", |mut c| {
+                    let key = key.clone();
+                    async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
+                })
                 .await?;
             let revision = resp.header().map_or(0, |h| h.revision());
             self.load_snapshot(resp.kvs(), revision);
-            match self.open_watch(client, revision + 1).await? {
-                session::Opened::Watching(stream) => return Ok(*stream),
+            match self.open_watch(pool, revision + 1).await? {
+                session::Opened::Watching(stream, member) => return Ok((*stream, member)),
                 session::Opened::Compacted(compacted) => {
                     warn!(
                         revision,
@@ -321,34 +380,22 @@ impl Supervisor {
         }
     }
 
-    /// Best-effort, bounded revoke of a lease we no longer use (its keys were moved).
-    fn revoke_in_background(&self, client: &Client, lease: i64) {
-        let mut client = client.clone();
-        let limit = self.cfg.request_timeout;
-        tokio::spawn(async move {
-            match tokio::time::timeout(limit, client.lease_revoke(lease)).await {
-                Ok(Ok(_)) => debug!(lease = %format!("{lease:x}"), "old lease revoked"),
-                Ok(Err(e)) => {
-                    debug!(lease = %format!("{lease:x}"), error = %e, "old lease not revoked")
-                }
-                Err(_) => debug!(lease = %format!("{lease:x}"), "old lease revoke timed out"),
-            }
-        });
-    }
-
     /// Shutdown: revoke the lease (deleting our keys) within `timeout`.
     async fn revoke(&mut self, timeout: Duration) -> Result<(), RegistryError> {
-        let (Some(mut client), Some(lease)) = (self.client.take(), self.lease.take()) else {
+        let (Some(pool), Some(lease)) = (self.pool.take(), self.lease.take()) else {
             return Ok(()); // never granted a lease: nothing of ours is in etcd
         };
         self.update_status(|s| {
             s.registered = false;
             s.lease_id = None;
         });
-        match tokio::time::timeout(timeout, client.lease_revoke(lease)).await {
+        let revoke = pool.run("lease revoke", |mut c| async move {
+            c.lease_revoke(lease).await
+        });
+        match tokio::time::timeout(timeout, revoke).await {
             Ok(Ok(_)) => Ok(()),
             // Already expired (e.g. etcd was frozen past the TTL): our keys are gone.
-            Ok(Err(e)) if e.to_string().contains("lease not found") => Ok(()),
+            Ok(Err(CallError::Refused(e))) if e.to_string().contains("lease not found") => Ok(()),
             Ok(Err(e)) => Err(RegistryError::Etcd(format!("lease revoke: {e}"))),
             Err(_) => Err(RegistryError::ShutdownTimeout(timeout)),
         }
@@ -358,19 +405,16 @@ impl Supervisor {
         self.status_tx.send_if_modified(|s| {
             let before = s.clone();
             f(s);
+            if s.state != before.state {
+                s.since = crate::handle::unix_now();
+            }
             *s != before
         });
     }
 
-    /// Publishes the working view if its records differ from the published one.
+    /// Publishes the working view (callers know it changed). The clone shares every
+    /// service's endpoint map with the working view until the next change to it.
     fn publish(&self) {
-        self.view_tx.send_if_modified(|current| {
-            if current.same_records(&self.working) {
-                false
-            } else {
-                *current = Arc::new(self.working.clone());
-                true
-            }
-        });
+        self.view_tx.send_replace(Arc::new(self.working.clone()));
     }
 }

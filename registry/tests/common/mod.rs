@@ -1,4 +1,6 @@
 //! Set-up shared by the etcd test files: logs, a time bound, and a registered node.
+// Each test file uses a different part of this module.
+#![allow(dead_code)]
 
 use std::time::Duration;
 

@@ -1,21 +1,45 @@
-//! An established session: lease keep-alives, watch events, our own keys, conflicts.
+//! An established session: lease reports, watch events (moved to another member when
+//! theirs fails), our own keys, conflicts.
 
 use std::convert::Infallible;
+use std::time::Duration;
 
-use etcd_client::{
-    Client, EventType, KeyValue, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchResponse,
-    WatchStream,
-};
-use tokio::time::{interval_at, Instant, MissedTickBehavior};
-use tracing::{debug, warn};
+use etcd_client::{EventType, KeyValue, WatchOptions, WatchResponse, WatchStream};
+use tokio::time::{interval, Instant, MissedTickBehavior};
+use tracing::{debug, info, warn};
 
 use super::{End, Supervisor};
+use crate::etcd::keeper::{Keeper, LeaseReport};
+use crate::etcd::pool::Pool;
+use crate::etcd::Backoff;
 use crate::view::{ApplyOutcome, MeshView, Update};
+
+/// How often the watch's member health is looked at: a member that failed another request
+/// (e.g. the lease keep-alive timed out on it) loses the watch too, before its HTTP/2
+/// keep-alive notices.
+const HEALTH_CHECK: Duration = Duration::from_millis(250);
+
+/// Pause between rounds of a watch or write that no member took, growing to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// What `WatchStream::message` yields.
+type WatchMessage = Result<Option<WatchResponse>, etcd_client::Error>;
+
+/// Polls `fut` once: its output if it is ready now, without waiting.
+fn now_or_never<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
 
 /// Result of opening a watch.
 pub(in crate::etcd) enum Opened {
-    /// The watch is created and streaming.
-    Watching(Box<WatchStream>),
+    /// The watch is created and streaming on the member.
+    Watching(Box<WatchStream>, usize),
     /// The start revision is compacted (carries etcd's compact revision): list again.
     Compacted(i64),
 }
@@ -51,17 +75,22 @@ pub(in crate::etcd) fn classify(resp: &WatchResponse) -> WatchMsg {
 }
 
 impl Supervisor {
-    /// Opens the prefix watch from `from` and waits for etcd to confirm it.
-    pub(super) async fn open_watch(
-        &mut self,
-        client: &mut Client,
-        from: i64,
-    ) -> Result<Opened, End> {
+    /// Opens the prefix watch from `from` on a member that answers, and waits for etcd to
+    /// confirm it.
+    pub(super) async fn open_watch(&mut self, pool: &Pool, from: i64) -> Result<Opened, End> {
         let key = format!("{}/", self.prefix);
-        let mut stream = self
-            .call("watch", client.watch(key, Some(watch_options(from))))
+        let (member, (stream, first)) = self
+            .call(pool, "watch", |mut c| {
+                let key = key.clone();
+                async move {
+                    let mut stream = c.watch(key, Some(watch_options(from))).await?;
+                    let first = stream.message().await?;
+                    Ok((stream, first))
+                }
+            })
             .await?;
-        let Some(first) = self.call("watch create", stream.message()).await? else {
+        let Some(first) = first else {
+            pool.failed(member, "watch stream closed at creation");
             return Err(End::Broken("watch stream closed at creation".into()));
         };
         match classify(&first) {
@@ -69,7 +98,46 @@ impl Supervisor {
             WatchMsg::Canceled(reason) => Err(End::Broken(reason)),
             WatchMsg::Events => {
                 self.on_events(&first);
-                Ok(Opened::Watching(Box::new(stream)))
+                Ok(Opened::Watching(Box::new(stream), member))
+            }
+        }
+    }
+
+    /// Moves the watch to another member, from the revision after the last one seen (no
+    /// event is lost or applied twice); lists again if that revision is compacted. While
+    /// the lease is kept, a round in which no member takes the watch (an election in
+    /// progress) is retried for up to one lease TTL before the session breaks.
+    async fn rewatch(&mut self, pool: &Pool) -> Result<(WatchStream, usize), End> {
+        let give_up = Instant::now() + self.cfg.lease_ttl.max(crate::etcd::MIN_LEASE_TTL);
+        let mut retry = Backoff::new(RETRY_MIN, RETRY_MAX);
+        loop {
+            match self.rewatch_once(pool).await {
+                Err(End::Broken(why)) if Instant::now() < give_up => {
+                    debug!(error = %why, "watch: no member took it yet; retrying");
+                    self.step(tokio::time::sleep(retry.next_delay())).await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn rewatch_once(&mut self, pool: &Pool) -> Result<(WatchStream, usize), End> {
+        match self.open_watch(pool, self.working.revision + 1).await? {
+            Opened::Watching(stream, member) => {
+                info!(
+                    member = pool.url(member),
+                    revision = self.working.revision,
+                    "watch moved to another etcd member"
+                );
+                Ok((*stream, member))
+            }
+            Opened::Compacted(compacted) => {
+                warn!(
+                    compacted,
+                    revision = self.working.revision,
+                    "watch compacted; listing again"
+                );
+                self.resync(pool).await
             }
         }
     }
@@ -77,63 +145,157 @@ impl Supervisor {
     /// Runs until the session breaks or the supervisor is told to stop.
     pub(super) async fn established(
         &mut self,
-        mut client: Client,
-        mut keeper: LeaseKeeper,
-        mut keepalive: LeaseKeepAliveStream,
+        pool: Pool,
+        keeper: Keeper,
         mut watch: WatchStream,
+        mut member: usize,
     ) -> Result<Infallible, End> {
-        let every = self.cfg.keepalive_every();
-        let mut tick = interval_at(Instant::now() + every, every);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        // When the oldest unanswered keep-alive was sent. Answers are polled before the tick
-        // so an answer that is already there never counts as missing.
-        let mut unanswered: Option<Instant> = None;
+        let mut reports = keeper.reports.clone();
+        let mut health = interval(HEALTH_CHECK);
+        health.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // A write no member takes (an election in progress) is retried while the lease is
+        // kept, for up to one TTL, instead of breaking the session.
+        let mut write_retry = Backoff::new(RETRY_MIN, RETRY_MAX);
+        let mut write_failing_since: Option<Instant> = None;
         loop {
-            self.write_registration(&mut client).await?;
+            match self.write_registration(&pool).await {
+                Ok(()) => {
+                    write_failing_since = None;
+                    write_retry.reset();
+                }
+                Err(End::Broken(why)) => {
+                    let since = *write_failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.cfg.lease_ttl.max(crate::etcd::MIN_LEASE_TTL) {
+                        return Err(End::Broken(why));
+                    }
+                    debug!(error = %why, "register: no member took the write yet; retrying");
+                    self.step(tokio::time::sleep(write_retry.next_delay()))
+                        .await?;
+                    continue;
+                }
+                Err(stop) => return Err(stop),
+            }
             tokio::select! {
                 biased;
                 cmd = self.commands.recv() => self.on_command(cmd)?,
-                msg = keepalive.message() => match msg {
-                    Ok(Some(resp)) if resp.ttl() > 0 => unanswered = None,
-                    Ok(Some(_)) => {
-                        return Err(End::Broken("lease expired; granting a new one".into()))
+                changed = reports.changed() => {
+                    if changed.is_err() {
+                        return Err(End::Broken("lease keeper stopped".into()));
                     }
-                    Ok(None) => return Err(End::Broken("lease keep-alive stream ended".into())),
-                    Err(e) => return Err(End::Broken(format!("lease keep-alive stream: {e}"))),
-                },
-                _ = tick.tick() => {
-                    if let Some(sent) = unanswered {
-                        if sent.elapsed() >= every {
-                            return Err(End::Broken(format!(
-                                "lease keep-alive unanswered for {:?}", sent.elapsed()
-                            )));
+                    let report = reports.borrow_and_update().clone();
+                    match report {
+                        LeaseReport::Alive(_) => {}
+                        LeaseReport::Lost => {
+                            self.lease = None;
+                            return Err(End::Broken("lease expired in etcd; granting a new one".into()));
                         }
+                        LeaseReport::InDoubt(why) => return Err(End::Broken(why)),
                     }
-                    keeper
-                        .keep_alive()
-                        .await
-                        .map_err(|e| End::Broken(format!("lease keep-alive: {e}")))?;
-                    unanswered.get_or_insert_with(Instant::now);
                 }
-                msg = watch.message() => match msg {
-                    Ok(Some(resp)) => match classify(&resp) {
-                        WatchMsg::Events => self.on_events(&resp),
-                        WatchMsg::Compacted(compacted) => {
-                            warn!(compacted, revision = self.working.revision, "watch compacted; listing again");
-                            watch = self.resync(&mut client).await?;
-                        }
-                        WatchMsg::Canceled(reason) => return Err(End::Broken(reason)),
-                    },
-                    Ok(None) => return Err(End::Broken("watch stream ended".into())),
-                    Err(e) => return Err(End::Broken(format!("watch stream: {e}"))),
-                },
+                msg = watch.message() => {
+                    let Some(msg) = self.apply_batch(msg, &mut watch) else {
+                        continue;
+                    };
+                    let failure = match msg {
+                        Ok(Some(resp)) => match classify(&resp) {
+                            WatchMsg::Events => None, // taken by apply_batch
+                            WatchMsg::Compacted(compacted) => {
+                                warn!(compacted, revision = self.working.revision, "watch compacted; listing again");
+                                (watch, member) = self.resync(&pool).await?;
+                                None
+                            }
+                            WatchMsg::Canceled(reason) => Some(reason),
+                        },
+                        Ok(None) => Some("watch stream ended".to_string()),
+                        Err(e) => Some(format!("watch stream: {e}")),
+                    };
+                    if let Some(why) = failure {
+                        pool.failed(member, &why);
+                        (watch, member) = self.rewatch(&pool).await?;
+                    }
+                }
+                _ = health.tick() => {
+                    if !pool.is_healthy(member) {
+                        (watch, member) = self.rewatch(&pool).await?;
+                    }
+                }
             }
         }
     }
 
     /// Applies one watch response's events; publishes once if the records changed.
     fn on_events(&mut self, resp: &WatchResponse) {
-        let mut changed = false;
+        let started = Instant::now();
+        let applied = self.apply_events(resp);
+        self.finish_batch(applied, resp.events().len(), started);
+    }
+
+    /// Applies a batch: `first`, then every response already queued on `watch` (taken
+    /// without waiting), into the working view; publishes once for the whole batch. Work is
+    /// proportional to the events (and a view clone that shares untouched services). Returns
+    /// the first message that is not events (an error, the end, a cancel), to be handled
+    /// by the caller.
+    fn apply_batch(
+        &mut self,
+        first: WatchMessage,
+        watch: &mut WatchStream,
+    ) -> Option<WatchMessage> {
+        let started = Instant::now();
+        let mut applied = 0;
+        let mut events = 0;
+        let mut msg = first;
+        let leftover = loop {
+            match msg {
+                Ok(Some(resp)) if classify(&resp) == WatchMsg::Events => {
+                    applied += self.apply_events(&resp);
+                    events += resp.events().len();
+                    match now_or_never(watch.message()) {
+                        Some(next) => msg = next,
+                        None => break None,
+                    }
+                }
+                other => break Some(other),
+            }
+        };
+        self.finish_batch(applied, events, started);
+        leftover
+    }
+
+    /// Counts and publishes a batch of `applied` changes out of `events` events.
+    fn finish_batch(&mut self, applied: u64, events: usize, started: Instant) {
+        if applied > 0 {
+            self.publish();
+        }
+        let took = started.elapsed();
+        if events > 0 {
+            debug!(
+                events,
+                applied,
+                revision = self.working.revision,
+                ?took,
+                "registry batch applied"
+            );
+        }
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.update_status(|s| {
+            s.updates_total += applied;
+            if events > 0 {
+                s.batches_total += 1;
+                s.batch_max_us = s.batch_max_us.max(micros);
+            }
+        });
+    }
+
+    /// Applies one watch response's events to the working view; returns how many changed
+    /// it. Progress notifications move the revision on.
+    fn apply_events(&mut self, resp: &WatchResponse) -> u64 {
+        let mut changed = 0;
+        if resp.events().is_empty() && !resp.created() {
+            // A progress notification: every event up to its header revision was sent.
+            if let Some(h) = resp.header() {
+                self.working.revision = self.working.revision.max(h.revision());
+            }
+        }
         for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
             let deleted = matches!(event.event_type(), EventType::Delete);
@@ -141,16 +303,12 @@ impl Supervisor {
             let value = (!deleted).then(|| kv.value());
             let mut working = std::mem::take(&mut self.working);
             if self.ingest(&mut working, kv, value) == ApplyOutcome::Applied {
-                changed = true;
-                self.update_status(|s| s.updates_total += 1);
+                changed += 1;
             }
             working.revision = working.revision.max(kv.mod_revision());
             self.working = working;
         }
-        if changed {
-            debug!(revision = self.working.revision, "registry view changed");
-            self.publish();
-        }
+        changed
     }
 
     /// Replaces the view with a snapshot taken at `revision`.
@@ -191,7 +349,9 @@ impl Supervisor {
             changes,
             "registry snapshot loaded"
         );
-        self.publish();
+        if changes > 0 {
+            self.publish();
+        }
     }
 
     /// Applies one key to `view`, counting and logging an invalid value once per revision.
