@@ -2,7 +2,7 @@
 //! refusal or nothing, so that a flood of handshakes never starves established connections.
 //!
 //! A pure decision on an injected clock ([`Admission::decide`]); the endpoint applies it to
-//! quinn's `Incoming` (docs/behaviour.md, "Handshake floods"). The rules, in order:
+//! quinn's `Incoming` in [`crate::endpoint::MeshEndpoint::accept`]. The rules, in order:
 //! 1. Under load (handshakes in progress ≥ the retry threshold) a client whose address is not
 //!    validated gets a QUIC Retry (stateless, one small packet; a forged source never comes
 //!    back), within a total Retry budget per second; past the budget it is ignored.

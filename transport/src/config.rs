@@ -27,10 +27,9 @@ pub const DEFAULT_INITIAL_RTT: Duration = Duration::from_millis(10);
 /// [`crate::stream_limit::StreamLimit`] raises it towards this bound as tunnels open.
 pub const DEFAULT_MAX_STREAMS: u32 = 65_536;
 /// Concurrent bidirectional streams a peer may open on a new connection, before any growth.
-/// quinn-proto pre-allocates per allowed stream; docs/behaviour.md, "Memory per connection".
-/// Measured with `transport/tests/idle_memory.rs`: see the figures there. 256 keeps an idle
-/// connection well under 256 KiB and covers a burst of 256 tunnels without waiting for a
-/// MAX_STREAMS round trip.
+/// quinn-proto pre-allocates per allowed stream. Measured with `transport/tests/idle_memory.rs`
+/// (600 idle connections, server RSS): 53-63 KiB per idle connection at 256, against 5.3 MiB at
+/// 65,536. 256 covers a burst of 192 tunnels before the first MAX_STREAMS round trip.
 pub const DEFAULT_INITIAL_STREAMS: u32 = 256;
 /// Handshakes in progress (admitted, not yet finished) from which a client whose address is not
 /// yet validated is sent a QUIC Retry first. Retry costs one small packet and no state; a
@@ -45,13 +44,16 @@ pub const DEFAULT_MAX_HANDSHAKES: u32 = 256;
 /// most one connection per ALPN to another, plus a redial; 16 leaves room for several nodes on
 /// one host (tests and benches run many on 127.0.0.1).
 pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: u32 = 16;
-/// New handshakes admitted per second, in total (the burst allowance is the same number). A
-/// server-side meshnode handshake costs roughly 0.2-0.5 ms of CPU (key exchange, signature,
-/// client certificate check), so 400/s bounds handshake work to at most ~20 % of one core
-/// while letting a 200-node mesh reconnect to a restarted node in about a second.
-pub const DEFAULT_HANDSHAKE_RATE: u32 = 400;
+/// New handshakes admitted per second, in total (the burst allowance is the same number). Each
+/// admitted handshake costs the node a connection's setup, a key exchange, a signature and a
+/// client certificate check, on the same cores as every established tunnel. Measured with
+/// `transport/tests/handshake_flood.rs` on 2 shared cores: at 400/s a flood of refused clients
+/// raised an established ping-pong's p99 from 2.5 to 19 ms (B ran ~380 doomed handshakes a
+/// second); 100/s still lets a 100-node mesh (two ALPNs each) reconnect to a restarted node in
+/// about 2 s, and peers over the bound are refused at once and redial.
+pub const DEFAULT_HANDSHAKE_RATE: u32 = 100;
 /// New handshakes admitted per second from one source (burst the same).
-pub const DEFAULT_HANDSHAKE_RATE_PER_SOURCE: u32 = 50;
+pub const DEFAULT_HANDSHAKE_RATE_PER_SOURCE: u32 = 20;
 /// Per-stream receive window. It also bounds how much of one stream is in flight, and that
 /// is the queue every other stream of the connection waits behind: the receiving node is
 /// CPU-bound, its backlog sits in quinn's user-space queues (not the socket, so no loss) and the

@@ -7,8 +7,7 @@
 //! for every stream it accepts: when the streams open reach [`GROW_AT_PERCENT`] of the credit,
 //! the credit doubles (a MAX_STREAMS frame), up to [`TransportConfig::max_concurrent_streams`].
 //! When the last stream closes the credit goes back to the initial value for the future; quinn
-//! keeps the slots it already granted, so this bounds later growth rather than freeing memory
-//! (docs/behaviour.md, "Memory per connection").
+//! keeps the slots it already granted, so this bounds later growth rather than freeing memory.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
