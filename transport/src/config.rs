@@ -19,11 +19,41 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// Initial RTT estimate before the first sample. 333 ms (RFC 9002) would make the first
 /// loss-recovery timers absurdly slow on a LAN; 10 ms still covers cross-zone links.
 pub const DEFAULT_INITIAL_RTT: Duration = Duration::from_millis(10);
-/// Concurrent bidirectional streams per connection: one per TCP tunnel between two nodes, so
-/// far above quinn's 100 (the 101st `open_bi` would otherwise wait). 4,096 capped a node pair
-/// at 4,096 open tunnels (measured with `IDLE_TUNNELS=10000 bench/run.sh`); quinn allocates
-/// stream state only for streams that exist, so the credit itself costs nothing.
+/// Most concurrent bidirectional streams a peer may open on one connection: one per TCP tunnel
+/// between two nodes, so far above quinn's 100. 4,096 capped a node pair at 4,096 open tunnels
+/// (measured with `IDLE_TUNNELS=10000 bench/run.sh`). The credit is not granted up front:
+/// quinn-proto pre-allocates a slot for every stream the peer may open (an idle connection cost
+/// 5.3 MiB at 65,536), so a connection starts at [`DEFAULT_INITIAL_STREAMS`] and
+/// [`crate::stream_limit::StreamLimit`] raises it towards this bound as tunnels open.
 pub const DEFAULT_MAX_STREAMS: u32 = 65_536;
+/// Concurrent bidirectional streams a peer may open on a new connection, before any growth.
+/// quinn-proto pre-allocates per allowed stream. Measured with `transport/tests/idle_memory.rs`
+/// (600 idle connections, server RSS): 53-63 KiB per idle connection at 256, against 5.3 MiB at
+/// 65,536. 256 covers a burst of 192 tunnels before the first MAX_STREAMS round trip.
+pub const DEFAULT_INITIAL_STREAMS: u32 = 256;
+/// Handshakes in progress (admitted, not yet finished) from which a client whose address is not
+/// yet validated is sent a QUIC Retry first. Retry costs one small packet and no state; a
+/// forged source never answers it. 32 is far above what a healthy mesh needs at once (a peer
+/// restarting dials each of its peers twice, spread over its dial back-off) and low enough that a
+/// flood turns into Retries within a few milliseconds.
+pub const DEFAULT_HANDSHAKE_RETRY_THRESHOLD: u32 = 32;
+/// Most handshakes in progress at once, in total. Each costs a connection's state and its share
+/// of TLS work; past this, new attempts are refused (address validated) or ignored (not).
+pub const DEFAULT_MAX_HANDSHAKES: u32 = 256;
+/// Most handshakes in progress at once from one source (IPv4 address, IPv6 /64): a node has at
+/// most one connection per ALPN to another, plus a redial; 16 leaves room for several nodes on
+/// one host (tests and benches run many on 127.0.0.1).
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: u32 = 16;
+/// New handshakes admitted per second, in total (the burst allowance is the same number). Each
+/// admitted handshake costs the node a connection's setup, a key exchange, a signature and a
+/// client certificate check, on the same cores as every established tunnel. Measured with
+/// `transport/tests/handshake_flood.rs` on 2 shared cores: at 400/s a flood of refused clients
+/// raised an established ping-pong's p99 from 2.5 to 19 ms (B ran ~380 doomed handshakes a
+/// second); 100/s still lets a 100-node mesh (two ALPNs each) reconnect to a restarted node in
+/// about 2 s, and peers over the bound are refused at once and redial.
+pub const DEFAULT_HANDSHAKE_RATE: u32 = 100;
+/// New handshakes admitted per second from one source (burst the same).
+pub const DEFAULT_HANDSHAKE_RATE_PER_SOURCE: u32 = 20;
 /// Per-stream receive window. It also bounds how much of one stream is in flight, and that
 /// is the queue every other stream of the connection waits behind: the receiving node is
 /// CPU-bound, its backlog sits in quinn's user-space queues (not the socket, so no loss) and the
@@ -171,6 +201,19 @@ pub struct TransportConfig {
     pub mtu_upper_bound: u16,
     /// Longest acknowledgement delay requested of peers; `None`: the peer's own (25 ms).
     pub max_ack_delay: Option<Duration>,
+    /// Concurrent bidirectional streams a peer may open on a new connection; grown on demand up
+    /// to [`TransportConfig::max_concurrent_streams`] by [`crate::stream_limit::StreamLimit`].
+    pub initial_concurrent_streams: u32,
+    /// Handshakes in progress from which unvalidated clients are sent a Retry first.
+    pub handshake_retry_threshold: u32,
+    /// Most handshakes in progress at once, in total.
+    pub max_handshakes: u32,
+    /// Most handshakes in progress at once from one source address.
+    pub max_handshakes_per_source: u32,
+    /// New handshakes admitted per second, in total.
+    pub handshake_rate: u32,
+    /// New handshakes admitted per second from one source address.
+    pub handshake_rate_per_source: u32,
 }
 
 impl Default for TransportConfig {
@@ -188,6 +231,12 @@ impl Default for TransportConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             mtu_upper_bound: DEFAULT_MTU_UPPER_BOUND,
             max_ack_delay: DEFAULT_MAX_ACK_DELAY,
+            initial_concurrent_streams: DEFAULT_INITIAL_STREAMS,
+            handshake_retry_threshold: DEFAULT_HANDSHAKE_RETRY_THRESHOLD,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            handshake_rate: DEFAULT_HANDSHAKE_RATE,
+            handshake_rate_per_source: DEFAULT_HANDSHAKE_RATE_PER_SOURCE,
         }
     }
 }
@@ -203,7 +252,8 @@ impl TransportConfig {
             t.max_idle_timeout(Some(idle));
         }
         t.initial_rtt(self.initial_rtt);
-        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_concurrent_streams));
+        // The starting credit only: quinn-proto allocates a slot per stream the peer may open.
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.initial_streams()));
         // Nothing of ours uses unidirectional streams except h3's control streams.
         t.max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
         t.stream_receive_window(quinn::VarInt::from_u32(self.stream_window));
@@ -222,6 +272,14 @@ impl TransportConfig {
             t.ack_frequency_config(Some(ack));
         }
         Arc::new(t)
+    }
+
+    /// The bidirectional stream credit a new connection starts with: the initial value, never
+    /// above the maximum, never zero.
+    pub fn initial_streams(&self) -> u32 {
+        self.initial_concurrent_streams
+            .min(self.max_concurrent_streams)
+            .max(1)
     }
 
     /// The `max_udp_payload_size` to advertise: at least quinn's default, so that a peer's

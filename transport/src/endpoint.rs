@@ -4,10 +4,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use meshnode_proto::{ALPN_H3, ALPN_MESHNODE};
 
+use crate::admission::{
+    Admission, Decision, HandshakePermit, HandshakeResult, HandshakeStats, Limits, RateLimitedLog,
+};
 use crate::config::TransportConfig;
 use crate::keys::{EndpointKeys, KeyError};
 use crate::runtime::MeshRuntime;
@@ -103,6 +106,63 @@ pub enum ConnectError {
     },
 }
 
+/// Why an admitted handshake did not become a peer connection.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum AcceptError {
+    /// No handshake completed within the connect timeout.
+    #[error("handshake from {remote} timed out")]
+    Timeout {
+        /// The caller's address.
+        remote: SocketAddr,
+    },
+    /// The handshake failed (no or a foreign certificate, connection lost).
+    #[error("handshake from {remote} failed: {source}")]
+    Handshake {
+        /// The caller's address.
+        remote: SocketAddr,
+        /// quinn's reason.
+        source: quinn::ConnectionError,
+    },
+    /// The connection negotiated no ALPN of ours.
+    #[error("connection from {remote} negotiated no known ALPN")]
+    UnknownAlpn {
+        /// The caller's address.
+        remote: SocketAddr,
+    },
+    /// The certificate names no mesh node of our trust domain.
+    #[error("connection from {remote} has no mesh node identity")]
+    NoIdentity {
+        /// The caller's address.
+        remote: SocketAddr,
+    },
+}
+
+/// An incoming connection attempt that admission let through (see [`crate::admission`]): hand
+/// it to [`MeshEndpoint::accept_connection`]. It holds its place among the handshakes in
+/// progress until the handshake ends; dropping it refuses the attempt.
+#[derive(Debug)]
+pub struct Handshake {
+    incoming: quinn::Incoming,
+    permit: HandshakePermit,
+}
+
+impl Handshake {
+    /// The caller's UDP address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.incoming.remote_address()
+    }
+}
+
+/// Attempts not yet decided that quinn queues for the accept loop; past this, quinn drops new
+/// Initials before deriving their keys (its cheapest path, not counted by us). The accept loop
+/// decides each attempt without waiting, so the queue is short unless the node is starved.
+pub const MAX_PENDING_INCOMING: usize = 4_096;
+/// Datagrams buffered for one undecided attempt (quinn's default: 10 MiB). A client's first
+/// flight is a few kilobytes.
+pub const INCOMING_BUFFER_BYTES: u64 = 64 << 10;
+/// Datagrams buffered for all undecided attempts together (quinn's default: 100 MiB).
+pub const INCOMING_BUFFER_TOTAL_BYTES: u64 = 8 << 20;
+
 /// An accepted, authenticated connection from a peer.
 #[derive(Debug, Clone)]
 pub struct InboundConnection {
@@ -122,6 +182,9 @@ pub struct MeshEndpoint {
     client_meshnode: quinn::ClientConfig,
     client_h3: quinn::ClientConfig,
     transport: TransportConfig,
+    admission: Admission,
+    handshakes: Arc<HandshakeStats>,
+    refusal_log: Arc<RateLimitedLog>,
 }
 
 impl MeshEndpoint {
@@ -137,6 +200,10 @@ impl MeshEndpoint {
         server.transport_config(transport.clone());
         // A peer whose NAT rebinds must be followed (path validation is quinn's).
         server.migration(true);
+        server
+            .max_incoming(MAX_PENDING_INCOMING)
+            .incoming_buffer_size(INCOMING_BUFFER_BYTES)
+            .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL_BYTES);
 
         let client = |alpn: &[u8]| -> Result<quinn::ClientConfig, IdentityError> {
             let mut c = quinn::ClientConfig::new(identity.client_config(&[alpn])?);
@@ -168,6 +235,9 @@ impl MeshEndpoint {
             client_meshnode,
             client_h3,
             transport: opts.transport.clone(),
+            admission: Admission::new(Limits::from_config(&opts.transport), Instant::now()),
+            handshakes: Arc::default(),
+            refusal_log: Arc::default(),
         })
     }
 
@@ -191,25 +261,91 @@ impl MeshEndpoint {
         &self.endpoint
     }
 
-    /// The next incoming connection attempt; `None` once the endpoint is closed.
-    pub async fn accept(&self) -> Option<quinn::Incoming> {
-        self.endpoint.accept().await
+    /// Counters of incoming handshakes by result, for `meshnode_handshakes_total{result}`.
+    pub fn handshake_stats(&self) -> &HandshakeStats {
+        &self.handshakes
     }
 
-    /// Completes an incoming handshake and names the caller from its certificate.
+    /// Handshakes admitted and not yet finished.
+    pub fn handshakes_in_progress(&self) -> u32 {
+        self.admission.in_progress()
+    }
+
+    /// The next admitted connection attempt; `None` once the endpoint is closed. Attempts over
+    /// the handshake bounds are answered (Retry, refusal) or dropped here and counted in
+    /// [`MeshEndpoint::handshake_stats`], without ever starting a handshake.
+    pub async fn accept(&self) -> Option<Handshake> {
+        loop {
+            let incoming = self.endpoint.accept().await?;
+            let now = Instant::now();
+            let remote = incoming.remote_address();
+            let validated = incoming.remote_address_validated();
+            let (decision, permit) = self.admission.decide(now, remote.ip(), validated);
+            let result = match (decision, permit) {
+                (Decision::Accept, Some(permit)) => return Some(Handshake { incoming, permit }),
+                (Decision::Retry, _) => match incoming.retry() {
+                    Ok(()) => HandshakeResult::Retry,
+                    // Only an already validated attempt cannot be retried, and those are
+                    // never sent to Retry; refuse rather than loop.
+                    Err(e) => {
+                        e.into_incoming().refuse();
+                        HandshakeResult::Refused
+                    }
+                },
+                (Decision::Ignore, _) => {
+                    incoming.ignore();
+                    HandshakeResult::Ignored
+                }
+                (Decision::Refuse | Decision::Accept, _) => {
+                    incoming.refuse();
+                    HandshakeResult::Refused
+                }
+            };
+            self.handshakes.record(result);
+            if result != HandshakeResult::Retry {
+                if let Some(suppressed) = self.refusal_log.allow(now) {
+                    tracing::info!(
+                        %remote,
+                        result = result.as_str(),
+                        suppressed,
+                        in_progress = self.admission.in_progress(),
+                        "handshake not admitted (over the handshake bounds)"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Completes an admitted handshake and names the caller from its certificate. Counts the
+    /// outcome; failures are logged here at a bounded rate, so callers need not log each one.
     pub async fn accept_connection(
         &self,
-        incoming: quinn::Incoming,
-    ) -> Result<InboundConnection, String> {
+        handshake: Handshake,
+    ) -> Result<InboundConnection, AcceptError> {
+        let Handshake { incoming, permit } = handshake;
+        let result = self.complete(incoming).await;
+        drop(permit);
+        match &result {
+            Ok(_) => self.handshakes.record(HandshakeResult::Accepted),
+            Err(e) => {
+                self.handshakes.record(HandshakeResult::Failed);
+                if let Some(suppressed) = self.refusal_log.allow(Instant::now()) {
+                    tracing::info!(reason = %e, suppressed, "inbound handshake failed");
+                }
+            }
+        }
+        result
+    }
+
+    async fn complete(&self, incoming: quinn::Incoming) -> Result<InboundConnection, AcceptError> {
         let remote = incoming.remote_address();
         let conn = tokio::time::timeout(self.transport.connect_timeout, incoming)
             .await
-            .map_err(|_| format!("handshake from {remote} timed out"))?
-            .map_err(|e| format!("handshake from {remote} failed: {e}"))?;
-        let alpn = negotiated_alpn(&conn)
-            .ok_or_else(|| format!("connection from {remote} negotiated no known ALPN"))?;
+            .map_err(|_| AcceptError::Timeout { remote })?
+            .map_err(|source| AcceptError::Handshake { remote, source })?;
+        let alpn = negotiated_alpn(&conn).ok_or(AcceptError::UnknownAlpn { remote })?;
         let peer = crate::tls::peer_node_name(&conn, self.identity.trust_domain())
-            .ok_or_else(|| format!("connection from {remote} has no mesh node identity"))?;
+            .ok_or(AcceptError::NoIdentity { remote })?;
         Ok(InboundConnection { conn, peer, alpn })
     }
 

@@ -6,17 +6,22 @@
 //! and splices tunnels. Policy (which endpoint, retries, authorisation) lives in the node.
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod config;
 pub mod endpoint;
 pub mod keys;
 pub mod peers;
 pub mod pki;
 pub mod runtime;
+pub mod stream_limit;
 pub mod tls;
 pub mod tunnel;
 
 pub use config::TransportConfig;
-pub use endpoint::{Alpn, ConnectError, EndpointOptions, InboundConnection, MeshEndpoint};
+pub use endpoint::{
+    AcceptError, Alpn, ConnectError, EndpointOptions, Handshake, InboundConnection, MeshEndpoint,
+};
 pub use peers::{InboundInfo, PeerEvent, PeerInfo, PeerPool, PeerState};
 pub use quinn;
+pub use stream_limit::{StreamLimit, StreamPermit};
 pub use tls::Identity;
