@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use meshnode_proto::{Status, StatusCode, StreamHeader};
 use meshnode_transport::tunnel::{self, ReadMessageError};
-use meshnode_transport::{Alpn, InboundConnection, MeshEndpoint, PeerPool};
+use meshnode_transport::{Alpn, InboundConnection, MeshEndpoint, PeerPool, StreamLimit};
 
 use crate::drain;
 use crate::http::server::H3Server;
@@ -43,8 +43,9 @@ pub async fn accept_loop(inbound: Arc<Inbound>) {
             match inbound.endpoint.accept_connection(incoming).await {
                 Ok(conn) => serve_connection(inbound, conn).await,
                 Err(reason) => {
+                    // Logged by transport at a bounded rate (a flood must not flood the log).
                     inbound.telemetry.rejected(RefusalKind::Handshake);
-                    tracing::info!(%reason, "inbound connection refused");
+                    tracing::debug!(%reason, "inbound connection refused");
                 }
             }
         });
@@ -53,8 +54,11 @@ pub async fn accept_loop(inbound: Arc<Inbound>) {
 
 async fn serve_connection(inbound: Arc<Inbound>, conn: InboundConnection) {
     let InboundConnection { conn, peer, alpn } = conn;
+    // The peer's stream credit starts small and grows as its streams open (an idle
+    // connection then costs tens of KiB, not megabytes): every accepted stream holds a permit.
+    let limit = StreamLimit::new(&conn, inbound.endpoint.transport());
     if alpn == Alpn::H3 {
-        inbound.h3.clone().serve(peer, conn).await;
+        inbound.h3.clone().serve(peer, conn, limit).await;
         return;
     }
     tracing::debug!(%peer, remote = %conn.remote_address(), "peer connected");
@@ -64,7 +68,11 @@ async fn serve_connection(inbound: Arc<Inbound>, conn: InboundConnection) {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 let (inbound, peer) = (inbound.clone(), peer.clone());
-                tokio::spawn(async move { serve_stream(inbound, peer, send, recv).await });
+                let permit = limit.on_accept();
+                tokio::spawn(async move {
+                    serve_stream(inbound, peer, send, recv).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 tracing::debug!(%peer, reason = %e, "peer connection ended");

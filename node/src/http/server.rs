@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use meshnode_transport::tunnel::splice_with;
+use meshnode_transport::StreamLimit;
 
 use super::body::{self, Body, ServerRecv, ServerSend};
 use super::headers::{host_of, strip_hop_by_hop};
@@ -36,8 +37,14 @@ pub(crate) struct H3Server {
 impl H3Server {
     /// Serves HTTP/3 requests on one inbound connection until it closes. `peer` is the
     /// caller's node name, taken from its certificate.
-    pub(crate) async fn serve(self: Arc<Self>, peer: String, conn: quinn::Connection) {
-        serve(self, peer, conn).await;
+    /// `limit` is the connection's stream credit: each request holds a permit while it runs.
+    pub(crate) async fn serve(
+        self: Arc<Self>,
+        peer: String,
+        conn: quinn::Connection,
+        limit: StreamLimit,
+    ) {
+        serve(self, peer, conn, limit).await;
     }
 
     /// Counts and answers a refusal.
@@ -47,7 +54,7 @@ impl H3Server {
     }
 }
 
-async fn serve(shared: Arc<H3Server>, peer: String, conn: quinn::Connection) {
+async fn serve(shared: Arc<H3Server>, peer: String, conn: quinn::Connection, limit: StreamLimit) {
     let built = h3::server::builder()
         .max_field_section_size(MAX_HEADER_BYTES as u64)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn))
@@ -64,7 +71,9 @@ async fn serve(shared: Arc<H3Server>, peer: String, conn: quinn::Connection) {
             Ok(Some(resolver)) => {
                 let shared = shared.clone();
                 let peer = peer.clone();
+                let permit = limit.on_accept();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match resolver.resolve_request().await {
                         Ok((req, stream)) => {
                             let (send, recv) = stream.split();
