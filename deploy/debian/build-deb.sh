@@ -6,6 +6,7 @@
 #
 #   deploy/debian/build-deb.sh [PATH-TO-meshnode]     default: target/release/meshnode (built if missing)
 #   MESHNODE_DEB_VERSION=0.1.0-2 deploy/debian/build-deb.sh ...   package version (default: the crate's, -1)
+#   MESHNODE_DEB_COMPRESSION=gzip ...   dpkg-deb compressor (default xz; gzip is much quicker)
 #
 # Needs only dpkg-deb (Debian's dpkg package) and gzip; no debhelper, no network.
 set -euo pipefail
@@ -15,7 +16,7 @@ repo="$(cd "$here/../.." && pwd)"
 
 case "${1:-}" in
 -h | --help)
-    sed -n '2,10s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
     exit 0
     ;;
 esac
@@ -103,5 +104,5 @@ for script in postinst prerm postrm; do
 done
 
 mkdir -p "$out_dir"
-dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
+dpkg-deb --root-owner-group -Z"${MESHNODE_DEB_COMPRESSION:-xz}" --build "$root" "$deb" >/dev/null
 echo "$deb"

@@ -200,7 +200,7 @@ cleanup() {
 trap cleanup EXIT
 # Debug info makes a debug build ~200 MB; the package gets the same binary without it.
 objcopy --strip-debug "$bin" "$work/meshnode"
-deb=$(MESHNODE_DEB_VERSION="$("$bin" version | awk '{print $2}')-vmtest" \
+deb=$(MESHNODE_DEB_VERSION="$("$bin" version | awk '{print $2}')-vmtest" MESHNODE_DEB_COMPRESSION=gzip \
     "$repo/deploy/debian/build-deb.sh" "$work/meshnode" | tail -n1)
 mkdir "$work/payload"
 cp "$deb" "$work/payload/meshnode.deb"
