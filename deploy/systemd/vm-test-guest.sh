@@ -152,7 +152,7 @@ state=$(stat -c '%a %U' /var/lib/meshnode)
 [[ $state == "700 meshnode" ]] && pass "state dir /var/lib/meshnode: $state, $(ls -A /var/lib/meshnode | wc -l) file(s)" ||
     fail "state dir /var/lib/meshnode: $state"
 score=$(systemd-analyze security meshnode --no-pager 2>&1 | tail -n 1)
-systemd-analyze security meshnode --no-pager 2>&1 | grep -E '^ *✗' | sed 's/^/INFO: exposed: /' | cut -c1-150
+systemd-analyze security meshnode --no-pager 2>&1 | grep -E '^ *✗' | sed 's/^/INFO: exposed: /; s/ *$//' | cut -c1-150
 if [[ $score =~ level\ for\ meshnode.service:\ ([0-9.]+)\ ([A-Z]+) ]]; then
     info "systemd-analyze security meshnode: ${BASH_REMATCH[1]} ${BASH_REMATCH[2]}"
     awk -v s="${BASH_REMATCH[1]}" 'BEGIN { exit !(s <= 2.0) }' &&

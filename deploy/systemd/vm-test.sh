@@ -16,7 +16,7 @@
 #
 # Needs root (debootstrap, chroot), debootstrap, qemu-system-x86_64, mkfs.ext4/debugfs
 # (e2fsprogs), dpkg-deb, and the Debian mirror apt uses on this host. The guest has no network
-# interface other than loopback (-nic none). The image (about 1 GB, built once, 5-10 minutes)
+# interface other than loopback (-nic none). The image (about 1 GB, built once, 5-9 minutes)
 # is never modified by a run: its disk is attached with snapshot=on; the .deb and the test
 # script go in on a second small disk, which also brings the results back.
 set -euo pipefail
@@ -39,7 +39,7 @@ die() {
 
 case "${1:-}" in
 -h | --help)
-    sed -n '2,20s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,21s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
     exit 0
     ;;
 --image-only)
