@@ -29,3 +29,15 @@ else
   # The Debian package (of the same binary): install, upgrade keeping the config, remove, purge.
   deploy/debian/test.sh "$PWD/target/debug/meshnode"
 fi
+
+# --- VM test (deploy/systemd/vm-test.sh): the .deb and its unit under a real systemd ----------
+# About 4-8 minutes with the cached image in target/vm/ (the first run builds it: 6-9 more).
+if [ "${MESHNODE_SKIP_VM:-}" = 1 ]; then
+  echo "VM test skipped (MESHNODE_SKIP_VM=1)"
+elif ! command -v qemu-system-x86_64 >/dev/null || ! command -v debootstrap >/dev/null; then
+  echo "VM test skipped: qemu-system-x86_64 or debootstrap not installed (Debian: qemu-system-x86, debootstrap)"
+elif [ "$(id -u)" != 0 ]; then
+  echo "VM test skipped: it needs root (debootstrap, chroot)"
+else
+  deploy/systemd/vm-test.sh "$PWD/target/debug/meshnode"
+fi

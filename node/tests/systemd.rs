@@ -69,8 +69,8 @@ fn verify(unit: &str) -> Result<(i32, Vec<String>)> {
 /// The unit with its executables pointed at ones that exist here (verify checks them).
 fn unit_for_here() -> Result<String> {
     ensure!(
-        Path::new("/bin/kill").is_file(),
-        "/bin/kill (ExecReload=) is missing: apt-get install procps"
+        Path::new("/bin/sh").is_file(),
+        "/bin/sh (ExecReload=) is missing"
     );
     Ok(unit_text()?.replace(INSTALLED_BIN, BIN))
 }
@@ -136,7 +136,7 @@ fn unit_matches_the_binary_and_the_config_defaults() -> Result<()> {
         get("ExecReload"),
         [
             format!("{INSTALLED_BIN} validate {config}").as_str(),
-            "/bin/kill -HUP $MAINPID"
+            r#"/bin/sh -c 'kill -HUP "$1"' meshnode-reload $MAINPID"#
         ]
     );
     // systemd must not SIGKILL a node that is still inside its default drain.
