@@ -246,6 +246,15 @@ pub fn start_registry(config: &Config) -> Result<Registry, Failure> {
 pub async fn run(path: &Path) -> Result<(), Failure> {
     use tokio::signal::unix::{signal, SignalKind};
     let (config, identity) = load_checked(path)?;
+    match crate::limits::raise_nofile() {
+        Ok(l) => tracing::info!(
+            soft_was = l.was,
+            soft = l.now,
+            hard = l.hard,
+            "file descriptor limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     let registry = start_registry(&config)?;
     let node = Node::start(NodeParts {
         config,

@@ -247,6 +247,19 @@ pub struct TransportTuning {
     /// Deadline for a tunnel open (header sent → status received).
     #[serde(default, with = "duration::option")]
     pub open_timeout: Option<Duration>,
+    /// A peer's stream credit on a new connection, grown on demand up to
+    /// `max_concurrent_streams` (an idle connection's memory is proportional to it).
+    pub initial_concurrent_streams: Option<u32>,
+    /// Handshakes in progress above which unvalidated sources must answer a QUIC Retry.
+    pub handshake_retry_threshold: Option<u32>,
+    /// Most handshakes in progress at once, in total.
+    pub max_handshakes: Option<u32>,
+    /// Most handshakes in progress at once from one source address.
+    pub max_handshakes_per_source: Option<u32>,
+    /// New handshakes admitted per second, in total.
+    pub handshake_rate: Option<u32>,
+    /// New handshakes admitted per second from one source address.
+    pub handshake_rate_per_source: Option<u32>,
 }
 
 /// `transport.max_ack_delay`: a duration, or `"off"` to leave peers their own.
@@ -424,6 +437,31 @@ impl Config {
         }
         if let Some(v) = tune.max_concurrent_streams {
             t.max_concurrent_streams = v;
+        }
+        let admission = [
+            (
+                tune.initial_concurrent_streams,
+                &mut t.initial_concurrent_streams,
+            ),
+            (
+                tune.handshake_retry_threshold,
+                &mut t.handshake_retry_threshold,
+            ),
+            (tune.max_handshakes, &mut t.max_handshakes),
+            (
+                tune.max_handshakes_per_source,
+                &mut t.max_handshakes_per_source,
+            ),
+            (tune.handshake_rate, &mut t.handshake_rate),
+            (
+                tune.handshake_rate_per_source,
+                &mut t.handshake_rate_per_source,
+            ),
+        ];
+        for (set, field) in admission {
+            if let Some(v) = set {
+                *field = v;
+            }
         }
         // Checked by `validate`; an unparsable name cannot get here through `Config::parse`.
         if let Some(c) = tune.congestion.as_deref().and_then(|c| c.parse().ok()) {

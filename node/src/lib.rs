@@ -17,6 +17,7 @@ pub mod exit;
 pub mod http;
 pub mod inbound;
 pub mod info;
+pub mod limits;
 pub mod local;
 pub mod metrics;
 pub mod migrate;

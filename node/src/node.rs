@@ -179,6 +179,8 @@ impl Node {
             pool: pool.clone(),
             registry: registry.clone(),
             telemetry: telemetry.clone(),
+            readiness: readiness.clone(),
+            endpoint: endpoint.clone(),
         });
         let status = Arc::new(StatusInputs {
             info: info.clone(),

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshnode_registry::{Registry, RegistryState};
-use meshnode_transport::{Alpn, PeerPool};
+use meshnode_transport::{Alpn, MeshEndpoint, PeerPool};
 
+use crate::info::Readiness;
 use crate::routing::Routing;
 use crate::telemetry::Telemetry;
 
@@ -24,6 +25,10 @@ pub struct SamplerInputs {
     pub registry: Registry,
     /// Where the numbers go.
     pub telemetry: Arc<Telemetry>,
+    /// What /readyz answers (`meshnode_ready`).
+    pub readiness: Arc<Readiness>,
+    /// Handshake admission totals.
+    pub endpoint: MeshEndpoint,
 }
 
 /// Samples until the task is stopped.
@@ -74,5 +79,12 @@ pub fn sync(inputs: &SamplerInputs) {
     inputs.telemetry.registry(
         status.state == RegistryState::Connected,
         status.updates_total,
+        status.lease_grants,
     );
+    inputs
+        .telemetry
+        .ready(inputs.readiness.blockers().is_empty());
+    inputs
+        .telemetry
+        .handshakes(inputs.endpoint.handshake_stats().snapshot());
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use ::metrics::{Counter, Gauge, Histogram};
+use meshnode_transport::admission::HandshakeResult;
 use meshnode_transport::tunnel::TunnelCounters;
 
 use crate::metrics::Metrics;
@@ -99,6 +100,9 @@ pub struct Telemetry {
     migrations: Counter,
     registry_connected: OnceLock<Gauge>,
     registry_updates: OnceLock<Counter>,
+    registry_leases: OnceLock<Counter>,
+    ready: OnceLock<Gauge>,
+    handshakes: Lazy<Counter, { HandshakeResult::ALL.len() }>,
 }
 
 impl Default for Telemetry {
@@ -119,6 +123,9 @@ impl Telemetry {
             rejected: Lazy::new(),
             registry_connected: OnceLock::new(),
             registry_updates: OnceLock::new(),
+            registry_leases: OnceLock::new(),
+            ready: OnceLock::new(),
+            handshakes: Lazy::new(),
         }
     }
 
@@ -173,7 +180,7 @@ impl Telemetry {
     }
 
     /// The registry's state, sampled.
-    pub fn registry(&self, connected: bool, updates_total: u64) {
+    pub fn registry(&self, connected: bool, updates_total: u64, lease_grants: u64) {
         let m = &self.metrics;
         self.registry_connected
             .get_or_init(|| m.gauge("meshnode_registry_connected", &[]))
@@ -181,6 +188,28 @@ impl Telemetry {
         self.registry_updates
             .get_or_init(|| m.counter("meshnode_registry_updates_total", &[]))
             .absolute(updates_total);
+        self.registry_leases
+            .get_or_init(|| m.counter("meshnode_registry_lease_grants_total", &[]))
+            .absolute(lease_grants);
+    }
+
+    /// Readiness (what /readyz answers), sampled.
+    pub fn ready(&self, ready: bool) {
+        self.ready
+            .get_or_init(|| self.metrics.gauge("meshnode_ready", &[]))
+            .set(if ready { 1.0 } else { 0.0 });
+    }
+
+    /// Transport's handshake totals, sampled.
+    pub fn handshakes(&self, totals: [(HandshakeResult, u64); HandshakeResult::ALL.len()]) {
+        for (i, (result, total)) in totals.into_iter().enumerate() {
+            self.handshakes
+                .get(i, || {
+                    self.metrics
+                        .counter("meshnode_handshakes_total", &[("result", result.as_str())])
+                })
+                .absolute(total);
+        }
     }
 
     /// Every service's handles (the sampler).
@@ -429,9 +458,22 @@ mod tests {
         }
         svc.bytes.sent.fetch_add(10, Ordering::Relaxed);
         svc.sync([("node-b".to_string(), 2)]);
-        t.registry(true, 7);
+        t.registry(true, 7, 2);
+        t.ready(true);
+        let mut handshakes = HandshakeResult::ALL.map(|r| (r, 0));
+        handshakes[1].1 = 5;
+        t.handshakes(handshakes);
         let m = t.metrics();
         let get = |name: &str, labels: &[&str]| m.get(name, labels);
+        assert_eq!(get("meshnode_registry_lease_grants_total", &[]), 2.0);
+        assert_eq!(get("meshnode_ready", &[]), 1.0);
+        assert_eq!(
+            get(
+                "meshnode_handshakes_total",
+                &[HandshakeResult::ALL[1].as_str()]
+            ),
+            5.0
+        );
         assert_eq!(get("meshnode_inbound_rejected_total", &["forbidden"]), 2.0);
         assert_eq!(get("meshnode_quic_migrations_total", &[]), 1.0);
         assert_eq!(

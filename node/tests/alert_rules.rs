@@ -77,3 +77,23 @@ fn every_alert_names_a_runbook_and_a_severity() {
         assert!(rules.contains(&format!("- alert: {name}\n")), "{name}");
     }
 }
+
+#[test]
+fn every_metric_an_alert_uses_is_exported_by_a_node() {
+    let rules = std::fs::read_to_string(examples().join("alerts.yml")).expect("alerts.yml");
+    let node = meshnode::metrics::Metrics::new().render();
+    let mut used: Vec<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("meshnode_"))
+        .map(|w| w.trim_end_matches("_bucket"))
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    assert!(used.len() >= 7, "{used:?}");
+    for name in used {
+        assert!(
+            node.contains(&format!("# TYPE {name} ")),
+            "alerts.yml uses {name}, which a node does not export"
+        );
+    }
+}

@@ -106,7 +106,8 @@ impl Watchers {
                         let read = async {
                             let opts = etcd_client::ConnectOptions::new()
                                 .with_connect_timeout(Duration::from_millis(300));
-                            let mut c = etcd_client::Client::connect([m.as_str()], Some(opts)).await?;
+                            let mut c =
+                                etcd_client::Client::connect([m.as_str()], Some(opts)).await?;
                             let opts = etcd_client::GetOptions::new().with_prefix();
                             let kvs = c.get(PREFIX, Some(opts)).await?;
                             let present: Vec<String> = kvs

@@ -4,6 +4,15 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// `transport.keep_alive`: at least 10 ms (a zero interval spins a core on an idle node).
+const KEEP_ALIVE_RANGE: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_secs(600));
+/// `transport.idle_timeout`: long enough for a keep-alive and its answer, at most 10 minutes.
+const IDLE_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(600));
+/// `transport.connect_timeout` and `open_timeout`: a zero deadline never lets a tunnel open.
+const TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(600));
+
 use meshnode_proto::identity::{validate_node_name, validate_service_name};
 
 use super::{Advertise, Backend, Config};
@@ -127,19 +136,69 @@ impl Config {
             }
         }
         let t = &self.transport;
-        if let (Some(k), Some(i)) = (t.keep_alive, t.idle_timeout) {
-            if k >= i {
-                return Err(invalid(
-                    "transport.keep_alive",
-                    "must be shorter than transport.idle_timeout",
-                ));
+        // Durations that validate but break the node: a zero keep-alive spins a core, a zero
+        // connect or open timeout never lets a tunnel open.
+        for (field, value, (min, max)) in [
+            ("transport.keep_alive", t.keep_alive, KEEP_ALIVE_RANGE),
+            ("transport.idle_timeout", t.idle_timeout, IDLE_TIMEOUT_RANGE),
+            (
+                "transport.connect_timeout",
+                t.connect_timeout,
+                TIMEOUT_RANGE,
+            ),
+            ("transport.open_timeout", t.open_timeout, TIMEOUT_RANGE),
+        ] {
+            if let Some(v) = value {
+                if v < min || v > max {
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "must be between {} and {} (got {})",
+                            humantime::format_duration(min),
+                            humantime::format_duration(max),
+                            humantime::format_duration(v)
+                        ),
+                    ));
+                }
             }
         }
-        if t.max_concurrent_streams == Some(0) {
+        // Against the effective values: one key set and the other left at its default counts.
+        let effective = self.transport();
+        if (t.keep_alive.is_some() || t.idle_timeout.is_some())
+            && effective.keep_alive >= effective.idle_timeout
+        {
             return Err(invalid(
-                "transport.max_concurrent_streams",
-                "must be at least 1",
+                "transport.keep_alive",
+                format!(
+                    "must be shorter than transport.idle_timeout ({})",
+                    humantime::format_duration(effective.idle_timeout)
+                ),
             ));
+        }
+        for (field, value) in [
+            ("transport.max_concurrent_streams", t.max_concurrent_streams),
+            (
+                "transport.initial_concurrent_streams",
+                t.initial_concurrent_streams,
+            ),
+            (
+                "transport.handshake_retry_threshold",
+                t.handshake_retry_threshold,
+            ),
+            ("transport.max_handshakes", t.max_handshakes),
+            (
+                "transport.max_handshakes_per_source",
+                t.max_handshakes_per_source,
+            ),
+            ("transport.handshake_rate", t.handshake_rate),
+            (
+                "transport.handshake_rate_per_source",
+                t.handshake_rate_per_source,
+            ),
+        ] {
+            if value == Some(0) {
+                return Err(invalid(field, "must be at least 1"));
+            }
         }
         if let Some(c) = &t.congestion {
             if let Err(e) = c.parse::<meshnode_transport::config::Congestion>() {
@@ -390,6 +449,42 @@ key = "node-a.key"
         assert_eq!(cfg.registry.backend, Backend::Etcd);
         assert_eq!(cfg.node.drain_timeout, Duration::from_secs(10));
         assert_eq!(cfg.admin.listen.to_string(), "127.0.0.1:15000");
+    }
+
+    #[test]
+    fn durations_that_break_the_node_are_refused_with_the_range() {
+        for (extra, field) in [
+            ("keep_alive = \"0s\"", "transport.keep_alive"),
+            ("connect_timeout = \"0s\"", "transport.connect_timeout"),
+            ("open_timeout = \"0ms\"", "transport.open_timeout"),
+            ("idle_timeout = \"1ms\"", "transport.idle_timeout"),
+        ] {
+            let e = err(&format!("[transport]\n{extra}\n"));
+            assert!(
+                e.contains(field) && e.contains("must be between"),
+                "{extra}: {e}"
+            );
+        }
+        // keep_alive alone, against the default idle timeout.
+        let e = err("[transport]\nkeep_alive = \"5m\"\n");
+        assert!(e.contains("shorter than transport.idle_timeout"), "{e}");
+        for key in [
+            "max_handshakes",
+            "handshake_rate",
+            "initial_concurrent_streams",
+        ] {
+            let e = err(&format!("[transport]\n{key} = 0\n"));
+            assert!(
+                e.contains(&format!("transport.{key}: must be at least 1")),
+                "{e}"
+            );
+        }
+        let t = Config::parse(&format!(
+            "{BASE}[transport]\nmax_handshakes = 64\ninitial_concurrent_streams = 512\n"
+        ))
+        .expect("valid")
+        .transport();
+        assert_eq!((t.max_handshakes, t.initial_concurrent_streams), (64, 512));
     }
 
     #[test]
