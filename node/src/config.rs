@@ -1,4 +1,4 @@
-//! The TOML config file (SPEC §3): one struct per section, unknown keys rejected, durations
+//! The TOML config file (docs/config.md): one struct per section, unknown keys rejected, durations
 //! with units, and `validate()` whose errors name the field at fault.
 
 mod duration;
@@ -14,7 +14,7 @@ pub use meshnode_registry::Protocol;
 
 pub use validate::ConfigError;
 
-/// Default UDP address of the QUIC endpoint (SPEC §3).
+/// Default UDP address of the QUIC endpoint (docs/config.md, `[node]`).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
 /// Default admin API address: loopback, so nothing is exposed without a decision.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";

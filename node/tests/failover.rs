@@ -1,4 +1,4 @@
-//! Failover with real processes on a real etcd (SPEC §8): a node killed, blackholed, slowed,
+//! Failover with real processes on a real etcd (docs/behaviour.md): a node killed, blackholed, slowed,
 //! restarted, or rolled, under a client that opens a new connection every 10 ms.
 
 mod common;
@@ -214,7 +214,7 @@ async fn slower_endpoint_gets_little_traffic_and_recovers() -> Result<()> {
         assert!(share_c >= 0.85, "C share {share_c}");
         relay.set_delay(Duration::ZERO);
         let t = Traffic::start(m.out, INTERVAL);
-        // SPEC §8: traffic returns "within seconds". B, not picked for 2 s, is measured again
+        // docs/behaviour.md, Balancing: traffic returns "within seconds". B, not picked for 2 s, is measured again
         // (`remeasure_after`) and that answer replaces its old estimate, whatever the ratio
         // of B's old latency to C's.
         let back = until(
@@ -262,7 +262,7 @@ async fn restarted_endpoint_serves_again_within_a_second() -> Result<()> {
         if std::env::var_os("FAILOVER_LOG").is_some() {
             eprintln!("{}", m.a.log_text());
         }
-        // SPEC §8: within a second. The old connection dies of a stateless reset from the new
+        // docs/behaviour.md, dead and restarted peers: within a second. The old connection dies of a stateless reset from the new
         // process (or of its idle timeout), which marks B down; the reconnector's handshake
         // then brings it back whatever back-off its failed opens had earned.
         assert!(back < Duration::from_secs(1), "took {back:?}");

@@ -5,7 +5,7 @@
 //! [`RegistryStatus`]. The state update itself, [`MeshView::apply`], is pure and holds every
 //! rule about what a record must look like; the backends only feed it.
 //!
-//! - [`etcd`]: the real registry (SPEC §4): records under a lease kept alive at ttl/3,
+//! - [`etcd`]: the real registry (docs/registry.md): records under a lease kept alive at ttl/3,
 //!   snapshot + watch, reconnect with back-off, and static stability: the last view stays in
 //!   use while etcd is unreachable.
 //! - [`static_peers`]: a hand-written list of peers, no etcd.

@@ -1,4 +1,4 @@
-//! The JSON records stored under the registry prefix (SPEC §4) and the key layout.
+//! The JSON records stored under the registry prefix (docs/registry.md) and the key layout.
 //!
 //! Records are parsed leniently: unknown fields are ignored (a newer node may add some) and
 //! optional fields have defaults. What a record must satisfy to be routable is checked by
@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 /// Longest node or service name (a DNS label).
 pub const MAX_NAME_LEN: usize = meshnode_proto::identity::MAX_NAME_LEN;
 
-/// Weight a service record gets when it does not carry one (SPEC §3 default).
+/// Weight a service record gets when it does not carry one (docs/config.md, `[[service]]`).
 pub const DEFAULT_WEIGHT: u32 = 100;
 
 /// `{prefix}/nodes/{node}`: one per running node.

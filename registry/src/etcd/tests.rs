@@ -10,7 +10,7 @@ use crate::testing::EtcdProcess;
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// A watch from a compacted revision is created, then cancelled with `compact_revision`:
-/// the supervisor's cue to list again (SPEC §4).
+/// the supervisor's cue to list again (docs/registry.md, Watch and re-list).
 #[tokio::test]
 async fn watch_from_a_compacted_revision_reports_compaction() -> anyhow::Result<()> {
     tokio::time::timeout(LIMIT, async {
