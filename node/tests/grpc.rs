@@ -71,6 +71,48 @@ fn grpc_service(target: SocketAddr) -> String {
     format!("[[service]]\nname = \"greeter\"\nprotocol = \"grpc\"\ntarget = \"{target}\"\nrequest_timeout = \"5s\"\n")
 }
 
+/// Calls `Slow` with `grpc-timeout: 300m` over a bare HTTP/2 connection to the proxy;
+/// returns the HTTP status, `grpc-status` and `meshnode-error` of the answer's head.
+async fn slow_call(proxy: SocketAddr) -> Result<(u16, Option<String>, Option<String>)> {
+    use http_body_util::{BodyExt, Full};
+    let tcp = tokio::net::TcpStream::connect(proxy).await?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await?;
+    tokio::spawn(conn);
+    // One gRPC message: not compressed, 2 bytes.
+    let body = Full::new(bytes::Bytes::from_static(b"\0\0\0\0\x02hi"));
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("http://greeter/mesh.Greeter/Slow")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(body)?;
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await??;
+    let header = |n: &str| {
+        resp.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let answer = (
+        resp.status().as_u16(),
+        header("grpc-status"),
+        header("meshnode-error"),
+    );
+    let _ = resp.into_body().collect().await;
+    let took = started.elapsed();
+    anyhow::ensure!(
+        took < Duration::from_secs(2),
+        "answered after {took:?}, not at the 300 ms deadline"
+    );
+    Ok(answer)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcio_calls_are_balanced_per_call_with_trailers_and_statuses() -> Result<()> {
     if let Some(why) = grpcio_missing().await {
@@ -137,6 +179,16 @@ async fn grpcio_calls_are_balanced_per_call_with_trailers_and_statuses() -> Resu
         );
         assert_eq!(fail["custom"], "yes", "{v}");
         assert_eq!(fail["status_details"], "08091204626f6f6d", "{v}");
+
+        // A trailers-only UNAVAILABLE (every call node-b gets) is retried on node-c.
+        assert_eq!(v["flaky"]["C"], 20, "{v}");
+
+        // The call's grpc-timeout is the mesh's deadline: answered DEADLINE_EXCEEDED by the
+        // mesh (no client-side timer here) while the application still sleeps.
+        let (status, grpc_status, mesh_error) = slow_call(proxy).await?;
+        assert_eq!(status, 200);
+        assert_eq!(grpc_status.as_deref(), Some("4"), "{mesh_error:?}");
+        assert_eq!(mesh_error.as_deref(), Some("grpc-timeout passed"));
 
         // A service the mesh does not know: UNIMPLEMENTED, said by the mesh.
         assert_eq!(v["unknown"]["code"], "UNIMPLEMENTED", "{v}");

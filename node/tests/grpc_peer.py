@@ -10,10 +10,13 @@ Methods of mesh.Greeter:
   Stream  server streaming: the request is a count N; answers N messages "TAG:i"
   Fail    unary: custom trailer x-custom=yes, then FAILED_PRECONDITION with
           grpc-status-details-bin
+  Flaky   unary: UNAVAILABLE on the server tagged B, TAG elsewhere
+  Slow    unary: answers TAG after 3 s
 """
 
 import json
 import sys
+import time
 from concurrent import futures
 
 import grpc
@@ -39,7 +42,18 @@ def serve(tag):
         )
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"refused by {tag}")
 
+    def flaky(request, context):
+        if tag == "B":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "B is busy")
+        return tag.encode()
+
+    def slow(request, context):
+        time.sleep(3)
+        return tag.encode()
+
     handlers = {
+        "Flaky": grpc.unary_unary_rpc_method_handler(flaky, identity, identity),
+        "Slow": grpc.unary_unary_rpc_method_handler(slow, identity, identity),
         "Hello": grpc.unary_unary_rpc_method_handler(hello, identity, identity),
         "Stream": grpc.unary_stream_rpc_method_handler(stream, identity, identity),
         "Fail": grpc.unary_unary_rpc_method_handler(fail, identity, identity),
@@ -89,6 +103,16 @@ def client(addr, calls):
         request_serializer=identity,
         response_deserializer=identity,
     )
+    flaky = unary(channel, "Flaky")
+    flaky_counts = {}
+    for _ in range(20):
+        try:
+            tag = flaky(b"hi", timeout=10).decode()
+            flaky_counts[tag] = flaky_counts.get(tag, 0) + 1
+        except grpc.RpcError as e:
+            flaky_counts[e.code().name] = flaky_counts.get(e.code().name, 0) + 1
+    out["flaky"] = flaky_counts
+
     msgs = [m.decode() for m in stream(b"50", timeout=10)]
     out["stream_count"] = len(msgs)
     out["stream_one_endpoint"] = len({m.split(":")[0] for m in msgs}) == 1

@@ -151,10 +151,16 @@ async fn handle(
         };
         return match tokio::time::timeout(deadline, handle_request(proxy, client, req)).await {
             Ok(resp) => grpc::answer(resp),
-            Err(_) => grpc::trailers_only(
-                grpc::Code::DeadlineExceeded,
-                "meshnode: grpc-timeout passed before an answer",
-            ),
+            Err(_) => {
+                let reason = "grpc-timeout passed";
+                let mut resp = grpc::trailers_only(
+                    grpc::Code::DeadlineExceeded,
+                    &format!("meshnode: {reason}"),
+                );
+                resp.headers_mut()
+                    .insert(MESH_ERROR, http::HeaderValue::from_static(reason));
+                resp
+            }
         };
     }
     handle_request(proxy, client, req).await
