@@ -1,7 +1,7 @@
 //! h2c (HTTP/2 with prior knowledge) on the `[http_proxy]` port, beside HTTP/1.1: curl and
 //! hyper's HTTP/2 client name the service by `:authority`, each stream is balanced on its own
 //! and reaches HTTP/1.1 applications behind node-b and node-c; an `http2` service is spoken
-//! to in h2c by the callee.
+//! to in h2c by the callee; a rapid-reset client is sent GOAWAY while others are served.
 
 mod common;
 
@@ -208,6 +208,75 @@ async fn h2c_streams_are_balanced_each_and_http2_targets_get_h2c() -> Result<()>
             b >= 20 && c >= 20,
             "streams of one connection spread: B {b}, C {c}"
         );
+        Ok(())
+    })
+    .await
+    .context("test timed out")?
+}
+
+/// An HTTP/2 frame head: length, type, flags, stream.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_gets_goaway_and_other_clients_are_served() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::time::timeout(LIMIT, async {
+        let (_nodes, proxy, _pki) = mesh().await?;
+        // The 2023 "rapid reset" pattern: streams opened and cancelled at once, 200 of them.
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(0x4, 0, 0, &[]));
+        // GET http://web/ from the static table; `:authority` a literal without indexing.
+        let block = [0x82, 0x86, 0x84, 0x01, 0x03, b'w', b'e', b'b'];
+        for i in 0..200u32 {
+            let id = 2 * i + 1;
+            out.extend(frame(0x1, 0x5, id, &block)); // HEADERS, END_STREAM | END_HEADERS
+            out.extend(frame(0x3, 0, id, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+        }
+        let mut tcp = TcpStream::connect(proxy).await?;
+        tcp.write_all(&out).await?;
+        let mut seen = Vec::new();
+        let mut goaway = None;
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        'read: loop {
+            let mut buf = [0u8; 16384];
+            let n = match tokio::time::timeout_at(end, tcp.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(n)) => n,
+            };
+            seen.extend_from_slice(&buf[..n]);
+            let mut at = 0;
+            while seen.len() >= at + 9 {
+                let len = u32::from_be_bytes([0, seen[at], seen[at + 1], seen[at + 2]]) as usize;
+                if seen.len() < at + 9 + len {
+                    break;
+                }
+                if seen[at + 3] == 0x7 && len >= 8 {
+                    let p = &seen[at + 9..at + 9 + len];
+                    goaway = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+                    break 'read;
+                }
+                at += 9 + len;
+            }
+        }
+        // GOAWAY with ENHANCE_YOUR_CALM (0xb).
+        assert_eq!(goaway, Some(0xb), "{} bytes read", seen.len());
+
+        // Another client on the same port does not notice.
+        let tcp = TcpStream::connect(proxy).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("http://web/")
+            .body(text(Bytes::new()))?;
+        let resp = sender.send_request(req).await?;
+        assert_eq!(resp.status(), StatusCode::OK);
         Ok(())
     })
     .await
