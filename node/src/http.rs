@@ -1,6 +1,6 @@
-//! HTTP between nodes (docs/README.md): the local HTTP/1.1 proxy on `[http_proxy] listen`
+//! HTTP between nodes (docs/README.md): the local HTTP/1.1 and h2c proxy on `[http_proxy] listen`
 //! (caller side), HTTP/3 between nodes on the `h3` ALPN, and the h3 server that forwards each
-//! request to the local target over pooled HTTP/1.1 (callee side). Standard CONNECT
+//! request to the local target over pooled HTTP/1.1 or h2c (callee side). Standard CONNECT
 //! (RFC 9114 §4.4) on `h3` opens a TCP tunnel to a service's target.
 //!
 //! Bodies stream both ways through bounded channels; nothing is buffered whole.
