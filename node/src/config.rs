@@ -191,7 +191,7 @@ pub struct StaticPeerConfig {
 pub struct StaticServiceConfig {
     /// Service name.
     pub name: String,
-    /// `tcp` or `http`.
+    /// `tcp`, `http`, `http2` or `grpc` (docs/config.md).
     pub protocol: Protocol,
     /// Advertised port.
     pub port: u16,
@@ -289,7 +289,7 @@ impl<'de> Deserialize<'de> for AckDelay {
 pub struct ServiceConfig {
     /// Service name.
     pub name: String,
-    /// `tcp` or `http`.
+    /// `tcp`, `http`, `http2` or `grpc` (docs/config.md).
     pub protocol: Protocol,
     /// Where the local application listens.
     pub target: SocketAddr,

@@ -1,6 +1,6 @@
-//! HTTP between nodes (docs/README.md): the local HTTP/1.1 proxy on `[http_proxy] listen`
+//! HTTP between nodes (docs/README.md): the local HTTP/1.1 and h2c proxy on `[http_proxy] listen`
 //! (caller side), HTTP/3 between nodes on the `h3` ALPN, and the h3 server that forwards each
-//! request to the local target over pooled HTTP/1.1 (callee side). Standard CONNECT
+//! request to the local target over pooled HTTP/1.1 or h2c (callee side). Standard CONNECT
 //! (RFC 9114 §4.4) on `h3` opens a TCP tunnel to a service's target.
 //!
 //! Bodies stream both ways through bounded channels; nothing is buffered whole.
@@ -11,6 +11,7 @@
 //! dropped before its end hands its stream to a task that completes the read, then stops it.
 
 pub(crate) mod body;
+pub(crate) mod grpc;
 pub(crate) mod headers;
 pub(crate) mod proxy;
 pub(crate) mod server;
@@ -35,18 +36,49 @@ pub use crate::local::TARGET_CONNECT_TIMEOUT;
 /// How long an idle pooled HTTP/1.1 connection to a target is kept.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The pooled HTTP/1.1 client to this node's targets.
-pub type TargetClient =
+type PooledClient =
     hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
 
-/// A fresh keep-alive client to local targets.
+/// The pooled clients to this node's targets: HTTP/1.1 (keep-alive) for `http` services, h2c
+/// with prior knowledge (one multiplexed connection per target) for `http2` and `grpc`.
+#[derive(Clone)]
+pub struct TargetClient {
+    h1: PooledClient,
+    h2: PooledClient,
+}
+
+impl TargetClient {
+    /// Sends `req` to a target speaking HTTP/2 (`h2`) or HTTP/1.1.
+    pub async fn request(
+        &self,
+        mut req: http::Request<Body>,
+        h2: bool,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+        if h2 {
+            *req.version_mut() = http::Version::HTTP_2;
+            // HTTP/2 carries no Host: the URI's authority becomes `:authority`.
+            req.headers_mut().remove(http::header::HOST);
+            self.h2.request(req).await
+        } else {
+            self.h1.request(req).await
+        }
+    }
+}
+
+/// Fresh pooled clients to local targets.
 pub fn target_client() -> TargetClient {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(TARGET_CONNECT_TIMEOUT));
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+    let exec = hyper_util::rt::TokioExecutor::new();
+    let h1 = hyper_util::client::legacy::Client::builder(exec.clone())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(connector)
+        .build(connector.clone());
+    let h2 = hyper_util::client::legacy::Client::builder(exec)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .http2_only(true)
+        .build(connector);
+    TargetClient { h1, h2 }
 }
 
 /// A mesh error answer: `code`, the `meshnode-error: reason` header and a one-line body.

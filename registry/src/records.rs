@@ -33,14 +33,32 @@ pub struct NodeRecord {
     pub started_at: u64,
 }
 
-/// How a service is carried: raw TCP tunnels or HTTP requests.
+/// How a service is carried: raw TCP tunnels or HTTP requests (the callee speaks HTTP/1.1 to
+/// an `http` target, h2c with prior knowledge to an `http2` or `grpc` target). Records name it
+/// in lower case; records of older nodes carry only `tcp` and `http`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// L4: each TCP connection is one tunnel.
     Tcp,
-    /// L7: each HTTP request is forwarded on its own.
+    /// L7: each HTTP request is forwarded on its own; the target speaks HTTP/1.1.
     Http,
+    /// L7: each request is forwarded on its own; the target speaks HTTP/2 (h2c).
+    Http2,
+    /// L7 like `http2`; callers are answered mesh errors as gRPC statuses.
+    Grpc,
+}
+
+impl Protocol {
+    /// Whether each request is forwarded on its own (every protocol but `tcp`).
+    pub fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+
+    /// Whether the target speaks HTTP/2 (h2c, prior knowledge).
+    pub fn is_h2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
 }
 
 impl fmt::Display for Protocol {
@@ -48,6 +66,8 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Tcp => "tcp",
             Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
         })
     }
 }
@@ -59,7 +79,7 @@ pub struct ServiceRecord {
     pub service: String,
     /// Hosting node; equals the last key segment.
     pub node: String,
-    /// `tcp` or `http`.
+    /// `tcp`, `http`, `http2` or `grpc`.
     pub protocol: Protocol,
     /// Advertised port (what `CONNECT service:port` names).
     pub port: u16,
@@ -230,5 +250,25 @@ mod tests {
             r#"{"service":"s","node":"a","protocol":"udp","port":80}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn every_protocol_round_trips_and_old_records_parse() {
+        for (name, p) in [
+            ("tcp", Protocol::Tcp),
+            ("http", Protocol::Http),
+            ("http2", Protocol::Http2),
+            ("grpc", Protocol::Grpc),
+        ] {
+            let json = format!(r#"{{"service":"s","node":"a","protocol":"{name}","port":80}}"#);
+            let svc: ServiceRecord = serde_json::from_str(&json).expect("record parses");
+            assert_eq!(svc.protocol, p);
+            assert_eq!(p.to_string(), name);
+            let back = serde_json::to_string(&svc).expect("serialises");
+            assert!(back.contains(&format!(r#""protocol":"{name}""#)), "{back}");
+        }
+        assert!(Protocol::Grpc.is_h2() && Protocol::Http2.is_h2());
+        assert!(!Protocol::Http.is_h2() && Protocol::Http.is_http());
+        assert!(!Protocol::Tcp.is_http());
     }
 }

@@ -1,5 +1,7 @@
-//! Caller side: the local HTTP/1.1 proxy on `[http_proxy] listen`. Requests are routed by the
-//! absolute-form URI's host (`HTTP_PROXY` clients) or by `Host`; each is sent as an HTTP/3
+//! Caller side: the local HTTP proxy on `[http_proxy] listen`, HTTP/1.1 and h2c (prior
+//! knowledge, told apart by the connection's first bytes). Requests are routed by the
+//! absolute-form URI's host (`HTTP_PROXY` clients), by h2's `:authority` or by `Host`, without
+//! the port; each request (each HTTP/2 stream) is sent as an HTTP/3
 //! request to one endpoint chosen per request by the dispatch engine, and retried elsewhere
 //! when the engine says so (docs/README.md, Failover). This file is the engine's HTTP adapter.
 //!
@@ -19,11 +21,12 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshnode_transport::{Alpn, PeerPool};
 use tokio::net::TcpListener;
 
 use super::body::{self, Body};
+use super::grpc::{self, RequestBody};
 use super::headers::{add_forwarded_for, ensure_traceparent, host_of, strip_hop_by_hop};
 use super::{is_idempotent, mesh_error, MAX_HEADER_BYTES, MESH_ERROR};
 
@@ -34,6 +37,12 @@ use crate::outbound::Outbound;
 use crate::refusal::RefusalKind;
 use crate::routing::{Routing, Target};
 use crate::telemetry::{AttemptResult, EndpointTelemetry, Telemetry};
+
+/// Streams an h2c client may have open at once on one connection (more are refused).
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Streams an h2c client may reset before the proxy answered, and streams the proxy may reset
+/// for a client's errors, before the connection is closed with GOAWAY (HTTP/2 rapid reset).
+pub const MAX_PENDING_RESETS: usize = 32;
 
 /// What the proxy uses.
 pub(crate) struct Proxy {
@@ -98,12 +107,18 @@ async fn serve_client(
             Ok::<_, Infallible>(resp)
         }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
         .max_buf_size(MAX_HEADER_BYTES)
-        .keep_alive(true)
-        .serve_connection(io, service)
-        .with_upgrades();
-    if let Err(e) = conn.await {
+        .keep_alive(true);
+    builder
+        .http2()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(MAX_PENDING_RESETS);
+    if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
         tracing::debug!(%client, error = %e, "proxy client connection ended");
     }
 }
@@ -128,6 +143,34 @@ async fn handle(
     if req.method() == Method::CONNECT {
         return super::tunnel::connect(&proxy.outbound, drain, req).await;
     }
+    if grpc::is_grpc(req.headers()) {
+        // A gRPC caller understands only gRPC statuses: mesh errors are answered as such. Its
+        // `grpc-timeout` bounds the wait for the answer's head, retries included.
+        let Some(deadline) = grpc::timeout(req.headers()) else {
+            return grpc::answer(handle_request(proxy, client, req).await);
+        };
+        return match tokio::time::timeout(deadline, handle_request(proxy, client, req)).await {
+            Ok(resp) => grpc::answer(resp),
+            Err(_) => {
+                let reason = "grpc-timeout passed";
+                let mut resp = grpc::trailers_only(
+                    grpc::Code::DeadlineExceeded,
+                    &format!("meshnode: {reason}"),
+                );
+                resp.headers_mut()
+                    .insert(MESH_ERROR, http::HeaderValue::from_static(reason));
+                resp
+            }
+        };
+    }
+    handle_request(proxy, client, req).await
+}
+
+async fn handle_request(
+    proxy: Arc<Proxy>,
+    client: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let Some(service) = route(&req) else {
         return mesh_error(
             StatusCode::BAD_REQUEST,
@@ -164,9 +207,13 @@ struct Prepared {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    /// The body, until an attempt takes it (only a body-less request is retried).
-    body: Option<Incoming>,
+    /// The body, until an attempt takes it (a streamed body is sent once).
+    body: Option<Body>,
+    /// A body read whole (a small gRPC request), sent again on every attempt.
+    replay: Option<(Bytes, Option<HeaderMap>)>,
     body_empty: bool,
+    /// A gRPC call: a trailers-only `UNAVAILABLE` answer may be retried elsewhere.
+    grpc: bool,
 }
 
 async fn forward(
@@ -191,16 +238,36 @@ async fn forward(
         return mesh_error(StatusCode::BAD_REQUEST, "malformed request target");
     };
     let body_empty = incoming.is_end_stream();
+    let grpc = grpc::is_grpc(&headers);
+    // A gRPC call whose body ends soon and small is read whole, so that it can be replayed
+    // on another endpoint; gRPC calls count as idempotent for a trailers-only UNAVAILABLE or
+    // a mesh refusal before any answer (docs/behaviour.md, gRPC).
+    let (body, replay) = match (grpc && !body_empty, incoming) {
+        (true, incoming) => match grpc::buffer(incoming).await {
+            RequestBody::Whole(data, trailers) => (None, Some((data, trailers))),
+            RequestBody::Streaming(b) => (Some(b), None),
+        },
+        (false, incoming) => (
+            Some(
+                incoming
+                    .map_err(|e| Box::new(e) as body::BoxError)
+                    .boxed_unsync(),
+            ),
+            None,
+        ),
+    };
     let request = dispatch::Request {
-        replayable: body_empty,
-        idempotent: is_idempotent(&parts.method),
+        replayable: body_empty || replay.is_some(),
+        idempotent: grpc || is_idempotent(&parts.method),
     };
     let mut prepared = Prepared {
         method: parts.method,
         uri,
         headers,
-        body: Some(incoming),
+        body,
+        replay,
         body_empty,
+        grpc,
     };
     let svc = proxy.telemetry.service(service);
     let route = proxy.routing.route(service);
@@ -274,6 +341,11 @@ async fn attempt(
     let (mut send, mut recv) = stream.split();
     if req.body_empty {
         let _ = send.finish().await;
+    } else if let Some((data, trailers)) = &req.replay {
+        let b = RequestBody::whole_body(data, trailers);
+        tokio::spawn(async move {
+            let _ = body::send_client_body(&mut send, b).await;
+        });
     } else if let Some(b) = req.body.take() {
         tokio::spawn(async move {
             let _ = body::send_client_body(&mut send, b).await;
@@ -283,7 +355,7 @@ async fn attempt(
         Ok(h) => h,
         Err(e) => {
             tracing::info!(%service, peer = %node, error = %e, "no response");
-            let answer = if req.body_empty {
+            let answer = if req.body_empty || req.replay.is_some() {
                 failed("stream_error")
             } else {
                 mesh_error(StatusCode::BAD_GATEWAY, "peer reset the request")
@@ -307,6 +379,15 @@ async fn attempt(
             unreached,
             latency,
         }
+    } else if req.grpc && grpc::is_unavailable(head.headers()) {
+        // The application said UNAVAILABLE before any message: like a 503, retried within
+        // the budget.
+        Outcome::Refused {
+            status: 503,
+            mesh: false,
+            unreached: false,
+            latency,
+        }
     } else {
         Outcome::Ok { latency }
     };
@@ -314,6 +395,13 @@ async fn attempt(
     strip_hop_by_hop(&mut rparts.headers);
     rparts.version = http::Version::HTTP_11;
     let rbody = body::ClientRecvBody::new(recv, None, Some(Box::new(inflight))).boxed_unsync();
+    if req.grpc && rparts.headers.contains_key("grpc-status") {
+        // A trailers-only answer: sent on as a head that ends the stream (a gRPC client reads
+        // `grpc-status` in a head only then). The h3 stream is read to its end by the
+        // dropped body, which holds the in-flight guard until then.
+        drop(rbody);
+        return (outcome, Response::from_parts(rparts, body::empty()));
+    }
     (outcome, Response::from_parts(rparts, rbody))
 }
 

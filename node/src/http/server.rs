@@ -1,6 +1,7 @@
 //! Callee side: the h3 server on inbound `h3` connections. Each request names a local
 //! service by `:authority`; it is checked (known, `allow`, not draining) and forwarded to the
-//! service's target over pooled HTTP/1.1, the body streaming both ways. CONNECT requests are
+//! service's target over pooled HTTP/1.1 (`http`) or h2c (`http2`, `grpc`), the body and
+//! its trailers streaming both ways. CONNECT requests are
 //! served here too (RFC 9114 §4.4): `:authority` = `service:port` opens a TCP connection to
 //! the service's target, answered 200, then bytes both ways; a FIN on either side is passed
 //! on as a FIN, a TCP reset resets the stream.
@@ -30,7 +31,7 @@ pub(crate) struct H3Server {
     pub telemetry: Arc<Telemetry>,
     /// Drain signal and holds.
     pub drain: drain::Watch,
-    /// HTTP/1.1 client to local targets (keep-alive pool).
+    /// HTTP/1.1 and h2c clients to local targets (pooled).
     pub targets: TargetClient,
 }
 
@@ -160,9 +161,13 @@ async fn handle(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let h2 = svc.protocol.is_h2();
     let body: Body = match declared {
         Some(0) => body::empty(),
+        // HTTP/2 frames a body of unknown length itself; a gRPC stream may wait for the
+        // response headers before its first message, so nothing is read ahead.
         Some(_) => body::ServerRecvBody::new(recv, None, None).boxed_unsync(),
+        None if h2 => body::ServerRecvBody::new(recv, None, None).boxed_unsync(),
         None => match recv.recv_data().await {
             Ok(Some(mut first)) => {
                 use bytes::Buf;
@@ -177,8 +182,12 @@ async fn handle(
     *out.method_mut() = parts.method;
     *out.uri_mut() = uri;
     *out.headers_mut() = headers;
-    let timeout = svc.request_timeout();
-    let answer = tokio::time::timeout(timeout, shared.targets.request(out)).await;
+    // A gRPC call's own deadline (`grpc-timeout`) when it is the shorter.
+    let timeout = match super::grpc::timeout(out.headers()) {
+        Some(t) => t.min(svc.request_timeout()),
+        None => svc.request_timeout(),
+    };
+    let answer = tokio::time::timeout(timeout, shared.targets.request(out, h2)).await;
     let resp = match answer {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {

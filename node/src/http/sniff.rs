@@ -3,7 +3,8 @@
 //! afterwards); the proxy refuses such requests with 400 instead. The sniffer watches the
 //! bytes hyper reads, parses each request head at a known message boundary and raises a flag
 //! on a conflicting one. After a chunked request the boundaries are no longer tracked; hyper
-//! itself frames such a connection safely.
+//! itself frames such a connection safely. An h2c connection (its first bytes are the HTTP/2
+//! preface) is not watched: HTTP/2 frames every body itself.
 
 use std::io;
 use std::pin::Pin;
@@ -13,6 +14,9 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+/// The first bytes of an HTTP/2 connection with prior knowledge (RFC 9113 §3.4).
+pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Largest head the sniffer keeps (hyper refuses larger ones with 431 anyway).
 const MAX_HEAD: usize = super::MAX_HEADER_BYTES + 1024;
@@ -67,6 +71,10 @@ impl Sniffer {
                     }
                     let before = buf.len();
                     buf.extend_from_slice(data);
+                    if buf.starts_with(H2_PREFACE) {
+                        self.state = State::Off;
+                        return;
+                    }
                     let Some(end) = find_head_end(buf) else {
                         if buf.len() > MAX_HEAD {
                             self.state = State::Off;

@@ -1,0 +1,205 @@
+//! gRPC through the mesh with real grpcio (Python) servers and client: a `grpc` service on
+//! node-b and node-c, the client on node-a's `[http_proxy]` (h2c, `:authority` = service),
+//! each call balanced on its own. Python comes from the test venv (`common::test_python`,
+//! made by `scripts/deps.sh --test`); without grpcio there the test is skipped with a note,
+//! except in CI (`CI=true`), where that fails it.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use common::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const LIMIT: Duration = Duration::from_secs(120);
+const CALLS: usize = 300;
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/grpc_peer.py")
+}
+
+/// Why the test venv's Python cannot import grpc, if it cannot.
+async fn grpcio_missing() -> Option<String> {
+    let python = test_python();
+    let out = Command::new(&python)
+        .args(["-c", "import grpc"])
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(30), out).await {
+        Ok(Ok(o)) if o.status.success() => None,
+        Ok(Ok(o)) => Some(format!(
+            "{} cannot import grpc: {}",
+            python.display(),
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or_default()
+        )),
+        Ok(Err(e)) => Some(format!("{}: {e}", python.display())),
+        Err(_) => Some(format!("{} did not answer within 30 s", python.display())),
+    }
+}
+
+/// A grpcio server answering `tag`; killed when dropped.
+async fn grpc_server(tag: &str) -> Result<(Child, SocketAddr)> {
+    let mut child = Command::new(test_python())
+        .arg(script())
+        .args(["server", tag])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .context("grpc server did not start within 30 s")??
+        .context("grpc server exited")?;
+    let port: u16 = line
+        .strip_prefix("READY ")
+        .and_then(|p| p.trim().parse().ok())
+        .with_context(|| format!("unexpected server line {line:?}"))?;
+    Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
+fn grpc_service(target: SocketAddr) -> String {
+    format!("[[service]]\nname = \"greeter\"\nprotocol = \"grpc\"\ntarget = \"{target}\"\nrequest_timeout = \"5s\"\n")
+}
+
+/// Calls `Slow` with `grpc-timeout: 300m` over a bare HTTP/2 connection to the proxy;
+/// returns the HTTP status, `grpc-status` and `meshnode-error` of the answer's head.
+async fn slow_call(proxy: SocketAddr) -> Result<(u16, Option<String>, Option<String>)> {
+    use http_body_util::{BodyExt, Full};
+    let tcp = tokio::net::TcpStream::connect(proxy).await?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await?;
+    tokio::spawn(conn);
+    // One gRPC message: not compressed, 2 bytes.
+    let body = Full::new(bytes::Bytes::from_static(b"\0\0\0\0\x02hi"));
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("http://greeter/mesh.Greeter/Slow")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(body)?;
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await??;
+    let header = |n: &str| {
+        resp.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let answer = (
+        resp.status().as_u16(),
+        header("grpc-status"),
+        header("meshnode-error"),
+    );
+    let _ = resp.into_body().collect().await;
+    let took = started.elapsed();
+    anyhow::ensure!(
+        took < Duration::from_secs(2),
+        "answered after {took:?}, not at the 300 ms deadline"
+    );
+    Ok(answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_calls_are_balanced_per_call_with_trailers_and_statuses() -> Result<()> {
+    if let Some(why) = grpcio_missing().await {
+        let fix = "run scripts/deps.sh --test (or set MESHNODE_TEST_PYTHON)";
+        anyhow::ensure!(!in_ci(), "grpcio is required in CI: {why}; {fix}");
+        eprintln!("skipped: {why}; {fix}");
+        return Ok(());
+    }
+    tokio::time::timeout(LIMIT, async {
+        let pki = Pki::new(&["node-a", "node-b", "node-c"])?;
+        let reg = memory_mesh();
+        let (_sb, tb) = grpc_server("B").await?;
+        let (_sc, tc) = grpc_server("C").await?;
+        let _b = start_node(&pki, "node-b", &grpc_service(tb), reg.connect()).await?;
+        let _c = start_node(&pki, "node-c", &grpc_service(tc), reg.connect()).await?;
+        let proxy = "[http_proxy]\nlisten = \"127.0.0.1:0\"\n";
+        let a = start_node(&pki, "node-a", proxy, reg.connect()).await?;
+        wait_endpoints(&a, "greeter", 2).await?;
+        let proxy = a.http_proxy_addr().context("proxy bound")?;
+
+        let out = Command::new(test_python())
+            .arg(script())
+            .args(["client", &proxy.to_string(), &CALLS.to_string()])
+            .kill_on_drop(true)
+            .output()
+            .await?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "grpc client failed: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let v: serde_json::Value = serde_json::from_str(stdout.trim())
+            .with_context(|| format!("client output {stdout:?}"))?;
+        eprintln!("grpc client: {v}");
+
+        // 300 unary calls on one channel (one h2c connection), each balanced on its own.
+        assert_eq!(v["unary_failures"], 0, "{v}");
+        let (nb, nc) = (
+            v["unary"]["B"].as_u64().unwrap_or(0),
+            v["unary"]["C"].as_u64().unwrap_or(0),
+        );
+        assert_eq!(nb + nc, CALLS as u64, "{v}");
+        let min = (CALLS as u64) / 5;
+        assert!(
+            nb >= min && nc >= min,
+            "each endpoint ≥ 20 %: B {nb}, C {nc}"
+        );
+
+        // Server streaming: every message, in order, from one endpoint.
+        assert_eq!(v["stream_count"], 50, "{v}");
+        assert_eq!(v["stream_in_order"], true, "{v}");
+        assert_eq!(v["stream_one_endpoint"], true, "{v}");
+
+        // An error status with details and a custom trailer, end to end.
+        let fail = &v["fail"];
+        assert_eq!(fail["code"], "FAILED_PRECONDITION", "{v}");
+        assert!(
+            fail["details"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("refused by ")),
+            "{v}"
+        );
+        assert_eq!(fail["custom"], "yes", "{v}");
+        assert_eq!(fail["status_details"], "08091204626f6f6d", "{v}");
+
+        // A trailers-only UNAVAILABLE (every call node-b gets) is retried on node-c.
+        assert_eq!(v["flaky"]["C"], 20, "{v}");
+
+        // The call's grpc-timeout is the mesh's deadline: answered DEADLINE_EXCEEDED by the
+        // mesh (no client-side timer here) while the application still sleeps.
+        let (status, grpc_status, mesh_error) = slow_call(proxy).await?;
+        assert_eq!(status, 200);
+        assert_eq!(grpc_status.as_deref(), Some("4"), "{mesh_error:?}");
+        assert_eq!(mesh_error.as_deref(), Some("grpc-timeout passed"));
+
+        // A service the mesh does not know: UNIMPLEMENTED, said by the mesh.
+        assert_eq!(v["unknown"]["code"], "UNIMPLEMENTED", "{v}");
+        assert!(
+            v["unknown"]["details"]
+                .as_str()
+                .is_some_and(|d| d.contains("unknown service")),
+            "{v}"
+        );
+        Ok(())
+    })
+    .await
+    .context("test timed out")?
+}

@@ -1,0 +1,284 @@
+//! h2c (HTTP/2 with prior knowledge) on the `[http_proxy]` port, beside HTTP/1.1: curl and
+//! hyper's HTTP/2 client name the service by `:authority`, each stream is balanced on its own
+//! and reaches HTTP/1.1 applications behind node-b and node-c; an `http2` service is spoken
+//! to in h2c by the callee; a rapid-reset client is sent GOAWAY while others are served.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use common::*;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+type TestBody = BoxBody<Bytes, hyper::Error>;
+
+fn text(s: impl Into<Bytes>) -> TestBody {
+    Full::new(s.into()).map_err(|e| match e {}).boxed()
+}
+
+/// An application answering `tag` plus the HTTP version it was spoken to in; POST /echo
+/// echoes. Speaks HTTP/1.1, or HTTP/2 only when `h2`.
+async fn app(tag: &'static str, h2: bool) -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                    let resp: Response<TestBody> = match req.uri().path() {
+                        "/echo" => Response::new(req.into_body().boxed()),
+                        _ => Response::new(text(format!("{tag} {:?}", req.version()))),
+                    };
+                    Ok::<_, Infallible>(resp)
+                });
+                let io = TokioIo::new(tcp);
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn service(name: &str, protocol: &str, target: SocketAddr) -> String {
+    format!("[[service]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\ntarget = \"{target}\"\nrequest_timeout = \"2s\"\n")
+}
+
+/// node-a with the proxy; `web` (HTTP/1.1) and `web2` (h2c) on node-b and node-c.
+async fn mesh() -> Result<(Vec<meshnode::Node>, SocketAddr, Pki)> {
+    let pki = Pki::new(&["node-a", "node-b", "node-c"])?;
+    let reg = memory_mesh();
+    let mut nodes = Vec::new();
+    for (name, tag) in [("node-b", "B"), ("node-c", "C")] {
+        let tag: &'static str = tag;
+        let conf = format!(
+            "{}{}",
+            service("web", "http", app(tag, false).await?),
+            service("web2", "http2", app(tag, true).await?)
+        );
+        nodes.push(start_node(&pki, name, &conf, reg.connect()).await?);
+    }
+    let proxy = "[http_proxy]\nlisten = \"127.0.0.1:0\"\n";
+    let a = start_node(&pki, "node-a", proxy, reg.connect()).await?;
+    wait_endpoints(&a, "web", 2).await?;
+    wait_endpoints(&a, "web2", 2).await?;
+    let addr = a.http_proxy_addr().context("proxy bound")?;
+    nodes.push(a);
+    Ok((nodes, addr, pki))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_http2_prior_knowledge_reaches_an_http1_service() -> Result<()> {
+    tokio::time::timeout(LIMIT, async {
+        let (_nodes, proxy, _pki) = mesh().await?;
+        let connect_to = format!("web:80:{}:{}", proxy.ip(), proxy.port());
+        // One connection per curl run (curl 7.88 fails reusing a prior-knowledge connection
+        // for a second URL); streams of one connection are balanced in the next test.
+        for _ in 0..6 {
+            let out = tokio::process::Command::new("curl")
+                .args([
+                    "-sS",
+                    "--http2-prior-knowledge",
+                    "--max-time",
+                    "20",
+                    "--connect-to",
+                    &connect_to,
+                    "-w",
+                    " v%{http_version} s%{http_code}",
+                    "http://web/",
+                ])
+                .kill_on_drop(true)
+                .output()
+                .await
+                .context("run curl")?;
+            let line = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "curl failed: {line}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // Spoken to in HTTP/2 by curl, in HTTP/1.1 by the callee to the application.
+            assert!(line.ends_with(" v2 s200"), "{line}");
+            assert!(
+                line.starts_with("B HTTP/1.1") || line.starts_with("C HTTP/1.1"),
+                "{line}"
+            );
+        }
+
+        // A body both ways, and an unknown service answered 404 by the mesh.
+        let out = tokio::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--http2-prior-knowledge",
+                "--max-time",
+                "20",
+                "--connect-to",
+                &connect_to,
+                "--data-binary",
+                "hello over h2c",
+                "http://web/echo",
+            ])
+            .kill_on_drop(true)
+            .output()
+            .await?;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "hello over h2c");
+        let out = tokio::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--http2-prior-knowledge",
+                "--max-time",
+                "20",
+                "--connect-to",
+                &format!("nosuch:80:{}:{}", proxy.ip(), proxy.port()),
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "http://nosuch/",
+            ])
+            .kill_on_drop(true)
+            .output()
+            .await?;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+        Ok(())
+    })
+    .await
+    .context("test timed out")?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_streams_are_balanced_each_and_http2_targets_get_h2c() -> Result<()> {
+    tokio::time::timeout(LIMIT, async {
+        let (_nodes, proxy, _pki) = mesh().await?;
+        let tcp = TcpStream::connect(proxy).await?;
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        // 100 concurrent streams on one connection, each its own request.
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let mut s = sender.clone();
+            let host = if i % 2 == 0 { "web" } else { "web2" };
+            tasks.push(tokio::spawn(async move {
+                let req = Request::builder()
+                    .uri(format!("http://{host}:8080/"))
+                    .body(text(Bytes::new()))?;
+                let resp = s.send_request(req).await?;
+                let status = resp.status();
+                let body = resp.into_body().collect().await?.to_bytes();
+                anyhow::Ok((host, status, String::from_utf8_lossy(&body).into_owned()))
+            }));
+        }
+        let (mut b, mut c) = (0, 0);
+        for t in tasks {
+            let (host, status, body) = t.await??;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            // `web` is HTTP/1.1 behind the callee, `web2` HTTP/2 (h2c).
+            let version = if host == "web" {
+                "HTTP/1.1"
+            } else {
+                "HTTP/2.0"
+            };
+            assert!(body.ends_with(version), "{host}: {body}");
+            if body.starts_with('B') {
+                b += 1;
+            } else if body.starts_with('C') {
+                c += 1;
+            }
+        }
+        assert_eq!(b + c, 100);
+        assert!(
+            b >= 20 && c >= 20,
+            "streams of one connection spread: B {b}, C {c}"
+        );
+        Ok(())
+    })
+    .await
+    .context("test timed out")?
+}
+
+/// An HTTP/2 frame head: length, type, flags, stream.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_gets_goaway_and_other_clients_are_served() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::time::timeout(LIMIT, async {
+        let (_nodes, proxy, _pki) = mesh().await?;
+        // The 2023 "rapid reset" pattern: streams opened and cancelled at once, 200 of them.
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(0x4, 0, 0, &[]));
+        // GET http://web/ from the static table; `:authority` a literal without indexing.
+        let block = [0x82, 0x86, 0x84, 0x01, 0x03, b'w', b'e', b'b'];
+        for i in 0..200u32 {
+            let id = 2 * i + 1;
+            out.extend(frame(0x1, 0x5, id, &block)); // HEADERS, END_STREAM | END_HEADERS
+            out.extend(frame(0x3, 0, id, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+        }
+        let mut tcp = TcpStream::connect(proxy).await?;
+        tcp.write_all(&out).await?;
+        let mut seen = Vec::new();
+        let mut goaway = None;
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        'read: loop {
+            let mut buf = [0u8; 16384];
+            let n = match tokio::time::timeout_at(end, tcp.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(n)) => n,
+            };
+            seen.extend_from_slice(&buf[..n]);
+            let mut at = 0;
+            while seen.len() >= at + 9 {
+                let len = u32::from_be_bytes([0, seen[at], seen[at + 1], seen[at + 2]]) as usize;
+                if seen.len() < at + 9 + len {
+                    break;
+                }
+                if seen[at + 3] == 0x7 && len >= 8 {
+                    let p = &seen[at + 9..at + 9 + len];
+                    goaway = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+                    break 'read;
+                }
+                at += 9 + len;
+            }
+        }
+        // GOAWAY with ENHANCE_YOUR_CALM (0xb).
+        assert_eq!(goaway, Some(0xb), "{} bytes read", seen.len());
+
+        // Another client on the same port does not notice.
+        let tcp = TcpStream::connect(proxy).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("http://web/")
+            .body(text(Bytes::new()))?;
+        let resp = sender.send_request(req).await?;
+        assert_eq!(resp.status(), StatusCode::OK);
+        Ok(())
+    })
+    .await
+    .context("test timed out")?
+}
