@@ -221,7 +221,7 @@ async fn etcd_member_faults_change_nothing_for_the_data_plane() -> Result<()> {
         );
         assert!(ok > 1000, "traffic ran: {ok}");
         assert_eq!(failed, 0, "failed application connections");
-        assert!(reads > 50, "linearizable reads made: {reads}");
+        assert!(reads > 20, "linearizable reads made: {reads}");
         assert_eq!(missing, 0, "registrations missing from linearizable reads");
         assert_eq!(not_ready, 0, "/readyz answers other than 200");
         assert_eq!(leases, after, "a lease was re-granted");

@@ -184,7 +184,25 @@ pub fn start(cfg: EtcdConfig) -> Registry {
     let mut status = RegistryStatus::new("etcd", RegistryState::Connecting);
     status.lease_ttl_s = cfg.lease_ttl_secs();
     let (handle, ends) = Registry::channel(MeshView::new(), status);
-    tokio::spawn(supervisor::Supervisor::new(cfg, ends).run());
+    let supervisor = supervisor::Supervisor::new(cfg, ends);
+    // The registry runs on a thread and runtime of its own: applying a burst of watch events,
+    // TLS handshakes with etcd and JSON decoding never take a turn from the executor that
+    // carries tunnels (on 1-2 CPU hosts the node's runtime is one thread). The data plane only
+    // sees the published view. It ends with the supervisor (shutdown, or every handle dropped).
+    let spawned = std::thread::Builder::new()
+        .name("meshnode-registry".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(supervisor.run()),
+                Err(e) => tracing::error!(error = %e, "cannot start the registry's runtime"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the registry thread");
+    }
     handle
 }
 
