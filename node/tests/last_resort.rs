@@ -143,6 +143,10 @@ async fn record_gone_while_connected_serves_for_the_grace_then_stops() -> Result
             "held only {held:?}"
         );
         assert!(held < grace + Duration::from_secs(2), "held {held:?}");
+        eprintln!(
+            "last resort: held {held:?} (grace {grace:?}), {served_in_grace} connections served \
+             by node-b and 0 failed in the grace"
+        );
         eventually("node-b's connection closed", Duration::from_secs(3), || {
             !peer_connected(&s.a, "node-b")
         })
@@ -183,6 +187,7 @@ async fn a_draining_last_resort_is_dropped_at_once() -> Result<()> {
         .await?;
         let took = t0.elapsed();
         assert!(took < Duration::from_secs(4), "dropped after {took:?}");
+        eprintln!("draining last resort dropped {took:?} after the drain began (grace 16s)");
         drain.await?;
         s.a.drain().await;
         Ok(())
@@ -207,6 +212,7 @@ async fn a_killed_last_resort_is_dropped_at_once() -> Result<()> {
         .await?;
         let took = t0.elapsed();
         assert!(took < Duration::from_secs(4), "dropped after {took:?}");
+        eprintln!("killed last resort dropped {took:?} after the kill (grace 16s)");
         s.traffic.stop().await;
         s.a.drain().await;
         Ok(())
