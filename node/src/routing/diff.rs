@@ -116,6 +116,20 @@ mod tests {
     use super::*;
     use meshnode_registry::{NodeRecord, Protocol, ServiceRecord};
 
+    /// The endpoint map of `service` as a plain map, to edit and put back with [`put`]
+    /// (written so as not to depend on how the view wraps its service maps).
+    fn take(view: &MeshView, service: &str) -> BTreeMap<String, ServiceRecord> {
+        view.services
+            .get(service)
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    #[allow(clippy::useless_conversion)] // identity today; `Arc` with shared service maps
+    fn put(view: &mut MeshView, service: &str, map: BTreeMap<String, ServiceRecord>) {
+        view.services.insert(service.to_string(), map.into());
+    }
+
     fn add(view: &mut MeshView, node: &str, port: u16, services: &[&str]) {
         view.nodes.insert(
             node.to_string(),
@@ -128,7 +142,8 @@ mod tests {
             },
         );
         for s in services {
-            view.services.entry(s.to_string()).or_default().insert(
+            let mut m = take(view, s);
+            m.insert(
                 node.to_string(),
                 ServiceRecord {
                     service: s.to_string(),
@@ -139,6 +154,7 @@ mod tests {
                     zone: String::new(),
                 },
             );
+            put(view, s, m);
         }
     }
 
@@ -155,9 +171,9 @@ mod tests {
         add(&mut old, "b", 7001, &["echo", "web"]);
         add(&mut old, "c", 7002, &["echo"]);
         let mut new = old.clone();
-        if let Some(m) = new.services.get_mut("echo") {
-            m.remove("b");
-        }
+        let mut m = take(&new, "echo");
+        m.remove("b");
+        put(&mut new, "echo", m);
         let d = diff(&old, &new);
         assert_eq!(d.left.len(), 1);
         assert_eq!(
