@@ -134,12 +134,15 @@ impl Node {
         // Subscribed before any dial can happen.
         let pool_events = pool.subscribe();
         let telemetry = Arc::new(Telemetry::new());
-        let routing = Arc::new(Routing::new(
-            registry.view(),
-            BalanceConfig::default(),
-            Arc::new(PeerTable::new()),
-            open_timeout,
-        ));
+        let routing = Arc::new(
+            Routing::new(
+                registry.view(),
+                BalanceConfig::default(),
+                Arc::new(PeerTable::new()),
+                open_timeout,
+            )
+            .with_last_resort(last_resort_grace(&config)),
+        );
         let local = Arc::new(LocalServices::new(
             &config.node.name,
             &config.service,
@@ -402,6 +405,16 @@ impl Node {
     }
 }
 
+/// How long an endpoint gone from the view stays a last resort while its node is connected:
+/// 2 × the lease TTL (a registrar's trouble outlasts one lease); none with the static backend,
+/// whose view never loses a record.
+fn last_resort_grace(config: &Config) -> Duration {
+    match config.registry.backend {
+        crate::config::Backend::Static => Duration::ZERO,
+        crate::config::Backend::Etcd => config.registry.lease_ttl.saturating_mul(2),
+    }
+}
+
 /// Undoes a start that failed part-way (a listener could not bind): stops the tasks started
 /// so far, closes the QUIC endpoint, and returns the failure (exit 69) naming `reason`.
 fn abort_start(
@@ -417,19 +430,82 @@ fn abort_start(
     Failure::new(exit::UNAVAILABLE, reason)
 }
 
-/// Forgets connections, h3 clients, balancer state and peer facts of nodes that left the
-/// registry.
+/// Endpoint changes applied between two yields of [`follow_view`]: a burst of registry
+/// updates never holds a runtime thread for long.
+const APPLY_SLICE: usize = 256;
+
+/// Follows the registry view (docs/behaviour.md, Last-resort endpoints and Registry bursts):
+/// applies each change as the endpoint changes it makes, in slices with a yield between them
+/// (a burst is coalesced: the watch channel only holds the latest view); keeps endpoints that
+/// left while their node is connected as last resorts; forgets connections, h3 clients,
+/// balancer state and peer facts of nodes that left and are not held, or whose grace ended.
 async fn follow_view(sampler: Arc<SamplerInputs>, proxy: Option<Arc<Proxy>>) {
-    let mut view = sampler.routing.watch_view();
-    while view.changed().await.is_ok() {
+    let routing = sampler.routing.clone();
+    let mut view = routing.watch_view();
+    let mut open = true;
+    loop {
+        let expiry = routing.next_last_resort_expiry();
+        if !open && expiry.is_none() {
+            return;
+        }
+        let mut changed = false;
+        tokio::select! {
+            r = view.changed(), if open => match r {
+                Ok(()) => changed = true,
+                // The registry is gone (shutdown): only graces remain to end.
+                Err(_) => open = false,
+            },
+            _ = sleep_until_opt(expiry), if expiry.is_some() => {}
+        }
+        let mut gone: Vec<String> = Vec::new();
+        let current = if changed {
+            let new = view.borrow_and_update().clone();
+            let old = routing.applied_view();
+            let d = crate::routing::diff(&old, &new);
+            let now = std::time::Instant::now();
+            for slice in d.left.chunks(APPLY_SLICE) {
+                routing.apply_changes(slice, &[], now);
+                tokio::task::yield_now().await;
+            }
+            for slice in d.arrived.chunks(APPLY_SLICE) {
+                routing.apply_changes(&[], slice, now);
+                tokio::task::yield_now().await;
+            }
+            routing.set_applied(new.clone());
+            gone.extend(
+                d.nodes_gone
+                    .into_iter()
+                    .filter(|n| !routing.holds_last_resort(n)),
+            );
+            new
+        } else {
+            routing.applied_view()
+        };
+        gone.extend(
+            routing
+                .expire_last_resorts(std::time::Instant::now())
+                .into_iter()
+                .filter(|n| !current.nodes.contains_key(n)),
+        );
+        if gone.is_empty() {
+            continue;
+        }
         // Export what the balancers know of endpoints about to be forgotten (ejections).
         crate::sampler::sync(&sampler);
-        let v = view.borrow_and_update().clone();
-        let keep = |n: &str| v.nodes.contains_key(n);
+        let gone: std::collections::HashSet<String> = gone.into_iter().collect();
+        let keep = |n: &str| !gone.contains(n);
         sampler.pool.retain(keep);
         if let Some(p) = &proxy {
             p.h3.retain(keep);
         }
-        sampler.routing.retain(keep);
+        routing.retain(keep);
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_opt(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }

@@ -3,16 +3,27 @@
 //!
 //! A route is created on first use and survives view updates: a view change only forgets the
 //! endpoints of nodes that left, so balancing state (latency estimates, ejections) carries on.
+//!
+//! An endpoint gone from the view while its node is connected and not draining stays a
+//! last resort for a grace ([`last_resort`]; docs/behaviour.md, Last-resort endpoints): used
+//! only when its service has no endpoint in the view. View changes are applied as the endpoint
+//! changes they make ([`diff`]), so their cost follows what changed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use meshnode_registry::MeshView;
 use tokio::sync::watch;
 
 use crate::balance::{BalanceConfig, Balancer, PeerTable, RetryBudget};
+
+pub mod diff;
+pub mod last_resort;
+
+pub use diff::{diff, ViewDiff};
+pub use last_resort::{Held, LastResort, Liveness};
 
 /// One endpoint of a service as the balancer sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +54,10 @@ pub struct Routing {
     routes: RwLock<HashMap<String, Arc<Route>>>,
     cfg: BalanceConfig,
     peers: Arc<PeerTable>,
+    /// The view as of the last [`Routing::apply`]; until a newer view is applied, its
+    /// endpoints missing from the current view count as held (they left a moment ago).
+    applied: RwLock<Arc<MeshView>>,
+    last_resort: Mutex<LastResort>,
     /// Ceiling of a tunnel open's deadline.
     pub open_timeout: Duration,
 }
@@ -55,13 +70,115 @@ impl Routing {
         peers: Arc<PeerTable>,
         open_timeout: Duration,
     ) -> Routing {
+        let applied = RwLock::new(view.borrow().clone());
         Routing {
             view,
             routes: RwLock::default(),
             cfg,
             peers,
+            applied,
+            last_resort: Mutex::new(LastResort::new(Duration::ZERO)),
             open_timeout,
         }
+    }
+
+    /// Keeps endpoints that leave the view while their node is connected as last resorts for
+    /// `grace` (zero, the default: never).
+    pub fn with_last_resort(self, grace: Duration) -> Routing {
+        *self.lock_last_resort() = LastResort::new(grace);
+        self
+    }
+
+    fn lock_last_resort(&self) -> std::sync::MutexGuard<'_, LastResort> {
+        self.last_resort.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the peer table says of `node`'s connection.
+    pub fn liveness(&self, node: &str) -> Liveness {
+        match self.peers.get(node) {
+            None => Liveness::Unknown,
+            Some(p) if p.down => Liveness::Down,
+            Some(p) if p.draining => Liveness::Draining,
+            Some(p) if p.connected => Liveness::Connected,
+            Some(_) => Liveness::Unknown,
+        }
+    }
+
+    /// The view the last [`Routing::apply`] brought in.
+    pub fn applied_view(&self) -> Arc<MeshView> {
+        self.applied
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Applies one slice of a view change at `now`: endpoints that left are held as last
+    /// resorts when their node is connected and not draining, endpoints that arrived stop
+    /// being last resorts.
+    pub fn apply_changes(
+        &self,
+        left: &[(String, Target)],
+        arrived: &[(String, String)],
+        now: Instant,
+    ) {
+        let liveness: Vec<Liveness> = left.iter().map(|(_, t)| self.liveness(&t.node)).collect();
+        let mut lr = self.lock_last_resort();
+        for ((service, target), live) in left.iter().zip(liveness) {
+            if lr.left(service, target.clone(), live, now) {
+                tracing::info!(
+                    service,
+                    node = %target.node,
+                    grace_ms = lr.grace().as_millis() as u64,
+                    "endpoint gone from the registry while connected: kept as a last resort"
+                );
+            }
+        }
+        for (service, node) in arrived {
+            lr.back(service, node);
+        }
+    }
+
+    /// Marks `view` as applied (every slice of its changes went through
+    /// [`Routing::apply_changes`]).
+    pub fn set_applied(&self, view: Arc<MeshView>) {
+        *self.applied.write().unwrap_or_else(|p| p.into_inner()) = view;
+    }
+
+    /// Drops last resorts whose grace is over at `now` or whose node is draining or down;
+    /// returns the nodes no longer held (to forget unless they are in the view).
+    pub fn expire_last_resorts(&self, now: Instant) -> Vec<String> {
+        let held: Vec<String> = {
+            let lr = self.lock_last_resort();
+            lr.all().into_iter().map(|(_, h)| h.target.node).collect()
+        };
+        let live: HashMap<String, Liveness> = held
+            .into_iter()
+            .map(|n| {
+                let l = self.liveness(&n);
+                (n, l)
+            })
+            .collect();
+        let peer = |n: &str| live.get(n).copied().unwrap_or(Liveness::Unknown);
+        let dropped = self.lock_last_resort().expire(now, peer);
+        for node in &dropped {
+            tracing::info!(node, "last-resort endpoint dropped");
+        }
+        dropped
+    }
+
+    /// When the next last-resort grace ends.
+    pub fn next_last_resort_expiry(&self) -> Option<Instant> {
+        self.lock_last_resort().next_expiry()
+    }
+
+    /// Whether `node` is held as a last resort for some service.
+    pub fn holds_last_resort(&self, node: &str) -> bool {
+        self.lock_last_resort().holds_node(node)
+    }
+
+    /// Every held last resort as (service, held) (for `/status`).
+    pub fn last_resorts(&self) -> Vec<(String, Held)> {
+        self.lock_last_resort().all()
     }
 
     /// The peer table.
@@ -122,24 +239,75 @@ impl Routing {
     }
 
     /// The endpoints of `service` in the current view (on `port` when given, else each
-    /// endpoint's registered port).
+    /// endpoint's registered port). With none, its last resorts: endpoints gone from the view
+    /// whose node is still connected and not draining, within their grace.
     pub fn targets(&self, service: &str, port: Option<u16>) -> Vec<Target> {
-        let view = self.view.borrow();
-        view.endpoints(service)
-            .filter_map(|(svc, node)| {
-                Some(Target {
-                    node: node.name.clone(),
-                    addr: node.addr.parse().ok()?,
-                    port: port.unwrap_or(svc.port),
-                    weight: svc.weight,
+        let in_view: Vec<Target> = {
+            let view = self.view.borrow();
+            view.endpoints(service)
+                .filter_map(|(svc, node)| {
+                    Some(Target {
+                        node: node.name.clone(),
+                        addr: node.addr.parse().ok()?,
+                        port: port.unwrap_or(svc.port),
+                        weight: svc.weight,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        };
+        if !in_view.is_empty() {
+            return in_view;
+        }
+        self.last_resort_targets(service, port, Instant::now())
     }
 
-    /// Whether `service` has any endpoint in the view.
+    /// The last resorts of `service` at `now` (see [`Routing::targets`]).
+    pub fn last_resort_targets(
+        &self,
+        service: &str,
+        port: Option<u16>,
+        now: Instant,
+    ) -> Vec<Target> {
+        if self.lock_last_resort().grace().is_zero() {
+            return Vec::new();
+        }
+        // Endpoints of the view applied last: they left since, and the change is not applied
+        // yet (a moment ago): held if their node is connected, as the apply will decide.
+        let mut out: Vec<Target> = {
+            let applied = self.applied_view();
+            applied
+                .endpoints(service)
+                .filter_map(|(svc, node)| {
+                    Some(Target {
+                        node: node.name.clone(),
+                        addr: node.addr.parse().ok()?,
+                        port: svc.port,
+                        weight: svc.weight,
+                    })
+                })
+                .collect()
+        };
+        out.extend(self.lock_last_resort().targets(service, now, |_| {
+            // Liveness is checked below for every candidate alike.
+            Liveness::Connected
+        }));
+        out.sort_by(|a, b| a.node.cmp(&b.node));
+        out.dedup_by(|a, b| a.node == b.node);
+        out.retain(|t| self.liveness(&t.node) == Liveness::Connected);
+        for t in &mut out {
+            if let Some(p) = port {
+                t.port = p;
+            }
+        }
+        out
+    }
+
+    /// Whether `service` has any endpoint: in the view, or a last resort.
     pub fn has_endpoints(&self, service: &str) -> bool {
         self.view.borrow().endpoints(service).next().is_some()
+            || !self
+                .last_resort_targets(service, None, Instant::now())
+                .is_empty()
     }
 
     /// Tunnels in flight to `node` across every service.

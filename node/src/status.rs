@@ -128,7 +128,8 @@ pub struct EndpointStatus {
     pub node: String,
     /// Its advertised address.
     pub addr: String,
-    /// healthy | ejected | draining.
+    /// healthy | ejected | draining | last_resort (gone from the registry, its node still
+    /// connected: used only while the service has no other endpoint; docs/admin.md).
     pub state: String,
     /// Peak-EWMA latency, milliseconds.
     pub ewma_ms: f64,
@@ -213,6 +214,42 @@ pub fn build(shared: &StatusInputs) -> StatusDoc {
                 endpoints,
             },
         );
+    }
+    // Last resorts: endpoints gone from the view whose node is still connected, within grace.
+    for (name, held) in shared.routing.last_resorts() {
+        let live = shared.routing.last_resort_targets(&name, None, now);
+        if !live.iter().any(|t| t.node == held.target.node) {
+            continue;
+        }
+        let entry = services
+            .entry(name.clone())
+            .or_insert_with(|| ServiceStatus {
+                name: name.clone(),
+                protocol: String::new(),
+                local: local.contains_key(&name),
+                endpoints: Vec::new(),
+            });
+        // Shown only while in use: the service has no endpoint in the view.
+        if entry
+            .endpoints
+            .iter()
+            .any(|e| e.state != "last_resort" || e.node == held.target.node)
+        {
+            continue;
+        }
+        let snap = shared
+            .routing
+            .route_if_any(&name)
+            .map(|r| r.balancer.snapshot(&held.target.node, now));
+        entry.endpoints.push(EndpointStatus {
+            node: held.target.node.clone(),
+            addr: held.target.addr.to_string(),
+            state: "last_resort".into(),
+            ewma_ms: snap.as_ref().map(|s| s.ewma_ms).unwrap_or(0.0),
+            inflight: snap.as_ref().map(|s| s.inflight).unwrap_or(0),
+            requests_total: snap.as_ref().map(|s| s.requests_total).unwrap_or(0),
+            failures_total: snap.as_ref().map(|s| s.failures_total).unwrap_or(0),
+        });
     }
     for (name, svc) in local.iter() {
         services

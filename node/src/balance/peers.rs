@@ -20,6 +20,9 @@ pub struct PeerHealth {
     pub down: bool,
     /// It announced it is going away.
     pub draining: bool,
+    /// A connection to it was seen up (connected, answered, RTT sampled) and not lost since:
+    /// what a last-resort endpoint needs (`routing::last_resort`).
+    pub connected: bool,
     /// Down reports so far (each one is a fact a balancer applies once).
     pub downs: u64,
     /// Up reports so far.
@@ -65,6 +68,7 @@ impl PeerTable {
     pub fn mark_down(&self, peer: &str, now: Instant) {
         self.update(peer, |p| {
             p.down = true;
+            p.connected = false;
             p.downs += 1;
             p.changed_at = Some(now);
         });
@@ -77,6 +81,7 @@ impl PeerTable {
             return false;
         }
         self.update(peer, |p| {
+            p.connected = true;
             let was = std::mem::take(&mut p.down);
             if was {
                 p.ups += 1;
@@ -86,10 +91,13 @@ impl PeerTable {
         })
     }
 
-    /// A new connection to the peer: up, and no longer draining.
+    /// A new connection to the peer: up, connected, and no longer draining.
     pub fn connected(&self, peer: &str, now: Instant) {
         self.set_draining(peer, false);
         self.mark_up(peer, now);
+        if !self.lock().get(peer).is_some_and(|p| p.connected) {
+            self.update(peer, |p| p.connected = true);
+        }
     }
 
     /// The peer said it is going away (`true`) or came back (`false`).
@@ -104,6 +112,8 @@ impl PeerTable {
     /// A smoothed transport RTT sample of the peer.
     pub fn observe_rtt(&self, peer: &str, rtt: Duration, now: Instant) {
         self.update(peer, |p| {
+            // A sample comes from a live connection.
+            p.connected = !p.down;
             p.rtt = Some((rtt, now));
             p.rtt_samples += 1;
         });
@@ -229,7 +239,19 @@ mod tests {
         t.set_draining("b", true);
         assert!(t.get("b").is_some_and(|p| p.draining));
         t.connected("b", now);
-        assert!(t.get("b").is_some_and(|p| !p.draining));
+        assert!(t.get("b").is_some_and(|p| !p.draining && p.connected));
+        t.mark_down("b", now);
+        assert!(
+            t.get("b").is_some_and(|p| !p.connected),
+            "down is not connected"
+        );
+        t.observe_rtt("b", Duration::from_millis(1), now);
+        assert!(
+            t.get("b").is_some_and(|p| !p.connected),
+            "a sample does not undo down"
+        );
+        assert!(t.mark_up("b", now));
+        assert!(t.get("b").is_some_and(|p| p.connected));
         t.observe_rtt("c", Duration::from_millis(3), now);
         assert_eq!(
             t.get("c").and_then(|p| p.rtt).map(|r| r.0),
