@@ -6,7 +6,7 @@
 //! views whose service maps are shared copy-on-write between views, the per-service comparison
 //! becomes a pointer comparison; the rest stays as it is.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use meshnode_registry::MeshView;
 
@@ -31,23 +31,25 @@ impl ViewDiff {
 }
 
 /// The routable endpoints of `service` in `view`, by node (registered port and weight).
-fn endpoints(view: &MeshView, service: &str) -> BTreeMap<String, Target> {
-    view.endpoints(service)
-        .filter_map(|(svc, node)| {
-            Some((
-                node.name.clone(),
-                Target {
-                    node: node.name.clone(),
-                    addr: node.addr.parse().ok()?,
-                    port: svc.port,
-                    weight: svc.weight,
-                },
-            ))
-        })
-        .collect()
+fn has_endpoint(view: &MeshView, service: &str, node: &str) -> bool {
+    view.services
+        .get(service)
+        .is_some_and(|by_node| by_node.contains_key(node))
+        && view.nodes.contains_key(node)
 }
 
-/// The endpoint changes from `old` to `new`.
+/// The target of `node` for `service` in `view`, if it has a routable one.
+fn target(view: &MeshView, service: &str, node: &str) -> Option<Target> {
+    let svc = view.services.get(service)?.get(node)?;
+    let rec = view.nodes.get(node)?;
+    Some(Target {
+        node: rec.name.clone(),
+        addr: rec.addr.parse().ok()?,
+        port: svc.port,
+        weight: svc.weight,
+    })
+}
+
 pub fn diff(old: &MeshView, new: &MeshView) -> ViewDiff {
     let mut out = ViewDiff::default();
     if std::ptr::eq(old, new) {
@@ -94,17 +96,25 @@ pub fn diff(old: &MeshView, new: &MeshView) -> ViewDiff {
             }
         }
     }
+    // Only presence matters here (a record whose weight or port changed is not an endpoint
+    // leaving or arriving), so each changed service costs a walk of its node names, and a
+    // target is built only for an endpoint that left: a burst of record updates touches
+    // nothing else.
     for service in changed_services {
-        let before = endpoints(old, service);
-        let after = endpoints(new, service);
-        for (node, t) in &before {
-            if !after.contains_key(node) {
-                out.left.push((service.to_string(), t.clone()));
+        if let Some(by_node) = old.services.get(service) {
+            for node in by_node.keys() {
+                if old.nodes.contains_key(node) && !has_endpoint(new, service, node) {
+                    if let Some(t) = target(old, service, node) {
+                        out.left.push((service.to_string(), t));
+                    }
+                }
             }
         }
-        for node in after.keys() {
-            if !before.contains_key(node) {
-                out.arrived.push((service.to_string(), node.clone()));
+        if let Some(by_node) = new.services.get(service) {
+            for node in by_node.keys() {
+                if new.nodes.contains_key(node) && !has_endpoint(old, service, node) {
+                    out.arrived.push((service.to_string(), node.clone()));
+                }
             }
         }
     }
@@ -115,6 +125,7 @@ pub fn diff(old: &MeshView, new: &MeshView) -> ViewDiff {
 mod tests {
     use super::*;
     use meshnode_registry::{NodeRecord, Protocol, ServiceRecord};
+    use std::collections::BTreeMap;
 
     /// The endpoint map of `service` as a plain map, to edit and put back with [`put`]
     /// (written so as not to depend on how the view wraps its service maps).
