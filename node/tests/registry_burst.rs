@@ -6,10 +6,9 @@
 //! 10 ms. Before session 4 such a burst took new connections from p99 4-19 ms to 1.3-2.2 s.
 //!
 //! What is asserted: no connection fails and the p99 stays far below a stall (`STALL`). The
-//! issue's target, p99 within 2 × the control's, is printed, not asserted: with the registry on
-//! its own thread it was met or nearly met (6-12 ms against 3-8 ms), but the node-side
-//! last-resort bookkeeping added since brings it to ~100-180 ms against ~4 ms on this machine;
-//! see docs/behaviour.md, "Registry bursts".
+//! issue's target, p99 within 2 × the control's, is printed, not asserted: measured 10-17 ms
+//! against 3-5 ms (2.7-3.9×) on a shared 2-core machine with debug builds; see
+//! docs/behaviour.md, "Registry bursts".
 
 mod common;
 

@@ -38,6 +38,14 @@ fn has_endpoint(view: &MeshView, service: &str, node: &str) -> bool {
         && view.nodes.contains_key(node)
 }
 
+/// The node names of `service` in `view`, sorted (a `BTreeMap`'s order).
+fn service_keys<'v>(view: &'v MeshView, service: &str) -> Vec<&'v str> {
+    view.services
+        .get(service)
+        .map(|by_node| by_node.keys().map(String::as_str).collect())
+        .unwrap_or_default()
+}
+
 /// The target of `node` for `service` in `view`, if it has a routable one.
 fn target(view: &MeshView, service: &str, node: &str) -> Option<Target> {
     let svc = view.services.get(service)?.get(node)?;
@@ -101,20 +109,52 @@ pub fn diff(old: &MeshView, new: &MeshView) -> ViewDiff {
     // target is built only for an endpoint that left: a burst of record updates touches
     // nothing else.
     for service in changed_services {
-        if let Some(by_node) = old.services.get(service) {
-            for node in by_node.keys() {
-                if old.nodes.contains_key(node) && !has_endpoint(new, service, node) {
-                    if let Some(t) = target(old, service, node) {
-                        out.left.push((service.to_string(), t));
-                    }
+        // Nodes whose presence may differ: those in one service map and not the other (a
+        // merge of the two sorted key lists, no lookups), and the nodes whose own record
+        // changed. A burst of weight or port updates yields none, and costs one ordered walk.
+        let (before, after) = (service_keys(old, service), service_keys(new, service));
+        let mut candidates: BTreeSet<&str> = changed_nodes
+            .iter()
+            .copied()
+            .filter(|n| before.binary_search(n).is_ok() || after.binary_search(n).is_ok())
+            .collect();
+        let (mut i, mut j) = (0, 0);
+        while i < before.len() || j < after.len() {
+            match (before.get(i), after.get(j)) {
+                (Some(x), Some(y)) if x == y => {
+                    i += 1;
+                    j += 1;
                 }
+                (Some(x), Some(y)) if x < y => {
+                    candidates.insert(x);
+                    i += 1;
+                }
+                (Some(_), Some(y)) => {
+                    candidates.insert(y);
+                    j += 1;
+                }
+                (Some(x), None) => {
+                    candidates.insert(x);
+                    i += 1;
+                }
+                (None, Some(y)) => {
+                    candidates.insert(y);
+                    j += 1;
+                }
+                (None, None) => break,
             }
         }
-        if let Some(by_node) = new.services.get(service) {
-            for node in by_node.keys() {
-                if new.nodes.contains_key(node) && !has_endpoint(old, service, node) {
-                    out.arrived.push((service.to_string(), node.clone()));
+        for node in candidates {
+            let (was, is) = (
+                has_endpoint(old, service, node),
+                has_endpoint(new, service, node),
+            );
+            if was && !is {
+                if let Some(t) = target(old, service, node) {
+                    out.left.push((service.to_string(), t));
                 }
+            } else if is && !was {
+                out.arrived.push((service.to_string(), node.to_string()));
             }
         }
     }
