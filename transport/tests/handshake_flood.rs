@@ -28,6 +28,9 @@ const PING_LEN: usize = 1024;
 /// Pause between pings: ~400 samples a second, each a real round trip.
 const PING_GAP: Duration = Duration::from_micros(2_500);
 
+/// The least p99 increase the flood may cause before the test calls it a stall (µs).
+const P99_FLOOR_US: u64 = 2_000;
+
 fn identity(ca: &Ca, name: &str) -> Result<Identity> {
     let issued = ca.issue(name, 1)?;
     Ok(Identity::from_pem(
@@ -240,9 +243,15 @@ async fn handshake_flood_does_not_stall_an_established_connection() -> Result<()
         worst < 250_000 + stall_max,
         "worst round trip {worst} µs during the flood (machine stalls up to {stall_max} µs)"
     );
+    // 3 × the p99 before, but never less than 2 ms above it: on a quiet machine the loopback
+    // baseline is ~0.3 ms, and a flood that the 2 cores must also carry (the flooding child
+    // runs on them) adds about a millisecond of plain CPU sharing (measured 0.30 → 1.44 ms).
+    // The stall this guards against was 40-63 ms p99 and seconds at worst.
+    let allowed = (3 * p99b).max(p99b + P99_FLOOR_US) + stall_p99;
     assert!(
-        p99d <= 3 * p99b + stall_p99,
-        "p99 during the flood {p99d} µs > 3 × {p99b} µs before (+ machine p99 {stall_p99} µs)"
+        p99d <= allowed,
+        "p99 during the flood {p99d} µs > {allowed} µs (3 × {p99b} µs before, at least \
+         {P99_FLOOR_US} µs above it, + machine p99 {stall_p99} µs)"
     );
     // The established connection is still the same and usable.
     assert!(conn.close_reason().is_none());
