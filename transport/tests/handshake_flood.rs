@@ -8,6 +8,8 @@
 //! flood must stay within 3× its p99 before, no round trip may reach 250 ms, and B's handshake
 //! counters must show the flood refused.
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,9 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use common::{endpoint, identity};
 use meshnode_transport::admission::HandshakeResult;
 use meshnode_transport::pki::Ca;
-use meshnode_transport::{Alpn, EndpointOptions, Identity, MeshEndpoint, TransportConfig};
+use meshnode_transport::{Alpn, Identity, MeshEndpoint};
 use tokio::io::AsyncBufReadExt;
 
 const TD: &str = "mesh.test";
@@ -30,24 +33,6 @@ const PING_GAP: Duration = Duration::from_micros(2_500);
 
 /// The least p99 increase the flood may cause before the test calls it a stall (µs).
 const P99_FLOOR_US: u64 = 2_000;
-
-fn identity(ca: &Ca, name: &str) -> Result<Identity> {
-    let issued = ca.issue(name, 1)?;
-    Ok(Identity::from_pem(
-        ca.cert_pem(),
-        &issued.cert_pem,
-        &issued.key_pem,
-    )?)
-}
-
-fn endpoint(id: Identity) -> Result<MeshEndpoint> {
-    let opts = EndpointOptions {
-        listen: "127.0.0.1:0".parse()?,
-        state_dir: None,
-        transport: TransportConfig::default(),
-    };
-    Ok(MeshEndpoint::bind(&opts, id)?)
-}
 
 /// B's accept loop: echo every stream of every admitted, authenticated connection.
 fn serve(b: MeshEndpoint) {

@@ -5,6 +5,8 @@
 //! clients, with valid mesh certificates, live in a child process (this test binary again) so
 //! that their own memory does not count. RSS (VmRSS) is read from /proc/self/status.
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -12,8 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use common::{endpoint, identity};
 use meshnode_transport::pki::Ca;
-use meshnode_transport::{EndpointOptions, Identity, MeshEndpoint, StreamLimit, TransportConfig};
+use meshnode_transport::{Identity, MeshEndpoint, StreamLimit, TransportConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 const TD: &str = "mesh.test";
@@ -29,24 +32,6 @@ const SOURCES: usize = 50;
 const BOUND_PER_CONNECTION: u64 = 256 * 1024;
 /// Dials in flight at once from the client process.
 const DIAL_CONCURRENCY: usize = 32;
-
-fn identity(ca: &Ca, name: &str) -> Result<Identity> {
-    let issued = ca.issue(name, 1)?;
-    Ok(Identity::from_pem(
-        ca.cert_pem(),
-        &issued.cert_pem,
-        &issued.key_pem,
-    )?)
-}
-
-fn endpoint(id: Identity) -> Result<MeshEndpoint> {
-    let opts = EndpointOptions {
-        listen: "127.0.0.1:0".parse()?,
-        state_dir: None,
-        transport: TransportConfig::default(),
-    };
-    Ok(MeshEndpoint::bind(&opts, id)?)
-}
 
 fn vm_rss() -> Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;

@@ -2,34 +2,17 @@
 //! connection starts low): 10,000 concurrent tunnels on one connection between two
 //! `MeshEndpoint`s on real loopback sockets, then the credit back at its initial value.
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use common::{endpoint, identity};
 use meshnode_transport::pki::Ca;
-use meshnode_transport::{
-    Alpn, EndpointOptions, Identity, MeshEndpoint, StreamLimit, TransportConfig,
-};
+use meshnode_transport::{Alpn, StreamLimit, TransportConfig};
 
 const TD: &str = "mesh.test";
-
-fn identity(ca: &Ca, name: &str) -> Result<Identity> {
-    let issued = ca.issue(name, 1)?;
-    Ok(Identity::from_pem(
-        ca.cert_pem(),
-        &issued.cert_pem,
-        &issued.key_pem,
-    )?)
-}
-
-fn endpoint(id: Identity) -> Result<MeshEndpoint> {
-    let opts = EndpointOptions {
-        listen: "127.0.0.1:0".parse()?,
-        state_dir: None,
-        transport: TransportConfig::default(),
-    };
-    Ok(MeshEndpoint::bind(&opts, id)?)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_credit_grows_to_ten_thousand_tunnels_and_resets_when_idle() -> Result<()> {
