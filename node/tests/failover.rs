@@ -112,7 +112,12 @@ async fn sigkill_of_an_endpoint_fails_no_connection() -> Result<()> {
         // every connection that started after the kill must succeed.
         assert_eq!(t.failed_since(killed), 0, "connections opened after the kill failed\n{}", m.a.log_text());
         assert!(failed <= 2, "more failures than connections in flight at the kill: {failed}");
-        assert!(t.worst() < Duration::from_millis(1500), "worst {:?}", t.worst());
+        assert!(
+            t.worst() < Duration::from_millis(1500),
+            "worst {:?}\n{}",
+            t.worst(),
+            m.a.log_text()
+        );
         assert_eq!(t.tagged(b'B'), b_at_kill, "B served after it was killed");
         drop(m.c);
         Ok(())

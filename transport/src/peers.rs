@@ -259,7 +259,18 @@ impl PeerPool {
         if let Some(conn) = Self::live(&entry, addr) {
             return Ok(conn);
         }
-        let _dialling = entry.dial.lock().await;
+        // One deadline for the wait behind another caller's dial and for our own: a caller
+        // that found a dial of a dead peer under way must not wait for it and then for a
+        // second full handshake timeout of its own.
+        let timeout = timeout.unwrap_or(self.endpoint.transport().connect_timeout);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let Ok(_dialling) = tokio::time::timeout_at(deadline, entry.dial.lock()).await else {
+            return Err(ConnectError::Timeout {
+                peer: peer.to_string(),
+                addr,
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            });
+        };
         // Someone else may have connected while we waited for the dial lock.
         if let Some(conn) = Self::live(&entry, addr) {
             return Ok(conn);
@@ -269,10 +280,8 @@ impl PeerPool {
             slot.addr = addr;
             slot.state = PeerState::Connecting;
         }
-        let dialled = match timeout {
-            Some(t) => self.endpoint.connect_within(peer, addr, alpn, t).await,
-            None => self.endpoint.connect(peer, addr, alpn).await,
-        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let dialled = self.endpoint.connect_within(peer, addr, alpn, left).await;
         match dialled {
             Ok(conn) => {
                 {
