@@ -4,9 +4,10 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use meshnode_registry::Registry;
+use meshnode_transport::files::read_text_bounded;
 use meshnode_transport::Identity;
 
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, MAX_PASSWORD_BYTES};
 use crate::exit::{self, Failure};
 use crate::node::{Node, NodeParts};
 
@@ -157,7 +158,7 @@ pub fn load_checked(path: &Path) -> Result<(Config, Identity), Failure> {
     }
     if config.registry.backend == Backend::Etcd {
         if let Some(p) = &config.registry.password_file {
-            std::fs::read_to_string(p).map_err(|e| {
+            read_text_bounded(p, MAX_PASSWORD_BYTES).map_err(|e| {
                 Failure::config(format!(
                     "{}: registry.password_file {}: {e}",
                     path.display(),
@@ -213,7 +214,7 @@ pub fn start_registry(config: &Config) -> Result<Registry, Failure> {
             let r = &config.registry;
             let user = match (&r.username, &r.password_file) {
                 (Some(u), Some(p)) => {
-                    let pw = std::fs::read_to_string(p).map_err(|e| {
+                    let pw = read_text_bounded(p, MAX_PASSWORD_BYTES).map_err(|e| {
                         Failure::config(format!("registry.password_file {}: {e}", p.display()))
                     })?;
                     Some((u.clone(), pw.trim_end_matches(['\n', '\r']).to_string()))

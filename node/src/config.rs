@@ -8,11 +8,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use meshnode_transport::files::read_text_bounded;
 use serde::Deserialize;
 
 pub use meshnode_registry::Protocol;
 
 pub use validate::ConfigError;
+pub(crate) use validate::MAX_REGISTRY_PASSWORD as MAX_PASSWORD_BYTES;
+
+/// The largest config file read: a config with thousands of services is a few hundred KiB.
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
 /// Default UDP address of the QUIC endpoint (docs/config.md, `[node]`).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
@@ -368,7 +373,7 @@ impl Config {
     /// Parses and validates a config file. Relative paths in it are taken relative to the
     /// file's directory, so a config and its certificates can move together.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        let text = read_text_bounded(path, MAX_CONFIG_BYTES).map_err(|e| ConfigError::Read {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
@@ -377,6 +382,7 @@ impl Config {
             cfg.resolve_paths(dir);
         }
         cfg.check_registry_files().map_err(|e| e.in_file(path))?;
+        cfg.check_state_dir().map_err(|e| e.in_file(path))?;
         Ok(cfg)
     }
 

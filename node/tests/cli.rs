@@ -107,6 +107,64 @@ fn validate_accepts_a_good_config_and_names_what_is_wrong_in_bad_ones() -> Resul
     Ok(())
 }
 
+/// Files that are not files: a device as the config or a CA is refused at once (it was read
+/// until memory ran out), as is a state_dir that is a regular file (it passed validate and failed
+/// run). Each names the path and the reason, exit 78.
+#[test]
+fn devices_and_odd_paths_are_refused_without_being_read() -> Result<()> {
+    let dir = setup()?;
+    let d = dir.path();
+    let started = std::time::Instant::now();
+    let (code, _, err) = meshnode(&["validate", "-c", "/dev/zero"])?;
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("/dev/zero") && err.contains("not a regular file"),
+        "{err}"
+    );
+
+    let (code, out) = validate(d, &GOOD.replace("ca/ca.pem", "/dev/zero"))?;
+    assert_eq!(code, 78, "{out}");
+    assert!(
+        out.contains("/dev/zero") && out.contains("not a regular file"),
+        "{out}"
+    );
+    let (code, out) = validate(d, &GOOD.replace("certs/node-a.key", "/dev/urandom"))?;
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("/dev/urandom"), "{out}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "devices must not be read: {:?}",
+        started.elapsed()
+    );
+
+    // A CA file far past any real bundle.
+    std::fs::write(d.join("huge.pem"), vec![b'A'; 2 << 20])?;
+    let (code, out) = validate(d, &GOOD.replace("ca/ca.pem", "huge.pem"))?;
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("huge.pem") && out.contains("at most"), "{out}");
+
+    // state_dir: a regular file, and a path below one.
+    std::fs::write(d.join("plain"), b"x")?;
+    for state in ["plain", "plain/below"] {
+        let (code, out) = validate(
+            d,
+            &GOOD.replace("state_dir = \"state\"", &format!("state_dir = \"{state}\"")),
+        )?;
+        assert_eq!(code, 78, "{state}: {out}");
+        assert!(
+            out.contains("node.state_dir") && out.contains("not a directory"),
+            "{out}"
+        );
+    }
+    // A state_dir that does not exist yet is created by run: valid.
+    let (code, out) = validate(
+        d,
+        &GOOD.replace("state_dir = \"state\"", "state_dir = \"new/deeper\""),
+    )?;
+    assert_eq!(code, 0, "{out}");
+    Ok(())
+}
+
 #[test]
 fn ca_init_refuses_to_overwrite_and_bad_names_are_usage_errors() -> Result<()> {
     let dir = setup()?;

@@ -72,7 +72,8 @@ impl EndpointKeys {
             source,
         })?;
         let path = state_dir.join(KEY_FILE);
-        match fs::read(&path) {
+        // A key file is exactly KEY_LEN bytes: a longer one (or a device) is refused unread.
+        match crate::files::read_bounded(&path, KEY_LEN as u64) {
             Ok(bytes) if bytes.len() == KEY_LEN => return Ok(Self::from_bytes(&bytes)),
             Ok(bytes) => {
                 return Err(KeyError::Corrupt {

@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod config;
 pub mod endpoint;
+pub mod files;
 pub mod keys;
 pub mod peers;
 pub mod pki;

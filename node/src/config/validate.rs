@@ -69,7 +69,7 @@ impl ConfigError {
 /// Largest `[registry]` CA, certificate or key file: a PEM bundle is a few KiB.
 const MAX_REGISTRY_PEM: u64 = 1 << 20;
 /// Largest `registry.password_file`.
-const MAX_REGISTRY_PASSWORD: u64 = 4 << 10;
+pub(crate) const MAX_REGISTRY_PASSWORD: u64 = 4 << 10;
 
 /// Smallest `transport.socket_buffer` and `transport.send_window`: below 64 KiB a single GSO
 /// batch no longer fits.
@@ -356,6 +356,48 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Checks `node.state_dir` as `run` will use it: a directory, or a path whose nearest
+    /// existing ancestor is a directory (`run` creates the rest). Paths must already be resolved.
+    pub(super) fn check_state_dir(&self) -> Result<(), ConfigError> {
+        let dir = &self.node.state_dir;
+        let shown = dir.display();
+        let mut at = dir.as_path();
+        loop {
+            match std::fs::metadata(at) {
+                Ok(m) if m.is_dir() => return Ok(()),
+                Ok(_) if at == dir.as_path() => {
+                    return Err(invalid(
+                        "node.state_dir",
+                        format!("{shown} exists and is not a directory"),
+                    ))
+                }
+                Ok(_) => {
+                    return Err(invalid(
+                        "node.state_dir",
+                        format!(
+                            "{shown} cannot be created: {} is not a directory",
+                            at.display()
+                        ),
+                    ))
+                }
+                // Not there, or below a file: look at the parent.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    match at.parent() {
+                        Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+                        // A relative path with no existing component: created in the working directory.
+                        _ => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(invalid("node.state_dir", format!("{shown}: {e}"))),
+            }
+        }
     }
 
     fn validate_services(&self) -> Result<(), ConfigError> {

@@ -95,7 +95,7 @@ pub(crate) fn write_replace(path: &Path, data: &[u8], mode: u32) -> Result<(), P
 
 /// Reads a text file.
 pub(crate) fn read(path: &Path) -> Result<String, PkiError> {
-    fs::read_to_string(path).map_err(io("read", path))
+    crate::files::read_text_bounded(path, crate::files::MAX_PEM_BYTES).map_err(io("read", path))
 }
 
 /// Reads a key file, refusing it if group or others may read it.

@@ -1,7 +1,6 @@
 //! Reading PEM files: certificates, private keys, and the ssh-like key permission check.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -15,10 +14,12 @@ pub(crate) const KEY_MODE_FORBIDDEN: u32 = 0o077;
 
 /// Reads a certificate or CA file.
 pub(crate) fn read_file(kind: &'static str, path: &Path) -> Result<Vec<u8>, IdentityError> {
-    std::fs::read(path).map_err(|source| IdentityError::Read {
-        kind,
-        path: path.to_path_buf(),
-        source,
+    crate::files::read_bounded(path, crate::files::MAX_PEM_BYTES).map_err(|source| {
+        IdentityError::Read {
+            kind,
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 
@@ -30,7 +31,7 @@ pub(crate) fn read_key_file(path: &Path) -> Result<Vec<u8>, IdentityError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
+    let file = File::open(path).map_err(read_err)?;
     let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o7777;
     if mode & KEY_MODE_FORBIDDEN != 0 {
         return Err(IdentityError::KeyPermissions {
@@ -38,9 +39,7 @@ pub(crate) fn read_key_file(path: &Path) -> Result<Vec<u8>, IdentityError> {
             mode,
         });
     }
-    let mut buf = Vec::new();
-    file.read_to_end(&mut buf).map_err(read_err)?;
-    Ok(buf)
+    crate::files::read_open_bounded(file, crate::files::MAX_PEM_BYTES).map_err(read_err)
 }
 
 /// Every certificate in a PEM text, in order; other PEM blocks are ignored.
