@@ -12,12 +12,20 @@ use std::time::Instant;
 
 use rand::Rng;
 
+/// Two costs closer than this fraction of the lower one are a tie: peak-EWMA estimates of equal
+/// endpoints differ by that much from jitter alone, and letting the cheaper always win sent
+/// 98 % of sequential requests to one of two equal endpoints.
+pub(super) const TIE_RATIO: f64 = 0.25;
+/// Two costs closer than this (ns) are a tie whatever their ratio: on a LAN or loopback, where
+/// answers take a few hundred microseconds, scheduling jitter alone is of this size.
+pub(super) const TIE_FLOOR_NS: f64 = 100_000.0;
+
 /// What the choice needs to know about one candidate.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Choice {
     /// Relative share in the random draw, at least 1.
     pub(super) weight: u32,
-    /// Lower is better: latency × load, already divided by the weight.
+    /// Lower is better: latency (ns) × load, already divided by the weight.
     pub(super) cost: f64,
     /// May take a new request (healthy, or probing with a free probe slot).
     pub(super) available: bool,
@@ -83,15 +91,24 @@ fn random_where(
     (!matching.is_empty()).then(|| matching[rng.gen_range(0..matching.len())])
 }
 
-/// Power of two choices: two distinct weighted draws from `pool`, the cheaper wins.
+/// Power of two choices: two distinct weighted draws from `pool`, the clearly cheaper wins.
 fn two_choices(choices: &[Choice], pool: &[usize], rng: &mut impl Rng) -> usize {
     let a = weighted_draw(choices, pool, None, rng);
     let b = weighted_draw(choices, pool, Some(a), rng);
-    // Ties (equal cost, e.g. two fresh endpoints) go to the first draw, which is itself random.
-    match choices[b].cost.partial_cmp(&choices[a].cost) {
-        Some(Ordering::Less) => b,
-        _ => a,
+    // Ties (costs within measurement noise, e.g. two equal endpoints) go to the first draw,
+    // which is itself random and weighted: equals share traffic by weight.
+    if clearly_cheaper(choices[b].cost, choices[a].cost) {
+        b
+    } else {
+        a
     }
+}
+
+/// Whether cost `x` is below `y` by more than measurement noise ([`TIE_RATIO`],
+/// [`TIE_FLOOR_NS`]).
+fn clearly_cheaper(x: f64, y: f64) -> bool {
+    let band = (x.min(y) * TIE_RATIO).max(TIE_FLOOR_NS);
+    x < y - band
 }
 
 /// One index of `pool` other than `skip`, drawn with probability proportional to weight.
@@ -143,10 +160,11 @@ mod tests {
     use rand::SeedableRng;
     use std::time::Duration;
 
-    fn healthy(cost: f64, weight: u32) -> Choice {
+    /// A healthy candidate whose cost is `ms` milliseconds.
+    fn healthy(ms: f64, weight: u32) -> Choice {
         Choice {
             weight,
-            cost,
+            cost: ms * 1e6,
             available: true,
             wants_probe: false,
             draining: false,
@@ -188,6 +206,22 @@ mod tests {
         assert_eq!(hits[2], 0);
         // The cheapest is in 2 of the 3 possible pairs and wins both.
         assert!((1_800..2_200).contains(&hits[0]), "{hits:?}");
+    }
+
+    #[test]
+    fn equals_within_measurement_noise_share_and_clear_differences_do_not() {
+        // 1.0 and 1.2 ms: within the band, an even split (it was 98/2 when the cheaper of the
+        // pair always won).
+        let hits = counts(&[healthy(1.0, 100), healthy(1.2, 100)], 4_000, 5);
+        assert!((1_800..2_200).contains(&hits[1]), "{hits:?}");
+        // 0.30 and 0.38 ms on loopback: 80 us apart, below the absolute floor.
+        let hits = counts(&[healthy(0.30, 100), healthy(0.38, 100)], 4_000, 5);
+        assert!((1_800..2_200).contains(&hits[1]), "{hits:?}");
+        // 1 and 1.5 ms, or 0.3 and 10 ms: the cheaper always wins its pair.
+        assert_eq!(counts(&[healthy(1.0, 100), healthy(1.5, 100)], 1_000, 5)[1], 0);
+        assert_eq!(counts(&[healthy(0.3, 100), healthy(10.0, 100)], 1_000, 5)[1], 0);
+        assert!(clearly_cheaper(1.0e6, 1.3e6) && !clearly_cheaper(1.0e6, 1.2e6));
+        assert!(!clearly_cheaper(1.3e6, 1.0e6));
     }
 
     #[test]
@@ -268,7 +302,7 @@ mod tests {
             Some(1)
         );
         let expensive = Choice {
-            cost: 9.0,
+            cost: 9e6,
             ..draining
         };
         assert_eq!(
