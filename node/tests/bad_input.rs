@@ -215,3 +215,67 @@ async fn outbound_to_unknown_or_refusing_service_resets_the_client() -> Result<(
     })
     .await?
 }
+
+/// An h3 request stream whose headers never complete is reset within the header deadline and
+/// counted as `slow_header`; one whose headers do not decode is counted as `malformed`; the
+/// connection's other requests are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h3_requests_that_never_finish_their_headers_are_reset_and_counted() -> Result<()> {
+    tokio::time::timeout(LIMIT, async {
+        let pki = Pki::new(&["node-a", "node-b"])?;
+        let mesh = memory_mesh();
+        let echo = echo_server().await?;
+        let extra =
+            format!("[[service]]\nname = \"echo\"\nprotocol = \"tcp\"\ntarget = \"{echo}\"\n");
+        let b = start_node(&pki, "node-b", &extra, mesh.connect()).await?;
+        let ep = client(pki.identity("node-a")?)?;
+        let conn = ep.connect("node-b", b.quic_addr(), Alpn::H3).await?;
+        let started = std::time::Instant::now();
+        // 20 streams that start a HEADERS frame (type 0x01, length 100) and send 3 bytes of it.
+        let mut slow = Vec::new();
+        for _ in 0..20 {
+            let (mut send, recv) = conn.open_bi().await?;
+            send.write_all(&[0x01, 0x40, 0x64, 0, 0, 0]).await?;
+            slow.push((send, recv));
+        }
+        // Each slow stream ends (reset or finished) once the deadline passes.
+        for (_send, mut recv) in slow {
+            let ended = tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(1024)).await;
+            assert!(ended.is_ok(), "a slow h3 stream was held past the deadline");
+        }
+        let waited = started.elapsed();
+        // A stream whose HEADERS frame is complete but is not QPACK (h3 may close that
+        // connection: a decoding failure is a connection error), on a connection of its own.
+        let conn2 = ep.connect("node-b", b.quic_addr(), Alpn::H3).await?;
+        let (mut bad, mut bad_recv) = conn2.open_bi().await?;
+        bad.write_all(&[0x01, 0x03, 0xff, 0xff, 0xff]).await?;
+        let _ = bad.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(10), bad_recv.read_to_end(1024)).await;
+        assert!(
+            waited >= Duration::from_secs(4),
+            "reset before the deadline: {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(12), "reset late: {waited:?}");
+        let m = b.metrics();
+        assert_eq!(
+            m.get("meshnode_inbound_rejected_total", &["slow_header"]),
+            20.0
+        );
+        assert!(m.get("meshnode_inbound_rejected_total", &["malformed"]) >= 1.0);
+        // The node still serves tunnels.
+        let mesh_conn = ep.connect("node-b", b.quic_addr(), Alpn::Meshnode).await?;
+        let mut t = tunnel::open(
+            &mesh_conn,
+            &header("echo", echo.port()),
+            Duration::from_secs(5),
+        )
+        .await?;
+        t.send.write_all(b"ok").await?;
+        t.send.finish()?;
+        let mut back = t.leftover.to_vec();
+        back.extend(t.recv.read_to_end(64).await?);
+        assert_eq!(back, b"ok");
+        Ok(())
+    })
+    .await?
+}

@@ -218,8 +218,14 @@ mod tests {
         let hits = counts(&[healthy(0.30, 100), healthy(0.38, 100)], 4_000, 5);
         assert!((1_800..2_200).contains(&hits[1]), "{hits:?}");
         // 1 and 1.5 ms, or 0.3 and 10 ms: the cheaper always wins its pair.
-        assert_eq!(counts(&[healthy(1.0, 100), healthy(1.5, 100)], 1_000, 5)[1], 0);
-        assert_eq!(counts(&[healthy(0.3, 100), healthy(10.0, 100)], 1_000, 5)[1], 0);
+        assert_eq!(
+            counts(&[healthy(1.0, 100), healthy(1.5, 100)], 1_000, 5)[1],
+            0
+        );
+        assert_eq!(
+            counts(&[healthy(0.3, 100), healthy(10.0, 100)], 1_000, 5)[1],
+            0
+        );
         assert!(clearly_cheaper(1.0e6, 1.3e6) && !clearly_cheaper(1.0e6, 1.2e6));
         assert!(!clearly_cheaper(1.3e6, 1.0e6));
     }

@@ -19,6 +19,7 @@ use super::headers::{host_of, strip_hop_by_hop};
 use super::stream::{H3Recv, H3Send};
 use super::{mesh_error, TargetClient, MAX_HEADER_BYTES};
 use crate::drain;
+use crate::inbound::HEADER_TIMEOUT;
 use crate::local::LocalServices;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::telemetry::Telemetry;
@@ -75,12 +76,24 @@ async fn serve(shared: Arc<H3Server>, peer: String, conn: quinn::Connection, lim
                 let permit = limit.on_accept();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    match resolver.resolve_request().await {
-                        Ok((req, stream)) => {
+                    // A request whose headers do not arrive in time is dropped (its stream
+                    // reset) and counted, like a slow `meshnode/1` header: a silent stream must
+                    // not hold a permit of the connection's stream credit for ever.
+                    let resolved =
+                        tokio::time::timeout(HEADER_TIMEOUT, resolver.resolve_request()).await;
+                    match resolved {
+                        Ok(Ok((req, stream))) => {
                             let (send, recv) = stream.split();
                             handle(shared, peer, req, send, recv).await;
                         }
-                        Err(e) => tracing::debug!(%peer, error = %e, "bad h3 request"),
+                        Ok(Err(e)) => {
+                            shared.telemetry.rejected(RefusalKind::Malformed);
+                            tracing::debug!(%peer, error = %e, "bad h3 request");
+                        }
+                        Err(_) => {
+                            shared.telemetry.rejected(RefusalKind::SlowHeader);
+                            tracing::debug!(%peer, "h3 request headers not complete in time");
+                        }
                     }
                 });
             }
