@@ -165,9 +165,15 @@ pub enum AttemptError {
 
 impl AttemptError {
     /// The typed outcome the engine decides on.
-    fn outcome(&self, latency: Duration) -> Outcome {
+    pub(crate) fn outcome(&self, latency: Duration) -> Outcome {
         match self {
             AttemptError::Connect(_) => Outcome::Unreachable,
+            // The far node does not serve the service on that port: its record is stale.
+            AttemptError::Open(OpenError::Refused(s))
+                if s.code == meshnode_proto::StatusCode::NotFound =>
+            {
+                Outcome::NotServed
+            }
             AttemptError::Open(OpenError::Refused(s)) => Outcome::Refused {
                 status: s.code.as_u16(),
                 mesh: true,

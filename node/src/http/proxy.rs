@@ -298,9 +298,10 @@ async fn forward(
 }
 
 /// The `meshnode_retries_total` reason of an HTTP attempt.
-fn retry_reason(outcome: Outcome) -> AttemptResult {
+pub(super) fn retry_reason(outcome: Outcome) -> AttemptResult {
     match outcome {
         Outcome::Unreachable => AttemptResult::Unreachable,
+        Outcome::NotServed => AttemptResult::NotFound,
         Outcome::Timeout => AttemptResult::Timeout,
         Outcome::Refused { status: 502, .. } => AttemptResult::Status502,
         Outcome::Refused { .. } => AttemptResult::Status503,
@@ -369,10 +370,16 @@ async fn attempt(
     // that refusal means the target never saw the request.
     let refusal = head.headers().get(MESH_ERROR);
     let mesh = refusal.is_some();
-    let unreached = refusal
-        .and_then(|v| RefusalKind::from_wire(v.as_bytes()))
-        .is_some_and(RefusalKind::target_unreached);
-    let outcome = if mesh || matches!(status, 502..=504) {
+    let kind = refusal.and_then(|v| RefusalKind::from_wire(v.as_bytes()));
+    let unreached = kind.is_some_and(RefusalKind::target_unreached);
+    let outcome = if matches!(
+        kind,
+        Some(RefusalKind::UnknownService | RefusalKind::UnknownPort)
+    ) {
+        // The view says the node hosts the service; the node says it does not (a stale
+        // record): another endpoint may.
+        Outcome::NotServed
+    } else if mesh || matches!(status, 502..=504) {
         Outcome::Refused {
             status,
             mesh,

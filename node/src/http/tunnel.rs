@@ -1,6 +1,6 @@
 //! Caller side of `CONNECT service:port` on the local proxy: an L4 tunnel over `meshnode/1`
-//! opened by the dispatch engine's L4 adapter, as for `[[outbound]]` listeners, then the
-//! upgraded client connection is spliced with it.
+//! opened by the dispatch engine's L4 adapter, as for `[[outbound]]` listeners, to one of the
+//! endpoints that advertise that port, then the upgraded client connection is spliced with it.
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -30,6 +30,13 @@ pub(crate) async fn connect(
     };
     if outbound.routing.targets(&service, None).is_empty() {
         return mesh_error(StatusCode::NOT_FOUND, &format!("unknown service {service}"));
+    }
+    // Only endpoints that advertise the port are candidates (docs/behaviour.md, CONNECT).
+    if outbound.routing.targets(&service, Some(port)).is_empty() {
+        return mesh_error(
+            StatusCode::NOT_FOUND,
+            &format!("service {service} does not advertise port {port}"),
+        );
     }
     let svc = outbound.telemetry.service(&service);
     let trace_id = format!("{:032x}", rand::random::<u128>());
