@@ -324,9 +324,10 @@ impl Outbound {
         }
     }
 
-    /// One attempt on `target`. `open_started` is reset once a connection is at hand, so the
+    /// One attempt on `target` (for adapters that drive the engine themselves, such as the
+    /// WebSocket upgrade). `open_started` is reset once a connection is at hand, so the
     /// latency sample is the tunnel open alone, not a first dial's handshake.
-    async fn attempt(
+    pub(crate) async fn attempt(
         &self,
         service: &str,
         target: &Target,

@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use super::body::{self, Body};
 use super::grpc::{self, RequestBody};
 use super::headers::{add_forwarded_for, ensure_traceparent, host_of, strip_hop_by_hop};
+use super::upgrade;
 use super::{is_idempotent, mesh_error, MAX_HEADER_BYTES, MESH_ERROR};
 
 use crate::balance::InflightGuard;
@@ -147,9 +148,10 @@ async fn handle(
         // A gRPC caller understands only gRPC statuses: mesh errors are answered as such. Its
         // `grpc-timeout` bounds the wait for the answer's head, retries included.
         let Some(deadline) = grpc::timeout(req.headers()) else {
-            return grpc::answer(handle_request(proxy, client, req).await);
+            return grpc::answer(handle_request(proxy, drain, client, req).await);
         };
-        return match tokio::time::timeout(deadline, handle_request(proxy, client, req)).await {
+        let answer = handle_request(proxy, drain, client, req);
+        return match tokio::time::timeout(deadline, answer).await {
             Ok(resp) => grpc::answer(resp),
             Err(_) => {
                 let reason = "grpc-timeout passed";
@@ -163,11 +165,12 @@ async fn handle(
             }
         };
     }
-    handle_request(proxy, client, req).await
+    handle_request(proxy, drain, client, req).await
 }
 
 async fn handle_request(
     proxy: Arc<Proxy>,
+    drain: drain::Watch,
     client: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
@@ -184,7 +187,11 @@ async fn handle_request(
     }
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let started = Instant::now();
-    let resp = forward(&proxy, client, &service, req).await;
+    let resp = if upgrade::is_websocket(req.headers()) {
+        upgrade::websocket(&proxy.outbound, drain, client, &service, req).await
+    } else {
+        forward(&proxy, client, &service, req).await
+    };
     // One access-log line per request (off unless MESHNODE_LOG enables meshnode::access), at
     // the response head: the body may stream for a long time after.
     tracing::info!(

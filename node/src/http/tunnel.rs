@@ -70,16 +70,22 @@ pub(crate) async fn connect(
                 NoTunnel::NoEndpoint { .. } | NoTunnel::BudgetExhausted => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
-                NoTunnel::Failed(AttemptError::Connect(_)) => StatusCode::BAD_GATEWAY,
-                NoTunnel::Failed(AttemptError::Open(OpenError::Refused(s))) => {
-                    StatusCode::from_u16(s.code.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY)
-                }
-                NoTunnel::Failed(AttemptError::Open(OpenError::Timeout(_))) => {
-                    StatusCode::GATEWAY_TIMEOUT
-                }
-                NoTunnel::Failed(AttemptError::Open(_)) => StatusCode::BAD_GATEWAY,
+                NoTunnel::Failed(e) => open_failure_status(e),
             };
             mesh_error(code, &failure.to_string())
         }
+    }
+}
+
+/// The status a proxy client gets when the last tunnel open failed: the far node's own
+/// refusal, else 502 (504 for a timeout).
+pub(super) fn open_failure_status(e: &AttemptError) -> StatusCode {
+    match e {
+        AttemptError::Connect(_) => StatusCode::BAD_GATEWAY,
+        AttemptError::Open(OpenError::Refused(s)) => {
+            StatusCode::from_u16(s.code.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY)
+        }
+        AttemptError::Open(OpenError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+        AttemptError::Open(_) => StatusCode::BAD_GATEWAY,
     }
 }

@@ -1,0 +1,464 @@
+//! WebSocket through the mesh (HTTP/1.1 `Upgrade`, RFC 6455 §4): the dispatch engine's
+//! upgrade adapter. [`websocket`] takes the client's upgrade request (and, through hyper, its
+//! connection) and answers it; any HTTP/1.1 front-end that serves with upgrades can call it.
+//!
+//! Carried between nodes as a `meshnode/1` tunnel to the service's advertised port: the
+//! caller opens the tunnel, speaks HTTP/1.1 over it to the target (the upgrade request, with
+//! the proxy's header rules), reads the answer's head, and after a `101` splices the two
+//! switched connections with the one splice. The far node only connects and splices, as for
+//! any tunnel. Why not RFC 9220 (extended CONNECT over HTTP/3): the h3 stack knows no
+//! `:protocol` but `webtransport` and `connect-udp`, and a tunnel keeps the far node's part
+//! the one it has for every TCP connection (docs/protocol.md, WebSocket).
+//!
+//! Each attempt is one endpoint: the tunnel open and the handshake are retried on another
+//! endpoint, as the engine decides, until a `101` comes back; after the `101` nothing is
+//! retried. A non-`101` answer is passed on as a normal response.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::rt::TokioIo;
+use meshnode_transport::tunnel::splice_with;
+
+use super::body::{self, Body, Guarded};
+use super::headers::{add_forwarded_for, ensure_traceparent, strip_hop_by_hop};
+use super::proxy::retry_reason;
+use super::stream::{TunnelIo, Upgraded};
+use super::tunnel::open_failure_status;
+use super::{is_idempotent, mesh_error, MAX_HEADER_BYTES};
+
+use crate::balance::InflightGuard;
+use crate::dispatch::{self, Decision, Dispatch, Outcome};
+use crate::drain;
+use crate::outbound::Outbound;
+use crate::routing::Target;
+use crate::telemetry::{AttemptResult, EndpointTelemetry, ServiceTelemetry};
+
+/// How long a target may take to answer the upgrade request once the tunnel is open (504,
+/// retried elsewhere, above it). As Envoy's default route timeout, which also bounds an
+/// upgrade until its answer; nothing bounds the connection after the `101`.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Whether `headers` ask to switch to WebSocket: `Connection` names `upgrade` and `Upgrade`
+/// names `websocket` (case-insensitive tokens). Other upgrades (`h2c`, ...) are not carried:
+/// their `Upgrade` is dropped as hop-by-hop and the request forwarded as a plain one.
+pub(crate) fn is_websocket(headers: &HeaderMap) -> bool {
+    has_token(headers, http::header::CONNECTION, "upgrade")
+        && has_token(headers, http::header::UPGRADE, "websocket")
+}
+
+fn has_token(headers: &HeaderMap, name: http::header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The upgrade request as each attempt sends it to the target.
+struct Handshake {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Handshake {
+    /// The client's request under the proxy's header rules (hop-by-hop headers dropped,
+    /// `x-forwarded-for`, `traceparent`), `Host` = the service as on every mesh request,
+    /// and `Connection: upgrade` + `Upgrade` kept: this is the one request they pass.
+    fn new(req: &Request<Incoming>, service: &str, client: SocketAddr) -> Option<Handshake> {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let uri: Uri = path.parse().ok()?;
+        let mut headers = req.headers().clone();
+        let upgrade = headers.get(http::header::UPGRADE).cloned()?;
+        strip_hop_by_hop(&mut headers);
+        keep_upgrade(&mut headers, upgrade);
+        headers.insert(http::header::HOST, HeaderValue::from_str(service).ok()?);
+        add_forwarded_for(&mut headers, client.ip());
+        ensure_traceparent(&mut headers);
+        Some(Handshake {
+            method: req.method().clone(),
+            uri,
+            headers,
+        })
+    }
+
+    fn request(&self) -> Request<Empty<Bytes>> {
+        let mut req = Request::new(Empty::new());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+
+    /// The trace id the request carries (set by [`Handshake::new`]).
+    fn trace_id(&self) -> &str {
+        self.headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|t| t.split('-').nth(1))
+            .unwrap_or_default()
+    }
+}
+
+fn keep_upgrade(headers: &mut HeaderMap, upgrade: HeaderValue) {
+    headers.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(http::header::UPGRADE, upgrade);
+}
+
+/// What an attempt brought back.
+enum Answer {
+    /// `101`: the head for the client, and the target's side of the switched connection.
+    Switched(Response<Body>, hyper::upgrade::OnUpgrade, InflightGuard),
+    /// Any other answer (the target's, or a mesh error), passed on as it is.
+    Plain(Response<Body>),
+}
+
+impl Answer {
+    fn status(&self) -> StatusCode {
+        match self {
+            Answer::Switched(r, ..) | Answer::Plain(r) => r.status(),
+        }
+    }
+}
+
+/// Answers `req`, a WebSocket upgrade for `service` from `client`: the target's `101` and
+/// then bytes both ways until either side closes, or the target's other answer, or a mesh
+/// error. `service` must have endpoints (the caller answered 404 otherwise). Counted in the
+/// HTTP metrics as one request; its tunnel attempts as tunnels (docs/metrics.md).
+pub(crate) async fn websocket(
+    outbound: &Outbound,
+    drain: drain::Watch,
+    client: SocketAddr,
+    service: &str,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let svc = outbound.telemetry.service(service);
+    let refuse = |code: StatusCode, reason: &str| {
+        finish(&svc.endpoint(""), started, mesh_error(code, reason))
+    };
+    if req.version() != Version::HTTP_11 {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "WebSocket needs an HTTP/1.1 Upgrade",
+        );
+    }
+    if let Some(p) = outbound.routing.protocol(service).filter(|p| p.is_h2()) {
+        let reason = format!("service {service} is {p} (HTTP/2): WebSocket needs an http service");
+        return refuse(StatusCode::BAD_REQUEST, &reason);
+    }
+    if !req.body().is_end_stream() {
+        return refuse(StatusCode::BAD_REQUEST, "an Upgrade request with a body");
+    }
+    let Some(handshake) = Handshake::new(&req, service, client) else {
+        return refuse(StatusCode::BAD_REQUEST, "malformed request target");
+    };
+    // Before the first attempt: a drain beginning now waits for this connection.
+    let hold = drain.hold();
+    let on_client = hyper::upgrade::on(&mut req);
+    drop(req);
+    let request = dispatch::Request {
+        replayable: true,
+        idempotent: is_idempotent(&handshake.method),
+    };
+    let route = outbound.routing.route(service);
+    let mut dispatch = Dispatch::new(&route, request, Instant::now());
+    loop {
+        let all = outbound.routing.targets(service, None);
+        let target = match dispatch.pick(&all, Instant::now(), &mut rand::thread_rng()) {
+            Ok(t) => t,
+            Err(_) => return refuse(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint"),
+        };
+        let node = target.node.clone();
+        let inflight = dispatch.start(&node);
+        let (outcome, answer) =
+            attempt(outbound, &svc, &dispatch, target, &handshake, inflight).await;
+        match dispatch.report(&node, outcome, Instant::now()) {
+            Decision::Retry => {
+                let reason = retry_reason(outcome);
+                svc.retry(reason);
+                tracing::debug!(%service, peer = %node, trace_id = handshake.trace_id(), attempt = dispatch.attempts() - 1, reason = reason.label(), "upgrade retried on another endpoint");
+            }
+            Decision::Deliver | Decision::OutOfBudget => {
+                svc.endpoint(&node)
+                    .http(answer.status(), started.elapsed().as_secs_f64());
+                return match answer {
+                    Answer::Plain(resp) => resp,
+                    Answer::Switched(resp, target_side, inflight) => {
+                        let svc = svc.clone();
+                        let trace_id = handshake.trace_id().to_string();
+                        tokio::spawn(async move {
+                            let _hold = hold;
+                            splice(&svc, &node, &trace_id, on_client, target_side).await;
+                            drop(inflight);
+                        });
+                        resp
+                    }
+                };
+            }
+        }
+    }
+}
+
+/// One attempt on `target`: a tunnel, then the handshake over it.
+async fn attempt(
+    outbound: &Outbound,
+    svc: &ServiceTelemetry,
+    dispatch: &Dispatch<'_>,
+    target: &Target,
+    handshake: &Handshake,
+    inflight: InflightGuard,
+) -> (Outcome, Answer) {
+    let node = &target.node;
+    let endpoint = svc.endpoint(node);
+    let deadline = dispatch.deadline(node, outbound.routing.open_timeout, Instant::now());
+    let traceparent = format!(
+        "00-{}-{:016x}-01",
+        handshake.trace_id(),
+        rand::random::<u64>()
+    );
+    let mut open_started = Instant::now();
+    let tunnel = match outbound
+        .attempt(
+            svc.name(),
+            target,
+            &traceparent,
+            deadline,
+            &mut open_started,
+        )
+        .await
+    {
+        Ok(t) => {
+            endpoint.opened(AttemptResult::Ok);
+            t
+        }
+        Err(e) => {
+            endpoint.opened(e.result());
+            tracing::info!(service = svc.name(), peer = %node, reason = %e, "upgrade: tunnel open failed");
+            let answer = mesh_error(open_failure_status(&e), &e.to_string());
+            return (e.outcome(open_started.elapsed()), Answer::Plain(answer));
+        }
+    };
+    let t0 = Instant::now();
+    // The connection's task runs until the switch, or the end of a non-101 answer's body;
+    // an attempt given up (no answer, a broken one) ends it with the tunnel.
+    let mut conn_task = None;
+    let sent = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(MAX_HEADER_BYTES)
+            .handshake(TokioIo::new(TunnelIo::new(tunnel)))
+            .await?;
+        conn_task = Some(AbortOnDrop(Some(tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upgrade: target connection ended");
+            }
+        }))));
+        sender.send_request(handshake.request()).await
+    })
+    .await;
+    let mut resp = match sent {
+        Ok(Ok(resp)) => {
+            if let Some(mut t) = conn_task.take() {
+                t.detach();
+            }
+            resp
+        }
+        Ok(Err(e)) => {
+            tracing::info!(service = svc.name(), peer = %node, error = %e, "upgrade: no answer from the target");
+            return if e.is_parse() {
+                let answer = mesh_error(StatusCode::BAD_GATEWAY, "target answered no HTTP/1.1");
+                (
+                    Outcome::Protocol {
+                        latency: t0.elapsed(),
+                    },
+                    Answer::Plain(answer),
+                )
+            } else {
+                let answer = mesh_error(StatusCode::BAD_GATEWAY, "target closed the upgrade");
+                (Outcome::ResetAfterSend, Answer::Plain(answer))
+            };
+        }
+        Err(_) => {
+            let reason = format!(
+                "target did not answer the upgrade within {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            );
+            tracing::info!(service = svc.name(), peer = %node, "upgrade: {reason}");
+            let answer = mesh_error(StatusCode::GATEWAY_TIMEOUT, &reason);
+            return (Outcome::Timeout, Answer::Plain(answer));
+        }
+    };
+    let latency = t0.elapsed();
+    let status = resp.status();
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        let target_side = hyper::upgrade::on(&mut resp);
+        let (mut parts, _) = resp.into_parts();
+        let upgrade = parts.headers.get(http::header::UPGRADE).cloned();
+        strip_hop_by_hop(&mut parts.headers);
+        keep_upgrade(
+            &mut parts.headers,
+            upgrade.unwrap_or(HeaderValue::from_static("websocket")),
+        );
+        let head = Response::from_parts(parts, body::empty());
+        return (
+            Outcome::Ok { latency },
+            Answer::Switched(head, target_side, inflight),
+        );
+    }
+    // Any other answer is the target's: like a GET's, a 502/503 may go elsewhere.
+    let outcome = if matches!(status.as_u16(), 502..=504) {
+        Outcome::Refused {
+            status: status.as_u16(),
+            mesh: false,
+            unreached: false,
+            latency,
+        }
+    } else {
+        Outcome::Ok { latency }
+    };
+    let (mut parts, incoming) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    let rbody = incoming
+        .map_err(|e| Box::new(e) as body::BoxError)
+        .boxed_unsync();
+    let rbody = Guarded::boxed(rbody, Box::new(inflight));
+    (outcome, Answer::Plain(Response::from_parts(parts, rbody)))
+}
+
+/// A task aborted when dropped, unless detached.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    /// Lets the task run on its own (dropping a `JoinHandle` detaches its task).
+    fn detach(&mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Once both sides have switched: the client's connection and the tunnel, spliced until
+/// both directions end (a FIN passed on as a half-close, a reset as a reset).
+async fn splice(
+    svc: &std::sync::Arc<ServiceTelemetry>,
+    node: &str,
+    trace_id: &str,
+    on_client: hyper::upgrade::OnUpgrade,
+    target_side: hyper::upgrade::OnUpgrade,
+) {
+    let service = svc.name();
+    let (client_io, target_io) = tokio::join!(on_client, target_side);
+    let (client_io, target_io) = match (client_io, target_io) {
+        (Ok(c), Ok(t)) => (c, t),
+        (c, t) => {
+            let error = c.err().or(t.err()).map(|e| e.to_string());
+            tracing::info!(%service, peer = %node, ?error, "upgrade: a side went away before the switch");
+            return;
+        }
+    };
+    let Ok(parts) = target_io.downcast::<TokioIo<TunnelIo>>() else {
+        // The target side was built over a `TunnelIo` above: this cannot miss.
+        tracing::warn!(%service, "upgrade: the target side is not a tunnel");
+        return;
+    };
+    let (mut send, mut recv, unread) = parts.io.into_inner().into_parts();
+    // What hyper read past the `101`, then what it did not read at all.
+    let leftover = if unread.is_empty() {
+        parts.read_buf
+    } else {
+        let mut b = BytesMut::from(&parts.read_buf[..]);
+        b.extend_from_slice(&unread);
+        b.freeze()
+    };
+    let _active = svc.active();
+    let started = Instant::now();
+    let mut local = Upgraded(TokioIo::new(client_io));
+    let outcome = splice_with(&mut local, &mut send, &mut recv, leftover, &svc.bytes).await;
+    tracing::info!(
+        target: "meshnode::access",
+        direction = "websocket",
+        %service,
+        peer = %node,
+        %trace_id,
+        to_peer = outcome.to_peer,
+        from_peer = outcome.from_peer,
+        clean = outcome.is_clean(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "websocket closed"
+    );
+}
+
+/// Counts an answer given before any attempt and returns it.
+fn finish(endpoint: &EndpointTelemetry, started: Instant, resp: Response<Body>) -> Response<Body> {
+    endpoint.http(resp.status(), started.elapsed().as_secs_f64());
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn only_a_websocket_upgrade_is_one() {
+        assert!(is_websocket(&headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+        ])));
+        assert!(!is_websocket(&headers(&[("upgrade", "websocket")])));
+        assert!(!is_websocket(&headers(&[
+            ("connection", "upgrade"),
+            ("upgrade", "h2c"),
+        ])));
+        assert!(!is_websocket(&headers(&[("connection", "upgrade")])));
+    }
+
+    #[test]
+    fn the_upgrade_survives_the_hop_by_hop_rules_and_nothing_else_does() {
+        let mut h = headers(&[
+            ("connection", "Upgrade, x-private"),
+            ("upgrade", "websocket"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ]);
+        let upgrade = h
+            .get("upgrade")
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("?"));
+        strip_hop_by_hop(&mut h);
+        keep_upgrade(&mut h, upgrade);
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert!(h.contains_key("sec-websocket-key"));
+    }
+}
