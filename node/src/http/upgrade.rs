@@ -185,11 +185,10 @@ pub(crate) async fn websocket(
         };
         let node = target.node.clone();
         let inflight = dispatch.start(&node);
-        let (outcome, answer) =
+        let (outcome, answer, reason) =
             attempt(outbound, &svc, &dispatch, target, &handshake, inflight).await;
         match dispatch.report(&node, outcome, Instant::now()) {
             Decision::Retry => {
-                let reason = retry_reason(outcome);
                 svc.retry(reason);
                 tracing::debug!(%service, peer = %node, trace_id = handshake.trace_id(), attempt = dispatch.attempts() - 1, reason = reason.label(), "upgrade retried on another endpoint");
             }
@@ -214,7 +213,8 @@ pub(crate) async fn websocket(
     }
 }
 
-/// One attempt on `target`: a tunnel, then the handshake over it.
+/// One attempt on `target`: a tunnel, then the handshake over it. Returns the outcome, the
+/// answer, and the `meshnode_retries_total` reason should the engine retry.
 async fn attempt(
     outbound: &Outbound,
     svc: &ServiceTelemetry,
@@ -222,7 +222,7 @@ async fn attempt(
     target: &Target,
     handshake: &Handshake,
     inflight: InflightGuard,
-) -> (Outcome, Answer) {
+) -> (Outcome, Answer, AttemptResult) {
     let node = &target.node;
     let endpoint = svc.endpoint(node);
     let deadline = dispatch.deadline(node, outbound.routing.open_timeout, Instant::now());
@@ -250,7 +250,8 @@ async fn attempt(
             endpoint.opened(e.result());
             tracing::info!(service = svc.name(), peer = %node, reason = %e, "upgrade: tunnel open failed");
             let answer = mesh_error(open_failure_status(&e), &e.to_string());
-            return (e.outcome(open_started.elapsed()), Answer::Plain(answer));
+            let outcome = e.outcome(open_started.elapsed());
+            return (outcome, Answer::Plain(answer), e.result());
         }
     };
     let t0 = Instant::now();
@@ -281,15 +282,14 @@ async fn attempt(
             tracing::info!(service = svc.name(), peer = %node, error = %e, "upgrade: no answer from the target");
             return if e.is_parse() {
                 let answer = mesh_error(StatusCode::BAD_GATEWAY, "target answered no HTTP/1.1");
-                (
-                    Outcome::Protocol {
-                        latency: t0.elapsed(),
-                    },
-                    Answer::Plain(answer),
-                )
+                let outcome = Outcome::Protocol {
+                    latency: t0.elapsed(),
+                };
+                (outcome, Answer::Plain(answer), AttemptResult::ProtocolError)
             } else {
                 let answer = mesh_error(StatusCode::BAD_GATEWAY, "target closed the upgrade");
-                (Outcome::ResetAfterSend, Answer::Plain(answer))
+                let reason = AttemptResult::StreamError;
+                (Outcome::ResetAfterSend, Answer::Plain(answer), reason)
             };
         }
         Err(_) => {
@@ -299,7 +299,11 @@ async fn attempt(
             );
             tracing::info!(service = svc.name(), peer = %node, "upgrade: {reason}");
             let answer = mesh_error(StatusCode::GATEWAY_TIMEOUT, &reason);
-            return (Outcome::Timeout, Answer::Plain(answer));
+            return (
+                Outcome::Timeout,
+                Answer::Plain(answer),
+                AttemptResult::Timeout,
+            );
         }
     };
     let latency = t0.elapsed();
@@ -314,10 +318,8 @@ async fn attempt(
             upgrade.unwrap_or(HeaderValue::from_static("websocket")),
         );
         let head = Response::from_parts(parts, body::empty());
-        return (
-            Outcome::Ok { latency },
-            Answer::Switched(head, target_side, inflight),
-        );
+        let answer = Answer::Switched(head, target_side, inflight);
+        return (Outcome::Ok { latency }, answer, AttemptResult::Ok);
     }
     // Any other answer is the target's: like a GET's, a 502/503 may go elsewhere.
     let outcome = if matches!(status.as_u16(), 502..=504) {
@@ -337,7 +339,8 @@ async fn attempt(
         .map_err(|e| Box::new(e) as body::BoxError)
         .boxed_unsync();
     let rbody = Guarded::boxed(rbody, Box::new(inflight));
-    (outcome, Answer::Plain(Response::from_parts(parts, rbody)))
+    let answer = Answer::Plain(Response::from_parts(parts, rbody));
+    (outcome, answer, retry_reason(outcome))
 }
 
 /// A task aborted when dropped, unless detached.
