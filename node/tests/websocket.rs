@@ -208,6 +208,106 @@ async fn half_close_app() -> Result<SocketAddr> {
     Ok(addr)
 }
 
+/// Sends one masked text frame (a client's, RFC 6455 §5.2).
+async fn frame_send(
+    io: &mut (impl AsyncWriteExt + Unpin),
+    opcode: u8,
+    payload: &[u8],
+) -> Result<()> {
+    let mask = rand::random::<[u8; 4]>();
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend(u16::try_from(n)?.to_be_bytes());
+        }
+    }
+    f.extend(mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    io.write_all(&f).await?;
+    Ok(())
+}
+
+/// Reads the next data or close frame (a server's: unmasked), skipping pings; (opcode, payload).
+async fn frame_recv(io: &mut (impl AsyncReadExt + Unpin)) -> Result<(u8, Vec<u8>)> {
+    loop {
+        let mut h = [0u8; 2];
+        io.read_exact(&mut h).await?;
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                io.read_exact(&mut l).await?;
+                usize::from(u16::from_be_bytes(l))
+            }
+            127 => bail!("unexpectedly long frame"),
+            n => usize::from(n),
+        };
+        let mut payload = vec![0u8; len];
+        io.read_exact(&mut payload).await?;
+        if h[0] & 0x0f != 0x9 {
+            return Ok((h[0] & 0x0f, payload));
+        }
+    }
+}
+
+/// A WebSocket over HTTP/2 (RFC 8441) through the proxy: extended CONNECT on an h2c
+/// connection, then frames written by hand to the `websockets` server; returns its tag.
+async fn h2_websocket(proxy: SocketAddr, service: &str) -> Result<String> {
+    use http_body_util::Empty;
+    let tcp = TcpStream::connect(proxy).await?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await?;
+    tokio::spawn(conn);
+    // One plain request first: the proxy's SETTINGS (extended CONNECT allowed) have arrived
+    // by its answer.
+    let plain =
+        hyper::Request::get(format!("http://{service}/")).body(Empty::<bytes::Bytes>::new())?;
+    let _ = sender.send_request(plain).await?;
+    let mut req = hyper::Request::builder()
+        .method("CONNECT")
+        .uri(format!("http://{service}/chat"))
+        .header("sec-websocket-version", "13")
+        .body(Empty::<bytes::Bytes>::new())?;
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let resp = sender.send_request(req).await?;
+    anyhow::ensure!(
+        resp.status() == 200,
+        "extended CONNECT answered {}",
+        resp.status()
+    );
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await?);
+    frame_send(&mut io, 0x1, b"whoami").await?;
+    let (_, tag) = frame_recv(&mut io).await?;
+    let tag = String::from_utf8(tag)?;
+    for i in 0..MESSAGES {
+        let m = format!("h2 message {i} {}", "y".repeat(i * 3));
+        frame_send(&mut io, 0x1, m.as_bytes()).await?;
+        let (op, back) = frame_recv(&mut io).await?;
+        anyhow::ensure!(
+            op == 0x1 && back == m.as_bytes(),
+            "message {i} came back different"
+        );
+    }
+    frame_send(&mut io, 0x1, format!("burst {MESSAGES}").as_bytes()).await?;
+    for i in 0..MESSAGES {
+        let (_, got) = frame_recv(&mut io).await?;
+        anyhow::ensure!(got == format!("{tag}:{i}").as_bytes(), "pushed message {i}");
+    }
+    // Close handshake, then the stream ends.
+    frame_send(&mut io, 0x8, &1000u16.to_be_bytes()).await?;
+    let (op, _) = frame_recv(&mut io).await?;
+    anyhow::ensure!(op == 0x8, "no close frame back");
+    io.shutdown().await?;
+    let mut rest = Vec::new();
+    io.read_to_end(&mut rest).await?;
+    Ok(tag)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_cross_the_mesh_retried_until_the_101() -> Result<()> {
     if !python_module_ready("websockets").await? {
@@ -261,6 +361,24 @@ async fn websockets_cross_the_mesh_retried_until_the_101() -> Result<()> {
             &[("service", "ws"), ("code", "101")],
         );
         assert_eq!(switched, 20.0, "each upgrade is one request, code 101");
+
+        // WebSocket over HTTP/2 (RFC 8441): answered 200, the target asked with HTTP/1.1.
+        for _ in 0..4 {
+            let tag = tokio::time::timeout(Duration::from_secs(30), h2_websocket(proxy, "ws"))
+                .await
+                .context("h2 WebSocket timed out")??;
+            assert!(tag == "B" || tag == "C", "{tag}");
+        }
+        let m = metrics(&a).await?;
+        let switched = metric_sum(
+            &m,
+            "meshnode_http_requests_total",
+            &[("service", "ws"), ("code", "200")],
+        );
+        assert_eq!(
+            switched, 4.0,
+            "each extended CONNECT is one request, code 200"
+        );
 
         // The first endpoint refuses (its target is down): the upgrade goes to the other
         // before the client sees anything.

@@ -118,7 +118,9 @@ async fn serve_client(
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(MAX_PENDING_RESETS);
+        .max_local_error_reset_streams(MAX_PENDING_RESETS)
+        // WebSocket over HTTP/2 (RFC 8441).
+        .enable_connect_protocol();
     if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
         tracing::debug!(%client, error = %e, "proxy client connection ended");
     }
@@ -141,7 +143,12 @@ async fn handle(
     client: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    if req.method() == Method::CONNECT {
+    if let Some(protocol) = upgrade::extended_connect(&req) {
+        if upgrade::websocket_ask(&req).is_none() {
+            let reason = format!("extended CONNECT for {protocol} is not supported");
+            return mesh_error(StatusCode::NOT_IMPLEMENTED, &reason);
+        }
+    } else if req.method() == Method::CONNECT {
         return super::tunnel::connect(&proxy.outbound, drain, req).await;
     }
     if grpc::is_grpc(req.headers()) {
@@ -187,10 +194,9 @@ async fn handle_request(
     }
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let started = Instant::now();
-    let resp = if upgrade::is_websocket(req.headers()) {
-        upgrade::websocket(&proxy.outbound, drain, client, &service, req).await
-    } else {
-        forward(&proxy, client, &service, req).await
+    let resp = match upgrade::websocket_ask(&req) {
+        Some(ask) => upgrade::websocket(&proxy.outbound, drain, client, &service, ask, req).await,
+        None => forward(&proxy, client, &service, req).await,
     };
     // One access-log line per request (off unless MESHNODE_LOG enables meshnode::access), at
     // the response head: the body may stream for a long time after.

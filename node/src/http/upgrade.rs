@@ -1,6 +1,9 @@
-//! WebSocket through the mesh (HTTP/1.1 `Upgrade`, RFC 6455 §4): the dispatch engine's
-//! upgrade adapter. [`websocket`] takes the client's upgrade request (and, through hyper, its
-//! connection) and answers it; any HTTP/1.1 front-end that serves with upgrades can call it.
+//! WebSocket through the mesh: the dispatch engine's upgrade adapter. [`websocket`] takes the
+//! client's request (and, through hyper, its connection) and answers it; any front-end that
+//! serves with upgrades can call it. A client asks with HTTP/1.1 `Upgrade` (RFC 6455 §4,
+//! answered `101`) or with HTTP/2 extended CONNECT (RFC 8441, answered `200`); the target is
+//! always asked with HTTP/1.1 `Upgrade`, this node checking its `Sec-WebSocket-Accept` for an
+//! HTTP/2 client (which has no key of its own to check it with).
 //!
 //! Carried between nodes as a `meshnode/1` tunnel to the service's advertised port: the
 //! caller opens the tunnel, speaks HTTP/1.1 over it to the target (the upgrade request, with
@@ -43,6 +46,38 @@ use crate::telemetry::{AttemptResult, EndpointTelemetry, ServiceTelemetry};
 /// upgrade until its answer; nothing bounds the connection after the `101`.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The GUID of RFC 6455 §1.3, hashed with the key into `Sec-WebSocket-Accept`.
+const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// How a client asks for a WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ask {
+    /// HTTP/1.1 `Connection: upgrade` + `Upgrade: websocket`; answered `101`.
+    Upgrade,
+    /// HTTP/2 extended CONNECT with `:protocol` = `websocket` (RFC 8441); answered `200`.
+    ExtendedConnect,
+}
+
+/// Whether `req` asks for a WebSocket, and how.
+pub(crate) fn websocket_ask<B>(req: &Request<B>) -> Option<Ask> {
+    match extended_connect(req) {
+        Some(p) => p
+            .eq_ignore_ascii_case("websocket")
+            .then_some(Ask::ExtendedConnect),
+        None => is_websocket(req.headers()).then_some(Ask::Upgrade),
+    }
+}
+
+/// The `:protocol` of an HTTP/2 extended CONNECT (RFC 8441), if `req` is one.
+pub(crate) fn extended_connect<B>(req: &Request<B>) -> Option<&str> {
+    if req.method() != Method::CONNECT {
+        return None;
+    }
+    req.extensions()
+        .get::<hyper::ext::Protocol>()
+        .map(hyper::ext::Protocol::as_str)
+}
+
 /// Whether `headers` ask to switch to WebSocket: `Connection` names `upgrade` and `Upgrade`
 /// names `websocket` (case-insensitive tokens). Other upgrades (`h2c`, ...) are not carried:
 /// their `Upgrade` is dropped as hop-by-hop and the request forwarded as a plain one.
@@ -62,16 +97,26 @@ fn has_token(headers: &HeaderMap, name: http::header::HeaderName, token: &str) -
 
 /// The upgrade request as each attempt sends it to the target.
 struct Handshake {
+    ask: Ask,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    /// The `Sec-WebSocket-Accept` the target must answer, when this node made the key (an
+    /// HTTP/2 client's request has none).
+    accept: Option<String>,
 }
 
 impl Handshake {
     /// The client's request under the proxy's header rules (hop-by-hop headers dropped,
     /// `x-forwarded-for`, `traceparent`), `Host` = the service as on every mesh request,
-    /// and `Connection: upgrade` + `Upgrade` kept: this is the one request they pass.
-    fn new(req: &Request<Incoming>, service: &str, client: SocketAddr) -> Option<Handshake> {
+    /// and `Connection: upgrade` + `Upgrade` kept: this is the one request they pass. An
+    /// extended CONNECT becomes the HTTP/1.1 `GET` of RFC 8441 §5, with a key made here.
+    fn new(
+        req: &Request<Incoming>,
+        ask: Ask,
+        service: &str,
+        client: SocketAddr,
+    ) -> Option<Handshake> {
         let path = req
             .uri()
             .path_and_query()
@@ -79,16 +124,35 @@ impl Handshake {
             .unwrap_or("/");
         let uri: Uri = path.parse().ok()?;
         let mut headers = req.headers().clone();
-        let upgrade = headers.get(http::header::UPGRADE).cloned()?;
+        let (method, upgrade, accept) = match ask {
+            Ask::Upgrade => {
+                let upgrade = headers.get(http::header::UPGRADE).cloned()?;
+                (req.method().clone(), upgrade, None)
+            }
+            Ask::ExtendedConnect => {
+                use base64::Engine as _;
+                let key =
+                    base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+                let accept = accept_for(&key);
+                headers.insert(
+                    http::header::SEC_WEBSOCKET_KEY,
+                    HeaderValue::from_str(&key).ok()?,
+                );
+                let upgrade = HeaderValue::from_static("websocket");
+                (Method::GET, upgrade, Some(accept))
+            }
+        };
         strip_hop_by_hop(&mut headers);
         keep_upgrade(&mut headers, upgrade);
         headers.insert(http::header::HOST, HeaderValue::from_str(service).ok()?);
         add_forwarded_for(&mut headers, client.ip());
         ensure_traceparent(&mut headers);
         Some(Handshake {
-            method: req.method().clone(),
+            ask,
+            method,
             uri,
             headers,
+            accept,
         })
     }
 
@@ -109,6 +173,15 @@ impl Handshake {
             .and_then(|t| t.split('-').nth(1))
             .unwrap_or_default()
     }
+}
+
+/// `Sec-WebSocket-Accept` for `key` (RFC 6455 §4.2.2).
+fn accept_for(key: &str) -> String {
+    use base64::Engine as _;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key.as_bytes());
+    ctx.update(WEBSOCKET_GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(ctx.finish())
 }
 
 fn keep_upgrade(headers: &mut HeaderMap, upgrade: HeaderValue) {
@@ -135,15 +208,17 @@ impl Answer {
     }
 }
 
-/// Answers `req`, a WebSocket upgrade for `service` from `client`: the target's `101` and
-/// then bytes both ways until either side closes, or the target's other answer, or a mesh
-/// error. `service` must have endpoints (the caller answered 404 otherwise). Counted in the
-/// HTTP metrics as one request; its tunnel attempts as tunnels (docs/metrics.md).
+/// Answers `req`, a WebSocket request for `service` from `client` asked as `ask` says
+/// ([`websocket_ask`]): the target's switch (`101`, or `200` to an extended CONNECT) and then
+/// bytes both ways until either side closes, or the target's other answer, or a mesh error.
+/// `service` must have endpoints (the caller answered 404 otherwise). Counted in the HTTP
+/// metrics as one request; its tunnel attempts as tunnels (docs/metrics.md).
 pub(crate) async fn websocket(
     outbound: &Outbound,
     drain: drain::Watch,
     client: SocketAddr,
     service: &str,
+    ask: Ask,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -151,7 +226,7 @@ pub(crate) async fn websocket(
     let refuse = |code: StatusCode, reason: &str| {
         finish(&svc.endpoint(""), started, mesh_error(code, reason))
     };
-    if req.version() != Version::HTTP_11 {
+    if ask == Ask::Upgrade && req.version() != Version::HTTP_11 {
         return refuse(
             StatusCode::BAD_REQUEST,
             "WebSocket needs an HTTP/1.1 Upgrade",
@@ -161,10 +236,11 @@ pub(crate) async fn websocket(
         let reason = format!("service {service} is {p} (HTTP/2): WebSocket needs an http service");
         return refuse(StatusCode::BAD_REQUEST, &reason);
     }
-    if !req.body().is_end_stream() {
+    // An extended CONNECT's body is the WebSocket's bytes, sent after the switch.
+    if ask == Ask::Upgrade && !req.body().is_end_stream() {
         return refuse(StatusCode::BAD_REQUEST, "an Upgrade request with a body");
     }
-    let Some(handshake) = Handshake::new(&req, service, client) else {
+    let Some(handshake) = Handshake::new(&req, ask, service, client) else {
         return refuse(StatusCode::BAD_REQUEST, "malformed request target");
     };
     // Before the first attempt: a drain beginning now waits for this connection.
@@ -313,10 +389,30 @@ async fn attempt(
         let (mut parts, _) = resp.into_parts();
         let upgrade = parts.headers.get(http::header::UPGRADE).cloned();
         strip_hop_by_hop(&mut parts.headers);
-        keep_upgrade(
-            &mut parts.headers,
-            upgrade.unwrap_or(HeaderValue::from_static("websocket")),
-        );
+        match handshake.ask {
+            Ask::Upgrade => keep_upgrade(
+                &mut parts.headers,
+                upgrade.unwrap_or(HeaderValue::from_static("websocket")),
+            ),
+            Ask::ExtendedConnect => {
+                // This node is the HTTP/1.1 client: it checks the key's answer (RFC 6455
+                // §4.1), which the HTTP/2 client cannot, and answers `200` (RFC 8441 §5).
+                let accept = parts.headers.remove(http::header::SEC_WEBSOCKET_ACCEPT);
+                let expected = handshake.accept.as_deref().unwrap_or_default();
+                if accept.as_ref().and_then(|v| v.to_str().ok()) != Some(expected) {
+                    tracing::info!(service = svc.name(), peer = %node, "upgrade: wrong Sec-WebSocket-Accept from the target");
+                    let reason = "target answered a wrong Sec-WebSocket-Accept";
+                    let answer = mesh_error(StatusCode::BAD_GATEWAY, reason);
+                    return (
+                        Outcome::Protocol { latency },
+                        Answer::Plain(answer),
+                        AttemptResult::ProtocolError,
+                    );
+                }
+                parts.status = StatusCode::OK;
+            }
+        }
+        parts.version = Version::HTTP_11;
         let head = Response::from_parts(parts, body::empty());
         let answer = Answer::Switched(head, target_side, inflight);
         return (Outcome::Ok { latency }, answer, AttemptResult::Ok);
@@ -442,6 +538,38 @@ mod tests {
             ("upgrade", "h2c"),
         ])));
         assert!(!is_websocket(&headers(&[("connection", "upgrade")])));
+    }
+
+    #[test]
+    fn an_extended_connect_for_websocket_is_one_and_others_are_not() {
+        let connect = |protocol: &'static str| {
+            let mut r = Request::new(());
+            *r.method_mut() = Method::CONNECT;
+            r.extensions_mut()
+                .insert(hyper::ext::Protocol::from_static(protocol));
+            r
+        };
+        assert_eq!(
+            websocket_ask(&connect("websocket")),
+            Some(Ask::ExtendedConnect)
+        );
+        assert_eq!(websocket_ask(&connect("connect-udp")), None);
+        assert_eq!(
+            extended_connect(&connect("connect-udp")),
+            Some("connect-udp")
+        );
+        let mut plain = Request::new(());
+        *plain.method_mut() = Method::CONNECT;
+        assert_eq!(extended_connect(&plain), None);
+    }
+
+    #[test]
+    fn the_accept_is_rfc_6455s() {
+        // RFC 6455 §1.3's worked example.
+        assert_eq!(
+            accept_for("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
