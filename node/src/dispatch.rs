@@ -75,6 +75,11 @@ pub enum Outcome {
         /// Time to the answer.
         latency: Duration,
     },
+    /// The far node does not serve the service on the port asked for (`404` from the far
+    /// node itself: its registry record is stale — gone, or naming another port). The target
+    /// never saw the work, so another endpoint may get it; the endpoint counts it as a
+    /// failure, so a record that stays stale gets the endpoint ejected, then probed.
+    NotServed,
     /// No connection to the peer could be had.
     Unreachable,
     /// No answer within the deadline.
@@ -97,6 +102,7 @@ impl Outcome {
             Outcome::Ok { .. } | Outcome::Protocol { .. } => false,
             Outcome::Refused { status, mesh, .. } => mesh && matches!(status, 502..=504),
             Outcome::Unreachable
+            | Outcome::NotServed
             | Outcome::Timeout
             | Outcome::ResetBeforeSend
             | Outcome::ResetAfterSend => true,
@@ -108,7 +114,7 @@ impl Outcome {
         match self {
             Outcome::Ok { .. } | Outcome::Protocol { .. } => false,
             Outcome::Unreachable | Outcome::ResetBeforeSend => true,
-            Outcome::ResetAfterSend => req.replayable,
+            Outcome::ResetAfterSend | Outcome::NotServed => req.replayable,
             Outcome::Timeout => req.replayable && req.idempotent,
             Outcome::Refused {
                 status, unreached, ..

@@ -1,7 +1,8 @@
 //! HTTP between nodes (docs/README.md): the local HTTP/1.1 and h2c proxy on `[http_proxy] listen`
 //! (caller side), HTTP/3 between nodes on the `h3` ALPN, and the h3 server that forwards each
 //! request to the local target over pooled HTTP/1.1 or h2c (callee side). Standard CONNECT
-//! (RFC 9114 §4.4) on `h3` opens a TCP tunnel to a service's target.
+//! (RFC 9114 §4.4) on `h3` opens a TCP tunnel to a service's target. A WebSocket upgrade on
+//! the proxy is carried as a `meshnode/1` tunnel to the target (`upgrade.rs`).
 //!
 //! Bodies stream both ways through bounded channels; nothing is buffered whole.
 //!
@@ -18,6 +19,7 @@ pub(crate) mod server;
 pub(crate) mod sniff;
 pub(crate) mod stream;
 pub(crate) mod tunnel;
+pub(crate) mod upgrade;
 
 use std::time::Duration;
 

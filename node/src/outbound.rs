@@ -165,9 +165,15 @@ pub enum AttemptError {
 
 impl AttemptError {
     /// The typed outcome the engine decides on.
-    fn outcome(&self, latency: Duration) -> Outcome {
+    pub(crate) fn outcome(&self, latency: Duration) -> Outcome {
         match self {
             AttemptError::Connect(_) => Outcome::Unreachable,
+            // The far node does not serve the service on that port: its record is stale.
+            AttemptError::Open(OpenError::Refused(s))
+                if s.code == meshnode_proto::StatusCode::NotFound =>
+            {
+                Outcome::NotServed
+            }
             AttemptError::Open(OpenError::Refused(s)) => Outcome::Refused {
                 status: s.code.as_u16(),
                 mesh: true,
@@ -318,9 +324,10 @@ impl Outbound {
         }
     }
 
-    /// One attempt on `target`. `open_started` is reset once a connection is at hand, so the
+    /// One attempt on `target` (for adapters that drive the engine themselves, such as the
+    /// WebSocket upgrade). `open_started` is reset once a connection is at hand, so the
     /// latency sample is the tunnel open alone, not a first dial's handshake.
-    async fn attempt(
+    pub(crate) async fn attempt(
         &self,
         service: &str,
         target: &Target,

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use meshnode_registry::MeshView;
+use meshnode_registry::{MeshView, Protocol};
 use tokio::sync::watch;
 
 use crate::balance::{BalanceConfig, Balancer, PeerTable, RetryBudget};
@@ -238,18 +238,20 @@ impl Routing {
             .collect()
     }
 
-    /// The endpoints of `service` in the current view (on `port` when given, else each
-    /// endpoint's registered port). With none, its last resorts: endpoints gone from the view
-    /// whose node is still connected and not draining, within their grace.
+    /// The endpoints of `service` in the current view; when `port` is given, only those that
+    /// advertise that port (a `CONNECT service:port` reaches no other). With none, its last
+    /// resorts (on `port` likewise): endpoints gone from the view whose node is still
+    /// connected and not draining, within their grace.
     pub fn targets(&self, service: &str, port: Option<u16>) -> Vec<Target> {
         let in_view: Vec<Target> = {
             let view = self.view.borrow();
             view.endpoints(service)
+                .filter(|(svc, _)| port.is_none_or(|p| p == svc.port))
                 .filter_map(|(svc, node)| {
                     Some(Target {
                         node: node.name.clone(),
                         addr: node.addr.parse().ok()?,
-                        port: port.unwrap_or(svc.port),
+                        port: svc.port,
                         weight: svc.weight,
                     })
                 })
@@ -261,7 +263,8 @@ impl Routing {
         self.last_resort_targets(service, port, Instant::now())
     }
 
-    /// The last resorts of `service` at `now` (see [`Routing::targets`]).
+    /// The last resorts of `service` at `now`, on `port` when given (see
+    /// [`Routing::targets`]).
     pub fn last_resort_targets(
         &self,
         service: &str,
@@ -293,13 +296,20 @@ impl Routing {
         }));
         out.sort_by(|a, b| a.node.cmp(&b.node));
         out.dedup_by(|a, b| a.node == b.node);
-        out.retain(|t| self.liveness(&t.node) == Liveness::Connected);
-        for t in &mut out {
-            if let Some(p) = port {
-                t.port = p;
-            }
-        }
+        out.retain(|t| {
+            port.is_none_or(|p| p == t.port) && self.liveness(&t.node) == Liveness::Connected
+        });
         out
+    }
+
+    /// The protocol the view records for `service` (`None` without endpoints there). When
+    /// its endpoints disagree (a change rolling out), an HTTP/2 one wins: a front-end that
+    /// would send HTTP/1.1 bytes raw to the target must not reach an h2c-only one.
+    pub fn protocol(&self, service: &str) -> Option<Protocol> {
+        let view = self.view.borrow();
+        view.endpoints(service)
+            .map(|(svc, _)| svc.protocol)
+            .max_by_key(|p| p.is_h2())
     }
 
     /// Whether `service` has any endpoint: in the view, or a last resort.
@@ -325,5 +335,72 @@ impl Routing {
         for r in self.routes() {
             r.balancer.retain(&keep);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshnode_registry::Update;
+
+    /// A view where `web` is `(protocol, port)` on each listed node.
+    fn view(endpoints: &[(&str, &str, u16)]) -> MeshView {
+        let mut v = MeshView::new();
+        for (i, (node, protocol, port)) in endpoints.iter().enumerate() {
+            let put = |key: String, value: String| Update::Put {
+                key,
+                value: value.into_bytes(),
+            };
+            let addr = format!("127.0.0.1:{}", 7000 + i);
+            v.apply(
+                "/t",
+                put(
+                    format!("/t/nodes/{node}"),
+                    format!(r#"{{"name":"{node}","addr":"{addr}"}}"#),
+                ),
+            );
+            v.apply(
+                "/t",
+                put(
+                    format!("/t/services/web/{node}"),
+                    format!(
+                        r#"{{"service":"web","node":"{node}","protocol":"{protocol}","port":{port}}}"#
+                    ),
+                ),
+            );
+        }
+        v
+    }
+
+    fn routing(v: MeshView) -> Routing {
+        let (_tx, rx) = watch::channel(Arc::new(v));
+        Routing::new(
+            rx,
+            BalanceConfig::default(),
+            Arc::new(PeerTable::new()),
+            Duration::from_secs(1),
+        )
+    }
+
+    fn nodes(ts: &[Target]) -> Vec<(&str, u16)> {
+        ts.iter().map(|t| (t.node.as_str(), t.port)).collect()
+    }
+
+    #[test]
+    fn a_named_port_keeps_only_the_endpoints_that_advertise_it() {
+        let r = routing(view(&[("b", "tcp", 8080), ("c", "tcp", 9090)]));
+        assert_eq!(nodes(&r.targets("web", None)), [("b", 8080), ("c", 9090)]);
+        assert_eq!(nodes(&r.targets("web", Some(8080))), [("b", 8080)]);
+        assert_eq!(nodes(&r.targets("web", Some(9090))), [("c", 9090)]);
+        assert!(r.targets("web", Some(1)).is_empty());
+    }
+
+    #[test]
+    fn an_http2_record_makes_the_service_http2() {
+        assert_eq!(routing(view(&[])).protocol("web"), None);
+        let r = routing(view(&[("b", "http", 80), ("c", "http", 80)]));
+        assert_eq!(r.protocol("web"), Some(Protocol::Http));
+        let r = routing(view(&[("b", "http", 80), ("c", "grpc", 80)]));
+        assert_eq!(r.protocol("web"), Some(Protocol::Grpc));
     }
 }

@@ -23,28 +23,6 @@ fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/grpc_peer.py")
 }
 
-/// Why the test venv's Python cannot import grpc, if it cannot.
-async fn grpcio_missing() -> Option<String> {
-    let python = test_python();
-    let out = Command::new(&python)
-        .args(["-c", "import grpc"])
-        .kill_on_drop(true)
-        .output();
-    match tokio::time::timeout(Duration::from_secs(30), out).await {
-        Ok(Ok(o)) if o.status.success() => None,
-        Ok(Ok(o)) => Some(format!(
-            "{} cannot import grpc: {}",
-            python.display(),
-            String::from_utf8_lossy(&o.stderr)
-                .lines()
-                .last()
-                .unwrap_or_default()
-        )),
-        Ok(Err(e)) => Some(format!("{}: {e}", python.display())),
-        Err(_) => Some(format!("{} did not answer within 30 s", python.display())),
-    }
-}
-
 /// A grpcio server answering `tag`; killed when dropped.
 async fn grpc_server(tag: &str) -> Result<(Child, SocketAddr)> {
     let mut child = Command::new(test_python())
@@ -115,10 +93,7 @@ async fn slow_call(proxy: SocketAddr) -> Result<(u16, Option<String>, Option<Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcio_calls_are_balanced_per_call_with_trailers_and_statuses() -> Result<()> {
-    if let Some(why) = grpcio_missing().await {
-        let fix = "run scripts/deps.sh --test (or set MESHNODE_TEST_PYTHON)";
-        anyhow::ensure!(!in_ci(), "grpcio is required in CI: {why}; {fix}");
-        eprintln!("skipped: {why}; {fix}");
+    if !python_module_ready("grpc").await? {
         return Ok(());
     }
     tokio::time::timeout(LIMIT, async {

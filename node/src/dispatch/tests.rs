@@ -228,3 +228,23 @@ fn open_deadline_follows_measured_latency_within_bounds() {
     assert_eq!(open_deadline(1_000.0, ceiling), ceiling);
     assert_eq!(open_deadline(f64::NAN, ceiling), MIN_OPEN_DEADLINE);
 }
+
+#[test]
+fn an_endpoint_that_does_not_serve_the_port_is_left_for_one_that_does() {
+    let r = route(10);
+    let ts = targets(&["a", "b"]);
+    let now = Instant::now();
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut d = Dispatch::new(&r, Request::TUNNEL, now);
+    let first = d.pick(&ts, now, &mut rng).expect("a").node.clone();
+    assert_eq!(d.report(&first, Outcome::NotServed, now), Decision::Retry);
+    // The node is alive (not marked down) but this service is not served there.
+    assert!(r.balancer.down_nodes().is_empty());
+    assert_eq!(r.balancer.snapshot(&first, now).failures_total, 1);
+    let second = d.pick(&ts, now, &mut rng).expect("b").node.clone();
+    assert_ne!(first, second);
+    // A request whose body is gone cannot follow it.
+    let mut d = Dispatch::new(&r, POST_BODY, now);
+    let t = d.pick(&ts, now, &mut rng).expect("a").node.clone();
+    assert_eq!(d.report(&t, Outcome::NotServed, now), Decision::Deliver);
+}

@@ -214,3 +214,42 @@ macro_rules! send_body_to_h3 {
 
 send_body_to_h3!(send_server_body, ServerSend);
 send_body_to_h3!(send_client_body, ClientSend);
+
+/// A body that holds `guard` until it is dropped: the endpoint's in-flight count while a
+/// response streams from a target reached over a tunnel (the WebSocket handshake's non-101
+/// answers).
+pub(crate) struct Guarded {
+    body: Body,
+    _guard: Guard,
+}
+
+impl Guarded {
+    /// `body`, holding `guard` until it is dropped.
+    pub(crate) fn boxed(body: Body, guard: Guard) -> Body {
+        Guarded {
+            body,
+            _guard: guard,
+        }
+        .boxed_unsync()
+    }
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}

@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use super::body::{self, Body};
 use super::grpc::{self, RequestBody};
 use super::headers::{add_forwarded_for, ensure_traceparent, host_of, strip_hop_by_hop};
+use super::upgrade;
 use super::{is_idempotent, mesh_error, MAX_HEADER_BYTES, MESH_ERROR};
 
 use crate::balance::InflightGuard;
@@ -117,7 +118,9 @@ async fn serve_client(
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(MAX_PENDING_RESETS);
+        .max_local_error_reset_streams(MAX_PENDING_RESETS)
+        // WebSocket over HTTP/2 (RFC 8441).
+        .enable_connect_protocol();
     if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
         tracing::debug!(%client, error = %e, "proxy client connection ended");
     }
@@ -140,16 +143,22 @@ async fn handle(
     client: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    if req.method() == Method::CONNECT {
+    if let Some(protocol) = upgrade::extended_connect(&req) {
+        if upgrade::websocket_ask(&req).is_none() {
+            let reason = format!("extended CONNECT for {protocol} is not supported");
+            return mesh_error(StatusCode::NOT_IMPLEMENTED, &reason);
+        }
+    } else if req.method() == Method::CONNECT {
         return super::tunnel::connect(&proxy.outbound, drain, req).await;
     }
     if grpc::is_grpc(req.headers()) {
         // A gRPC caller understands only gRPC statuses: mesh errors are answered as such. Its
         // `grpc-timeout` bounds the wait for the answer's head, retries included.
         let Some(deadline) = grpc::timeout(req.headers()) else {
-            return grpc::answer(handle_request(proxy, client, req).await);
+            return grpc::answer(handle_request(proxy, drain, client, req).await);
         };
-        return match tokio::time::timeout(deadline, handle_request(proxy, client, req)).await {
+        let answer = handle_request(proxy, drain, client, req);
+        return match tokio::time::timeout(deadline, answer).await {
             Ok(resp) => grpc::answer(resp),
             Err(_) => {
                 let reason = "grpc-timeout passed";
@@ -163,11 +172,12 @@ async fn handle(
             }
         };
     }
-    handle_request(proxy, client, req).await
+    handle_request(proxy, drain, client, req).await
 }
 
 async fn handle_request(
     proxy: Arc<Proxy>,
+    drain: drain::Watch,
     client: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
@@ -184,7 +194,10 @@ async fn handle_request(
     }
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let started = Instant::now();
-    let resp = forward(&proxy, client, &service, req).await;
+    let resp = match upgrade::websocket_ask(&req) {
+        Some(ask) => upgrade::websocket(&proxy.outbound, drain, client, &service, ask, req).await,
+        None => forward(&proxy, client, &service, req).await,
+    };
     // One access-log line per request (off unless MESHNODE_LOG enables meshnode::access), at
     // the response head: the body may stream for a long time after.
     tracing::info!(
@@ -298,9 +311,10 @@ async fn forward(
 }
 
 /// The `meshnode_retries_total` reason of an HTTP attempt.
-fn retry_reason(outcome: Outcome) -> AttemptResult {
+pub(super) fn retry_reason(outcome: Outcome) -> AttemptResult {
     match outcome {
         Outcome::Unreachable => AttemptResult::Unreachable,
+        Outcome::NotServed => AttemptResult::NotFound,
         Outcome::Timeout => AttemptResult::Timeout,
         Outcome::Refused { status: 502, .. } => AttemptResult::Status502,
         Outcome::Refused { .. } => AttemptResult::Status503,
@@ -369,10 +383,16 @@ async fn attempt(
     // that refusal means the target never saw the request.
     let refusal = head.headers().get(MESH_ERROR);
     let mesh = refusal.is_some();
-    let unreached = refusal
-        .and_then(|v| RefusalKind::from_wire(v.as_bytes()))
-        .is_some_and(RefusalKind::target_unreached);
-    let outcome = if mesh || matches!(status, 502..=504) {
+    let kind = refusal.and_then(|v| RefusalKind::from_wire(v.as_bytes()));
+    let unreached = kind.is_some_and(RefusalKind::target_unreached);
+    let outcome = if matches!(
+        kind,
+        Some(RefusalKind::UnknownService | RefusalKind::UnknownPort)
+    ) {
+        // The view says the node hosts the service; the node says it does not (a stale
+        // record): another endpoint may.
+        Outcome::NotServed
+    } else if mesh || matches!(status, 502..=504) {
         Outcome::Refused {
             status,
             mesh,

@@ -1,5 +1,6 @@
 //! The one splice (`meshnode_transport::tunnel::splice_with`) for the HTTP side's tunnels: an
-//! `h3` CONNECT stream on the callee, an upgraded proxy connection on the caller.
+//! `h3` CONNECT stream on the callee, an upgraded proxy connection on the caller; and a
+//! `meshnode/1` tunnel as a byte stream for the WebSocket handshake ([`TunnelIo`]).
 //!
 //! h3-quinn panics if `stop_sending` is called on a receive stream whose pending `recv_data`
 //! was cancelled, and the splice cancels the other direction when one is reset: [`H3Recv`]
@@ -85,5 +86,69 @@ impl LocalSide for Upgraded {
 
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
         tokio::io::split(&mut self.0)
+    }
+}
+
+/// A `meshnode/1` tunnel as one byte stream, for an HTTP/1.1 client speaking over it (the
+/// WebSocket handshake): the bytes that came with the tunnel's status first, then the stream.
+/// After the handshake it is taken apart again ([`TunnelIo::into_parts`]) for the splice.
+pub(crate) struct TunnelIo {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    leftover: Bytes,
+}
+
+impl TunnelIo {
+    pub(crate) fn new(t: meshnode_transport::tunnel::OpenTunnel) -> TunnelIo {
+        TunnelIo {
+            send: t.send,
+            recv: t.recv,
+            leftover: t.leftover,
+        }
+    }
+
+    /// The streams, and what arrived from the far side but was not read yet.
+    pub(crate) fn into_parts(self) -> (quinn::SendStream, quinn::RecvStream, Bytes) {
+        (self.send, self.recv, self.leftover)
+    }
+}
+
+impl tokio::io::AsyncRead for TunnelIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.leftover.is_empty() {
+            let n = this.leftover.len().min(buf.remaining());
+            buf.put_slice(&this.leftover.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.recv).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TunnelIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        tokio::io::AsyncWrite::poll_write(std::pin::Pin::new(&mut self.get_mut().send), cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        tokio::io::AsyncWrite::poll_flush(std::pin::Pin::new(&mut self.get_mut().send), cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        tokio::io::AsyncWrite::poll_shutdown(std::pin::Pin::new(&mut self.get_mut().send), cx)
     }
 }

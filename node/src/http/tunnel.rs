@@ -1,6 +1,6 @@
 //! Caller side of `CONNECT service:port` on the local proxy: an L4 tunnel over `meshnode/1`
-//! opened by the dispatch engine's L4 adapter, as for `[[outbound]]` listeners, then the
-//! upgraded client connection is spliced with it.
+//! opened by the dispatch engine's L4 adapter, as for `[[outbound]]` listeners, to one of the
+//! endpoints that advertise that port, then the upgraded client connection is spliced with it.
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -30,6 +30,13 @@ pub(crate) async fn connect(
     };
     if outbound.routing.targets(&service, None).is_empty() {
         return mesh_error(StatusCode::NOT_FOUND, &format!("unknown service {service}"));
+    }
+    // Only endpoints that advertise the port are candidates (docs/behaviour.md, CONNECT).
+    if outbound.routing.targets(&service, Some(port)).is_empty() {
+        return mesh_error(
+            StatusCode::NOT_FOUND,
+            &format!("service {service} does not advertise port {port}"),
+        );
     }
     let svc = outbound.telemetry.service(&service);
     let trace_id = format!("{:032x}", rand::random::<u128>());
@@ -63,16 +70,22 @@ pub(crate) async fn connect(
                 NoTunnel::NoEndpoint { .. } | NoTunnel::BudgetExhausted => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
-                NoTunnel::Failed(AttemptError::Connect(_)) => StatusCode::BAD_GATEWAY,
-                NoTunnel::Failed(AttemptError::Open(OpenError::Refused(s))) => {
-                    StatusCode::from_u16(s.code.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY)
-                }
-                NoTunnel::Failed(AttemptError::Open(OpenError::Timeout(_))) => {
-                    StatusCode::GATEWAY_TIMEOUT
-                }
-                NoTunnel::Failed(AttemptError::Open(_)) => StatusCode::BAD_GATEWAY,
+                NoTunnel::Failed(e) => open_failure_status(e),
             };
             mesh_error(code, &failure.to_string())
         }
+    }
+}
+
+/// The status a proxy client gets when the last tunnel open failed: the far node's own
+/// refusal, else 502 (504 for a timeout).
+pub(super) fn open_failure_status(e: &AttemptError) -> StatusCode {
+    match e {
+        AttemptError::Connect(_) => StatusCode::BAD_GATEWAY,
+        AttemptError::Open(OpenError::Refused(s)) => {
+            StatusCode::from_u16(s.code.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY)
+        }
+        AttemptError::Open(OpenError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+        AttemptError::Open(_) => StatusCode::BAD_GATEWAY,
     }
 }

@@ -219,6 +219,40 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
+/// Why the test venv's Python cannot import `module`, if it cannot.
+pub async fn python_module_missing(module: &str) -> Option<String> {
+    let python = test_python();
+    let out = tokio::process::Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(30), out).await {
+        Ok(Ok(o)) if o.status.success() => None,
+        Ok(Ok(o)) => Some(format!(
+            "{} cannot import {module}: {}",
+            python.display(),
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or_default()
+        )),
+        Ok(Err(e)) => Some(format!("{}: {e}", python.display())),
+        Err(_) => Some(format!("{} did not answer within 30 s", python.display())),
+    }
+}
+
+/// Whether the test can run with the venv's `module`: `Ok(false)` (skip, with a note) when it
+/// is missing outside CI; an error in CI, where a missing module fails the test.
+pub async fn python_module_ready(module: &str) -> Result<bool> {
+    let Some(why) = python_module_missing(module).await else {
+        return Ok(true);
+    };
+    let fix = "run scripts/deps.sh --test (or set MESHNODE_TEST_PYTHON)";
+    anyhow::ensure!(!in_ci(), "{module} is required in CI: {why}; {fix}");
+    eprintln!("skipped: {why}; {fix}");
+    Ok(false)
+}
+
 /// Path of the real `meshnode` binary built for these tests.
 pub fn meshnode_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshnode"))
