@@ -26,6 +26,7 @@ pub mod notify;
 pub mod outbound;
 pub mod peer_health;
 pub mod pki_cmd;
+pub mod prefixed;
 pub mod refusal;
 pub mod reload;
 pub mod routing;
