@@ -24,6 +24,7 @@ pub mod migrate;
 pub mod node;
 pub mod notify;
 pub mod outbound;
+pub mod outbound_port;
 pub mod peer_health;
 pub mod pki_cmd;
 pub mod prefixed;

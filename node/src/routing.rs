@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use meshnode_registry::MeshView;
+use meshnode_registry::{MeshView, Protocol};
 use tokio::sync::watch;
 
 use crate::balance::{BalanceConfig, Balancer, PeerTable, RetryBudget};
@@ -302,6 +302,20 @@ impl Routing {
         out
     }
 
+    /// The protocol `service`'s endpoints declare: `tcp` when any of them says `tcp` (a tunnel
+    /// reaches every target, HTTP would not reach a raw TCP one), else their HTTP-family
+    /// protocol. The view applied last answers when the current one has no endpoint (they
+    /// left a moment ago); `None` when neither has any.
+    pub fn protocol(&self, service: &str) -> Option<Protocol> {
+        let of = |view: &MeshView| {
+            view.endpoints(service)
+                .map(|(svc, _)| svc.protocol)
+                .reduce(|a, b| if b == Protocol::Tcp { b } else { a })
+        };
+        let current = of(&self.view.borrow());
+        current.or_else(|| of(&self.applied_view()))
+    }
+
     /// Whether `service` has any endpoint: in the view, or a last resort.
     pub fn has_endpoints(&self, service: &str) -> bool {
         self.view.borrow().endpoints(service).next().is_some()
@@ -325,5 +339,66 @@ impl Routing {
         for r in self.routes() {
             r.balancer.retain(&keep);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshnode_registry::{NodeRecord, ServiceRecord};
+    use std::collections::BTreeMap;
+
+    fn view(endpoints: &[(&str, &str, Protocol)]) -> MeshView {
+        let mut v = MeshView::new();
+        let mut services: BTreeMap<String, BTreeMap<String, ServiceRecord>> = BTreeMap::new();
+        for (i, (service, node, protocol)) in endpoints.iter().enumerate() {
+            v.nodes.insert(
+                node.to_string(),
+                NodeRecord {
+                    name: node.to_string(),
+                    addr: format!("127.0.0.1:{}", 7000 + i),
+                    zone: String::new(),
+                    version: "test".into(),
+                    started_at: 0,
+                },
+            );
+            services.entry(service.to_string()).or_default().insert(
+                node.to_string(),
+                ServiceRecord {
+                    service: service.to_string(),
+                    node: node.to_string(),
+                    protocol: *protocol,
+                    port: 80,
+                    weight: 100,
+                    zone: String::new(),
+                },
+            );
+        }
+        for (s, m) in services {
+            v.services.insert(s, Arc::new(m));
+        }
+        v
+    }
+
+    #[test]
+    fn a_services_protocol_is_tcp_when_any_endpoint_says_tcp() {
+        let v = view(&[
+            ("web", "b", Protocol::Http),
+            ("web", "c", Protocol::Http),
+            ("rpc", "b", Protocol::Grpc),
+            ("mixed", "b", Protocol::Http2),
+            ("mixed", "c", Protocol::Tcp),
+        ]);
+        let (_tx, rx) = watch::channel(Arc::new(v));
+        let routing = Routing::new(
+            rx,
+            BalanceConfig::default(),
+            Arc::new(PeerTable::new()),
+            Duration::from_secs(1),
+        );
+        assert_eq!(routing.protocol("web"), Some(Protocol::Http));
+        assert_eq!(routing.protocol("rpc"), Some(Protocol::Grpc));
+        assert_eq!(routing.protocol("mixed"), Some(Protocol::Tcp));
+        assert_eq!(routing.protocol("nosuch"), None);
     }
 }
