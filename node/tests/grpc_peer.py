@@ -4,6 +4,8 @@ out: no .proto, no generated code).
   grpc_peer.py server TAG          serves mesh.Greeter on 127.0.0.1:0, prints "READY <port>"
   grpc_peer.py client ADDR CALLS   calls through ADDR (the meshnode proxy), ten at a time on one
                                    channel, then the other methods; prints one JSON line
+  grpc_peer.py unary ADDR CALLS    only the Hello calls, through ADDR (an outbound port: the
+                                   channel's default authority); prints one JSON line
 
 Methods of mesh.Greeter:
   Hello   unary: answers TAG
@@ -78,9 +80,7 @@ def unary(channel, method):
     )
 
 
-def client(addr, calls):
-    out = {}
-    channel = grpc.insecure_channel(addr, options=[("grpc.default_authority", "greeter")])
+def unary_calls(channel, calls, out):
     hello = unary(channel, "Hello")
     counts = {}
     failures = 0
@@ -97,6 +97,20 @@ def client(addr, calls):
                 out.setdefault("first_failure", f"{e.code()} {e.details()}")
     out["unary"] = counts
     out["unary_failures"] = failures
+
+
+def unary_only(addr, calls):
+    out = {}
+    channel = grpc.insecure_channel(addr)
+    unary_calls(channel, calls, out)
+    channel.close()
+    print(json.dumps(out), flush=True)
+
+
+def client(addr, calls):
+    out = {}
+    channel = grpc.insecure_channel(addr, options=[("grpc.default_authority", "greeter")])
+    unary_calls(channel, calls, out)
 
     stream = channel.unary_stream(
         "/mesh.Greeter/Stream",
@@ -144,5 +158,7 @@ def client(addr, calls):
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(sys.argv[2])
+    elif sys.argv[1] == "unary":
+        unary_only(sys.argv[2], int(sys.argv[3]))
     else:
         client(sys.argv[2], int(sys.argv[3]))
