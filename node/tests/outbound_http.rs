@@ -42,8 +42,9 @@ impl Served {
     }
 }
 
-/// An application answering `tag` and the HTTP version it was spoken to in; `/host` answers
-/// the `Host` and `x-forwarded-host` it got. HTTP/1.1, or HTTP/2 only when `h2`.
+/// An application answering `tag` and the HTTP version it was spoken to in; `/slow` answers
+/// the same after 20 ms; `/host` answers the `Host` and `x-forwarded-host` it got. HTTP/1.1,
+/// or HTTP/2 only when `h2`.
 async fn app(tag: &'static str, h2: bool) -> Result<(SocketAddr, Arc<Served>)> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
@@ -70,7 +71,14 @@ async fn app(tag: &'static str, h2: bool) -> Result<(SocketAddr, Arc<Served>)> {
                     };
                     let body: TestBody =
                         Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed();
-                    async move { Ok::<_, Infallible>(Response::new(body)) }
+                    let delay = match req.uri().path() {
+                        "/slow" => Duration::from_millis(20),
+                        _ => Duration::ZERO,
+                    };
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        Ok::<_, Infallible>(Response::new(body))
+                    }
                 });
                 let io = TokioIo::new(tcp);
                 if h2 {
@@ -235,10 +243,13 @@ async fn curl_keep_alive_requests_through_an_auto_outbound_are_balanced_one_by_o
     tokio::time::timeout(LIMIT, async {
         let mesh = Mesh::new().await?;
         let port = mesh.port("web")?;
-        // Four curl processes at once, each with its own keep-alive connection.
+        // Four curl processes at once, each with its own keep-alive connection. The
+        // application takes 20 ms per request, so that requests overlap however busy the
+        // machine is and the balancer weighs the requests in flight (between equal endpoints
+        // and one request at a time, the one measured faster keeps winning).
         const CLIENTS: usize = 4;
         const N: usize = 50;
-        let urls: Vec<String> = (0..N).map(|_| format!("http://{port}/")).collect();
+        let urls: Vec<String> = (0..N).map(|_| format!("http://{port}/slow")).collect();
         let runs =
             futures_util::future::join_all((0..CLIENTS).map(|_| curl_keep_alive(&urls))).await;
         let (mut total_b, mut total_c, mut split) = (0, 0, 0);
