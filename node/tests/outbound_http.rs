@@ -585,3 +585,45 @@ fn an_unknown_outbound_mode_is_a_config_error_naming_the_field() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_switches_a_port_between_modes_on_the_same_address() -> Result<()> {
+    if !have("curl", "--version").await? {
+        return Ok(());
+    }
+    tokio::time::timeout(LIMIT, async {
+        let pki = Pki::new(&["node-a", "node-b"])?;
+        let reg = memory_mesh();
+        let (h1, _) = app("B", false).await?;
+        let _b = start_node(&pki, "node-b", &service("web", "http", h1), reg.connect()).await?;
+        let listen = process::free_tcp()?;
+        let conf = |mode: &str| {
+            format!("[[outbound]]\nservice = \"web\"\nlisten = \"{listen}\"\nmode = \"{mode}\"\n")
+        };
+        let a = start_node(&pki, "node-a", &conf("auto"), reg.connect()).await?;
+        wait_endpoints(&a, "web", 1).await?;
+        let host = || async {
+            let t = curl_keep_alive(&[format!("http://{listen}/host")]).await?;
+            Ok::<_, anyhow::Error>(t[0].0.clone())
+        };
+        // Served per request: the target sees the service as Host.
+        assert_eq!(host().await?, format!("host=web xfh={listen}"));
+        for (mode, expected) in [
+            ("tcp", format!("host={listen} xfh=-")),
+            ("auto", format!("host=web xfh={listen}")),
+        ] {
+            let text = format!("{}{}", pki.base_config("node-a"), conf(mode));
+            let config = meshnode::config::Config::parse(&text)?;
+            let summary = a
+                .reload(config)
+                .await
+                .map_err(|f| anyhow::anyhow!("reload: {f}"))?;
+            assert!(summary.contains("outbounds +1 -1"), "{summary}");
+            assert_eq!(a.outbound_addr("web"), Some(listen));
+            assert_eq!(host().await?, expected, "after the reload to mode {mode}");
+        }
+        Ok(())
+    })
+    .await
+    .context("test timed out")?
+}
