@@ -458,6 +458,13 @@ async fn bytes_that_are_not_served_as_http_cross_byte_for_byte() -> Result<()> {
         let mut answer = String::new();
         s.read_to_string(&mut answer).await?;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // CONNECT on an outbound port would reach other services: refused.
+        let mut s = TcpStream::connect(mesh.port("web")?).await?;
+        s.write_all(b"CONNECT echo:7 HTTP/1.1\r\nHost: echo:7\r\n\r\n")
+            .await?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await?;
+        assert_eq!(&head, b"HTTP/1.1 405");
         // Not HTTP, no endpoint: the connection is reset.
         let r = roundtrip(mesh.port("nosuch")?, b"hello").await;
         assert!(r.as_ref().map_or(true, |b| b.is_empty()), "{r:?}");

@@ -1,8 +1,8 @@
 //! Caller side: the local HTTP proxy on `[http_proxy] listen`, HTTP/1.1 and h2c (prior
 //! knowledge, told apart by the connection's first bytes), and the same serving for an
-//! `[[outbound]]` port in `auto` mode with its service fixed ([`serve_connection`]). Requests are routed by the
-//! absolute-form URI's host (`HTTP_PROXY` clients), by h2's `:authority` or by `Host`, without
-//! the port; each request (each HTTP/2 stream) is sent as an HTTP/3
+//! `[[outbound]]` port in `auto` mode with its service fixed ([`serve_connection`]). Requests
+//! are routed by the absolute-form URI's host (`HTTP_PROXY` clients), by h2's `:authority` or
+//! by `Host`, without the port; each request (each HTTP/2 stream) is sent as an HTTP/3
 //! request to one endpoint chosen per request by the dispatch engine, and retried elsewhere
 //! when the engine says so (docs/README.md, Failover). This file is the engine's HTTP adapter.
 //!
