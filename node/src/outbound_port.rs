@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | `tcp` (any endpoint) | not read | a tunnel |
 //! | `http`, `http2`, `grpc`, or no endpoint known | HTTP/1.1 request line, h2c preface | HTTP, per request |
-//! | the same | anything else, end of stream, nothing for [`DETECT_TIMEOUT`] | a tunnel |
+//! | the same | anything else, end of stream, nothing for [`DETECT_TIMEOUT`] (no endpoint known: [`UNKNOWN_DETECT_TIMEOUT`]) | a tunnel |
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,11 +29,15 @@ use crate::outbound::Outbound;
 use crate::prefixed::Prefixed;
 use crate::telemetry::ServiceTelemetry;
 
-/// How long an `auto` port waits for a connection's first bytes to tell HTTP from other
-/// protocols before it tunnels the connection anyway (Linkerd's protocol detection waits as
-/// long). Clients of HTTP-family services speak first, at once; a protocol whose server speaks
-/// first only meets this wait when the service's protocol is not known yet (no endpoint).
+/// How long an `auto` port of an HTTP-family service waits for a connection's first bytes to
+/// tell HTTP from other protocols before it tunnels the connection anyway (Linkerd's protocol
+/// detection waits as long). Clients of HTTP services speak first, at once; one that keeps an
+/// idle connection (a pool warming up) ends up in a tunnel, which still works.
 pub const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same wait when no endpoint of the service is known (so neither is its protocol): an
+/// HTTP client has spoken long before, and a silent or server-speaks-first client learns
+/// soon that there is no endpoint (its tunnel attempt resets it) instead of after 10 s.
+pub const UNKNOWN_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What outbound ports use: the L4 adapter and the HTTP adapter.
 pub(crate) struct Ports {
@@ -131,10 +135,13 @@ async fn serve(
     client: SocketAddr,
 ) {
     let _ = tcp.set_nodelay(true);
-    let sniffs =
-        mode == OutboundMode::Auto && ports.l4.routing.protocol(&service) != Some(Protocol::Tcp);
-    let (detected, first) = if sniffs {
-        match first_bytes(&mut tcp).await {
+    let wait = match (mode, ports.l4.routing.protocol(&service)) {
+        (OutboundMode::Tcp, _) | (OutboundMode::Auto, Some(Protocol::Tcp)) => None,
+        (OutboundMode::Auto, Some(_)) => Some(DETECT_TIMEOUT),
+        (OutboundMode::Auto, None) => Some(UNKNOWN_DETECT_TIMEOUT),
+    };
+    let (detected, first) = if let Some(wait) = wait {
+        match first_bytes(&mut tcp, wait).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!(%service, %client, error = %e, "client connection failed before its first bytes");
@@ -162,10 +169,10 @@ async fn serve(
 }
 
 /// Reads until the bytes tell HTTP/1.1 or h2c from anything else (`sniff::detect`); returns
-/// the verdict and the bytes read. The end of the stream or [`DETECT_TIMEOUT`] without a
-/// verdict is `Other`: the connection is tunnelled with what it sent.
-async fn first_bytes(tcp: &mut TcpStream) -> std::io::Result<(Detected, Bytes)> {
-    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+/// the verdict and the bytes read. The end of the stream or `wait` without a verdict is
+/// `Other`: the connection is tunnelled with what it sent.
+async fn first_bytes(tcp: &mut TcpStream, wait: Duration) -> std::io::Result<(Detected, Bytes)> {
+    let deadline = tokio::time::Instant::now() + wait;
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         if let Some(d) = sniff::detect(&buf) {
