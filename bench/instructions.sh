@@ -62,11 +62,16 @@ port() {
   NEXT_PORT=$((NEXT_PORT + 1))
 }
 
-# wait_listen PORT SECONDS: until a TCP connect to PORT succeeds.
+# wait_listen PORT SECONDS [PID...]: until a TCP connect to PORT succeeds; fails at once if a
+# PID has exited (e.g. a port taken by another program between choosing and binding it).
 wait_listen() {
-  local end=$((SECONDS + $2))
-  until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
-    ((SECONDS < end)) || { echo "nothing listens on port $1 after $2 s" >&2; return 1; }
+  local port=$1 end=$((SECONDS + $2)) pid
+  shift 2
+  until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+    ((SECONDS < end)) || { echo "nothing listens on port $port after $end s" >&2; return 1; }
+    for pid in "$@"; do
+      kill -0 "$pid" 2>/dev/null || { echo "process $pid exited (see $OUT/*.log)" >&2; return 1; }
+    done
     sleep 0.2
   done
 }
@@ -159,8 +164,10 @@ $a_body" "$DIR" >"$DIR/a.toml"
   b=$STARTED_PID
   MESHNODE_LOG=warn start "$row-$label-a" "${vg[@]}" "$bin" run -c "$DIR/a.toml"
   a=$STARTED_PID
-  wait_listen "$entry" 180
-  wait_listen "$aa" 180
+  if ! wait_listen "$entry" 300 "$a" "$b" || ! wait_listen "$aa" 300 "$a" "$b"; then
+    kill "$a" "$b" 2>/dev/null || true
+    return 1
+  fi
   local client=(latency --size 1024)
   [[ $row == http ]] && client=(http --host web --expect-size 1024)
   # Warm-up: tunnels or connections open, the paths translated by valgrind.
@@ -195,8 +202,13 @@ $a_body" "$DIR" >"$DIR/a.toml"
 log "meshnode instructions per request: $(uname -m), $(nproc) CPUs, $REQUESTS requests at $RATE/s, $CONNS connections; out: $OUT"
 for _ in $(seq "$REPEAT"); do
   for row in $ROWS; do
-    run_row "$row" "$MESHNODE_BIN" "${MESH_LABEL:-new}"
-    [[ -z ${MESH_ALT_BIN:-} ]] || run_row "$row" "$MESH_ALT_BIN" "${MESH_ALT_LABEL:-alt}"
+    # A row whose node could not start (a port taken meanwhile) is run again on new ports.
+    run_row "$row" "$MESHNODE_BIN" "${MESH_LABEL:-new}" ||
+      run_row "$row" "$MESHNODE_BIN" "${MESH_LABEL:-new}"
+    if [[ -n ${MESH_ALT_BIN:-} ]]; then
+      run_row "$row" "$MESH_ALT_BIN" "${MESH_ALT_LABEL:-alt}" ||
+        run_row "$row" "$MESH_ALT_BIN" "${MESH_ALT_LABEL:-alt}"
+    fi
   done
 done
 

@@ -6,7 +6,8 @@
 #   --test   every program the tests spawn: etcd and etcdctl (registry tests), ip and tc (network
 #            namespace tests), sysctl and /bin/kill (procps: sysctl inside a namespace, the
 #            systemd unit's ExecReload), nft, systemd-analyze (unit check), jq (the docker
-#            compose test; docker itself is not installed here), python3 with venv
+#            compose test; docker itself is not installed here), curl and h2load (nghttp2-client:
+#            HTTP/1.1 and h2c clients of the proxy and outbound-port tests), python3 with venv
 #            for the Python test clients; then the project-local virtual environment below
 #
 # Python test clients (scripts/test-requirements.txt, pinned) go into target/test-venv, made with
@@ -31,6 +32,8 @@ if [ $test = 1 ]; then
   command -v nft >/dev/null 2>&1 || want+=(nftables)
   command -v systemd-analyze >/dev/null 2>&1 || want+=(systemd)
   command -v jq >/dev/null 2>&1 || want+=(jq) # deploy/docker/test.sh reads /status with it
+  command -v curl >/dev/null 2>&1 || want+=(curl)
+  command -v h2load >/dev/null 2>&1 || want+=(nghttp2-client)
   # `venv` with `ensurepip` (Debian splits it into python3-venv) makes a venv with its own pip.
   python3 -c "import venv, ensurepip" >/dev/null 2>&1 || want+=(python3 python3-venv)
 fi

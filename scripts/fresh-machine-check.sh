@@ -119,6 +119,8 @@ check "/bin/kill (procps, the unit's ExecReload)" test -x /bin/kill
 check "systemd-analyze" systemd-analyze --version
 check "bash" bash --version
 check "jq" jq --version
+check "curl" curl --version
+check "h2load (nghttp2-client)" h2load --version
 check "promtool (unpacked from Debian's prometheus into target/tools)" target/tools/promtool --version
 check "no Prometheus server installed by the test step" bash -c '! command -v prometheus'
 

@@ -334,6 +334,55 @@ pub struct OutboundConfig {
     pub service: String,
     /// Local TCP address to listen on.
     pub listen: SocketAddr,
+    /// `"auto"` (default) or `"tcp"`; checked by `validate`, read through
+    /// [`OutboundConfig::mode`].
+    pub mode: Option<String>,
+}
+
+impl OutboundConfig {
+    /// The mode; `auto` when absent (an unknown name cannot get here through
+    /// [`Config::parse`]).
+    pub fn mode(&self) -> OutboundMode {
+        self.mode
+            .as_deref()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// `outbound.mode`: how an `[[outbound]]` port carries its connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OutboundMode {
+    /// HTTP/1.1 and h2c connections to an HTTP-family service (`http`, `http2`, `grpc`) are
+    /// terminated and each request balanced on its own; anything else is tunnelled.
+    #[default]
+    Auto,
+    /// Every connection is one raw L4 tunnel, whatever the service's protocol.
+    Tcp,
+}
+
+impl std::str::FromStr for OutboundMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(OutboundMode::Auto),
+            "tcp" => Ok(OutboundMode::Tcp),
+            other => Err(format!(
+                "{other:?} is not a mode: \"auto\" (requests to HTTP-family services balanced \
+                 one by one) or \"tcp\" (one raw tunnel per connection)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for OutboundMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OutboundMode::Auto => "auto",
+            OutboundMode::Tcp => "tcp",
+        })
+    }
 }
 
 /// `[http_proxy]`

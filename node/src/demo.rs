@@ -1,33 +1,91 @@
 //! `meshnode demo`: a whole mesh in one process with no set-up (docs/README.md).
 //!
 //! Three real nodes (real QUIC on loopback, a throw-away CA in a temp dir, the in-process
-//! registry), a TCP echo service on node-b and node-c, and a client opening a new connection
-//! through node-a every 10 ms. Part-way through node-b is killed (no drain) and later revived,
-//! to show failover and recovery; a line a second shows the split and the latency.
+//! registry); a TCP echo service and an HTTP service on node-b and node-c. Two clients on
+//! node-a's `[[outbound]]` ports: one opens a new TCP connection every 10 ms (balanced per
+//! connection), the other sends an HTTP request every 10 ms over kept-alive connections
+//! (balanced per request). Part-way through node-b is killed (no drain) and later revived, to
+//! show failover and recovery; a line a second per client shows the split and the latency.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
 use meshnode_registry::memory::MemoryMesh;
 use meshnode_transport::pki::Ca;
 use meshnode_transport::Identity;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::exit::{self, Failure};
 use crate::node::{Node, NodeParts};
 
-/// How often the client opens a new connection.
+/// How often each client starts a request.
 const INTERVAL: Duration = Duration::from_millis(10);
+/// How long one request may take before it counts as failed.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 const PAYLOAD: &[u8; 32] = b"meshnode demo payload 0123456789";
 
+/// One client's results.
 #[derive(Default)]
 struct Tally {
     ok: AtomicU64,
     failed: AtomicU64,
     latencies: Mutex<Vec<Duration>>,
+}
+
+impl Tally {
+    fn record(&self, ok: bool, took: Duration) {
+        if !ok {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.ok.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut l) = self.latencies.lock() {
+            l.push(took);
+        }
+    }
+
+    fn sorted_latencies(&self) -> Vec<Duration> {
+        let mut l = self.latencies.lock().map(|l| l.clone()).unwrap_or_default();
+        l.sort();
+        l
+    }
+
+    /// `ok N failed F` and the latency percentiles so far, for a report line.
+    fn line(&self, served: (f64, f64), label: &str) -> String {
+        let lat = self.sorted_latencies();
+        let total = (served.0 + served.1).max(1.0);
+        format!(
+            "{label} ok {:>6}  failed {:>3}  this second: node-b {:>3.0}% node-c {:>3.0}%  p50 {:.2} ms  p99 {:.2} ms",
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            100.0 * served.0 / total,
+            100.0 * served.1 / total,
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+        )
+    }
+
+    /// The final line: `requests N ok, F failed; served by node-b X, node-c Y; latency ...`.
+    fn summary(&self, served: (f64, f64)) -> String {
+        let lat = self.sorted_latencies();
+        format!(
+            "requests {} ok, {} failed; served by node-b {:.0}, node-c {:.0}; latency p50 {:.2} ms, p99 {:.2} ms",
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            served.0,
+            served.1,
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+        )
+    }
 }
 
 fn fail(e: impl std::fmt::Display) -> Failure {
@@ -37,7 +95,9 @@ fn fail(e: impl std::fmt::Display) -> Failure {
 struct Demo {
     dir: tempfile::TempDir,
     mesh: MemoryMesh,
-    echo: std::net::SocketAddr,
+    echo: SocketAddr,
+    /// The HTTP application of node-b and of node-c.
+    web: [SocketAddr; 2],
 }
 
 impl Demo {
@@ -72,15 +132,23 @@ impl Demo {
         .await
     }
 
-    fn echo_service(&self) -> String {
-        format!(
-            "[[service]]\nname = \"echo\"\nprotocol = \"tcp\"\ntarget = \"{}\"\n",
+    /// node-b or node-c: the echo service and this node's HTTP application.
+    async fn start_host(&self, name: &str) -> Result<Node, Failure> {
+        let web = if name == "node-b" {
+            self.web[0]
+        } else {
+            self.web[1]
+        };
+        let services = format!(
+            "[[service]]\nname = \"echo\"\nprotocol = \"tcp\"\ntarget = \"{}\"\n\
+             [[service]]\nname = \"web\"\nprotocol = \"http\"\ntarget = \"{web}\"\n",
             self.echo
-        )
+        );
+        self.start(name, &services).await
     }
 }
 
-async fn echo_server() -> Result<std::net::SocketAddr, Failure> {
+async fn echo_server() -> Result<SocketAddr, Failure> {
     let l = TcpListener::bind("127.0.0.1:0").await.map_err(fail)?;
     let addr = l.local_addr().map_err(fail)?;
     tokio::spawn(async move {
@@ -94,7 +162,27 @@ async fn echo_server() -> Result<std::net::SocketAddr, Failure> {
     Ok(addr)
 }
 
-async fn one_request(addr: std::net::SocketAddr) -> std::io::Result<()> {
+/// An HTTP/1.1 application answering `hello from NAME` to every request.
+async fn web_server(name: &'static str) -> Result<SocketAddr, Failure> {
+    let l = TcpListener::bind("127.0.0.1:0").await.map_err(fail)?;
+    let addr = l.local_addr().map_err(fail)?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    let body = Full::new(Bytes::from(format!("hello from {name}\n")));
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn echo_request(addr: SocketAddr) -> std::io::Result<()> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(PAYLOAD).await?;
     let mut back = [0u8; 32];
@@ -105,6 +193,49 @@ async fn one_request(addr: std::net::SocketAddr) -> std::io::Result<()> {
     Ok(())
 }
 
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Empty<Bytes>,
+>;
+
+async fn http_request(client: HttpClient, uri: http::Uri) -> std::io::Result<()> {
+    let resp = client.get(uri).await.map_err(std::io::Error::other)?;
+    let ok = resp.status() == http::StatusCode::OK;
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    if !ok || !body.starts_with(b"hello from node-") {
+        return Err(std::io::Error::other("unexpected answer"));
+    }
+    Ok(())
+}
+
+/// Starts `call` every [`INTERVAL`], each bounded by [`REQUEST_DEADLINE`], counted in `tally`.
+fn steady<F, Fut>(tally: Arc<Tally>, call: F) -> JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(INTERVAL);
+        loop {
+            tick.tick().await;
+            let (tally, request) = (tally.clone(), call());
+            tokio::spawn(async move {
+                let t0 = Instant::now();
+                let ok = matches!(
+                    tokio::time::timeout(REQUEST_DEADLINE, request).await,
+                    Ok(Ok(()))
+                );
+                tally.record(ok, t0.elapsed());
+            });
+        }
+    })
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -113,11 +244,21 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1e3
 }
 
-fn split(a: &Node) -> (f64, f64) {
+/// Connections node-a tunnelled to node-b and node-c.
+fn tcp_split(a: &Node) -> (f64, f64) {
     let m = a.metrics();
     (
         m.get("meshnode_tunnels_opened_total", &["echo", "node-b", "ok"]),
         m.get("meshnode_tunnels_opened_total", &["echo", "node-c", "ok"]),
+    )
+}
+
+/// HTTP requests node-a had answered by node-b and node-c.
+fn http_split(a: &Node) -> (f64, f64) {
+    let m = a.metrics();
+    (
+        m.get("meshnode_http_requests_total", &["web", "node-b", "200"]),
+        m.get("meshnode_http_requests_total", &["web", "node-c", "200"]),
     )
 }
 
@@ -135,57 +276,53 @@ pub async fn run(duration: Duration) -> Result<(), Failure> {
         dir,
         mesh: MemoryMesh::new(),
         echo: echo_server().await?,
+        web: [web_server("node-b").await?, web_server("node-c").await?],
     };
-    let mut b = Some(demo.start("node-b", &demo.echo_service()).await?);
-    let c = demo.start("node-c", &demo.echo_service()).await?;
+    let mut b = Some(demo.start_host("node-b").await?);
+    let c = demo.start_host("node-c").await?;
     let a = demo
         .start(
             "node-a",
-            "[[outbound]]\nservice = \"echo\"\nlisten = \"127.0.0.1:0\"\n",
+            "[[outbound]]\nservice = \"echo\"\nlisten = \"127.0.0.1:0\"\n\
+             [[outbound]]\nservice = \"web\"\nlisten = \"127.0.0.1:0\"\n",
         )
         .await?;
-    let outbound = a
+    let echo_port = a
         .outbound_addr("echo")
-        .ok_or_else(|| fail("node-a has no outbound listener"))?;
+        .ok_or_else(|| fail("node-a has no echo outbound listener"))?;
+    let web_port = a
+        .outbound_addr("web")
+        .ok_or_else(|| fail("node-a has no web outbound listener"))?;
     println!(
-        "meshnode demo: node-a {} → echo on node-b and node-c; client port {outbound}; admin of node-a http://{}/status",
+        "meshnode demo: node-a {} → echo (tcp) and web (http) on node-b and node-c; client ports: echo {echo_port}, web http://{web_port}/; admin of node-a http://{}/status",
         a.quic_addr(),
         a.admin_addr()
     );
-    println!("a new connection every {} ms for {} s; node-b is killed at {:.0} s and revived at {:.0} s\n",
-        INTERVAL.as_millis(), duration.as_secs(), duration.as_secs_f64() * 0.35, duration.as_secs_f64() * 0.65);
+    println!(
+        "every {} ms a new TCP connection to echo (balanced per connection) and an HTTP request to web on kept-alive connections (balanced per request), for {} s; node-b is killed at {:.0} s and revived at {:.0} s\n",
+        INTERVAL.as_millis(),
+        duration.as_secs(),
+        duration.as_secs_f64() * 0.35,
+        duration.as_secs_f64() * 0.65
+    );
 
-    let tally = Arc::new(Tally::default());
+    let tcp = Arc::new(Tally::default());
+    let web = Arc::new(Tally::default());
+    let web_uri: http::Uri = format!("http://{web_port}/").parse().map_err(fail)?;
+    let http_client: HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let clients = [
+        steady(tcp.clone(), move || echo_request(echo_port)),
+        steady(web.clone(), move || {
+            http_request(http_client.clone(), web_uri.clone())
+        }),
+    ];
+
     let start = Instant::now();
-    let client = {
-        let tally = tally.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(INTERVAL);
-            loop {
-                tick.tick().await;
-                let tally = tally.clone();
-                tokio::spawn(async move {
-                    let t0 = Instant::now();
-                    match tokio::time::timeout(Duration::from_secs(5), one_request(outbound)).await
-                    {
-                        Ok(Ok(())) => {
-                            tally.ok.fetch_add(1, Ordering::Relaxed);
-                            if let Ok(mut l) = tally.latencies.lock() {
-                                l.push(t0.elapsed());
-                            }
-                        }
-                        _ => {
-                            tally.failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                });
-            }
-        })
-    };
-
     let mut killed = false;
     let mut revived = false;
-    let mut last = (0.0, 0.0);
+    let (mut last_tcp, mut last_http) = ((0.0, 0.0), (0.0, 0.0));
     let mut second = tokio::time::interval(Duration::from_secs(1));
     second.tick().await;
     let ctrl_c = tokio::signal::ctrl_c();
@@ -204,51 +341,27 @@ pub async fn run(duration: Duration) -> Result<(), Failure> {
             killed = true;
         }
         if killed && !revived && t >= duration.as_secs_f64() * 0.65 {
-            b = Some(demo.start("node-b", &demo.echo_service()).await?);
+            b = Some(demo.start_host("node-b").await?);
             println!("  ── node-b revived ──");
             revived = true;
         }
-        let now = split(&a);
-        let (db, dc) = (now.0 - last.0, now.1 - last.1);
-        last = now;
-        let lat = {
-            let mut l = tally
-                .latencies
-                .lock()
-                .map(|l| l.clone())
-                .unwrap_or_default();
-            l.sort();
-            l
-        };
-        let total = (db + dc).max(1.0);
+        let (now_tcp, now_http) = (tcp_split(&a), http_split(&a));
+        let this_second = |now: (f64, f64), last: (f64, f64)| (now.0 - last.0, now.1 - last.1);
         println!(
-            "  t={t:>4.0}s  ok {:>6}  failed {:>3}  this second: node-b {:>3.0}% node-c {:>3.0}%  p50 {:.2} ms  p99 {:.2} ms",
-            tally.ok.load(Ordering::Relaxed),
-            tally.failed.load(Ordering::Relaxed),
-            100.0 * db / total,
-            100.0 * dc / total,
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
+            "  t={t:>4.0}s  {}\n          {}",
+            tcp.line(this_second(now_tcp, last_tcp), "tcp "),
+            web.line(this_second(now_http, last_http), "http"),
         );
+        (last_tcp, last_http) = (now_tcp, now_http);
     }
-    client.abort();
+    for c in &clients {
+        c.abort();
+    }
     // Let the last requests finish before counting.
     tokio::time::sleep(Duration::from_millis(200)).await;
     println!("\n{}", crate::status_cmd::render(&a.status(), false));
-    let (nb, nc) = split(&a);
-    let mut lat = tally
-        .latencies
-        .lock()
-        .map(|l| l.clone())
-        .unwrap_or_default();
-    lat.sort();
-    println!(
-        "summary: requests {} ok, {} failed; served by node-b {nb:.0}, node-c {nc:.0}; latency p50 {:.2} ms, p99 {:.2} ms",
-        tally.ok.load(Ordering::Relaxed),
-        tally.failed.load(Ordering::Relaxed),
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-    );
+    println!("summary tcp:  {}", tcp.summary(tcp_split(&a)));
+    println!("summary http: {}", web.summary(http_split(&a)));
     a.drain().await;
     c.drain().await;
     if let Some(b) = b {

@@ -1,4 +1,5 @@
 //! HTTP between nodes (docs/README.md): the local HTTP/1.1 and h2c proxy on `[http_proxy] listen`
+//! and on `auto` `[[outbound]]` ports
 //! (caller side), HTTP/3 between nodes on the `h3` ALPN, and the h3 server that forwards each
 //! request to the local target over pooled HTTP/1.1 or h2c (callee side). Standard CONNECT
 //! (RFC 9114 §4.4) on `h3` opens a TCP tunnel to a service's target. A WebSocket upgrade on

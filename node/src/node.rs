@@ -23,7 +23,8 @@ use crate::info::{NodeInfo, Readiness};
 use crate::local::LocalServices;
 use crate::metrics::Metrics;
 use crate::migrate::AddressInputs;
-use crate::outbound::{Outbound, OutboundListener};
+use crate::outbound::Outbound;
+use crate::outbound_port::{OutboundListener, Ports};
 use crate::peer_health::{Migrations, PeerHealthInputs};
 use crate::routing::Routing;
 use crate::sampler::SamplerInputs;
@@ -57,7 +58,7 @@ pub struct Node {
     pub(crate) local: Arc<LocalServices>,
     telemetry: Arc<Telemetry>,
     status: Arc<StatusInputs>,
-    pub(crate) outbound: Arc<Outbound>,
+    pub(crate) ports: Arc<Ports>,
     drain: drain::Trigger,
     pub(crate) drain_watch: drain::Watch,
     admin_thread: crate::admin::AdminThread,
@@ -194,14 +195,17 @@ impl Node {
             local: local.clone(),
             migrations,
         });
-        let proxy = config.http_proxy.as_ref().map(|_| {
-            Arc::new(Proxy {
-                routing: routing.clone(),
-                pool: pool.clone(),
-                telemetry: telemetry.clone(),
-                outbound: outbound.clone(),
-                h3: H3Clients::default(),
-            })
+        // The HTTP adapter serves the proxy and every `auto` outbound port.
+        let proxy = Arc::new(Proxy {
+            routing: routing.clone(),
+            pool: pool.clone(),
+            telemetry: telemetry.clone(),
+            outbound: outbound.clone(),
+            h3: H3Clients::default(),
+        });
+        let ports = Arc::new(Ports {
+            l4: outbound.clone(),
+            http: proxy.clone(),
         });
 
         let reconnect_wake = Arc::new(Notify::new());
@@ -237,7 +241,7 @@ impl Node {
             .map_err(|e| Failure::new(exit::SOFTWARE, format!("admin API: {e}")))?;
         let mut outbound_listeners = Vec::new();
         for (i, o) in config.outbound.iter().enumerate() {
-            match OutboundListener::start(&outbound, &drain_watch, &o.service, o.listen).await {
+            match OutboundListener::start(&ports, &drain_watch, o).await {
                 Ok(l) => outbound_listeners.push(l),
                 Err(e) => {
                     return Err(abort_start(
@@ -250,7 +254,7 @@ impl Node {
             }
         }
         let mut http_proxy_addr = None;
-        if let (Some(p), Some(proxy)) = (&config.http_proxy, proxy) {
+        if let Some(p) = &config.http_proxy {
             let bound = match TcpListener::bind(p.listen).await {
                 Ok(l) => l.local_addr().map(|a| (l, a)),
                 Err(e) => Err(e),
@@ -295,7 +299,7 @@ impl Node {
             local,
             telemetry,
             status,
-            outbound,
+            ports,
             drain,
             drain_watch,
             admin_thread,
@@ -439,7 +443,7 @@ const APPLY_SLICE: usize = 256;
 /// (a burst is coalesced: the watch channel only holds the latest view); keeps endpoints that
 /// left while their node is connected as last resorts; forgets connections, h3 clients,
 /// balancer state and peer facts of nodes that left and are not held, or whose grace ended.
-async fn follow_view(sampler: Arc<SamplerInputs>, proxy: Option<Arc<Proxy>>) {
+async fn follow_view(sampler: Arc<SamplerInputs>, proxy: Arc<Proxy>) {
     let routing = sampler.routing.clone();
     let mut view = routing.watch_view();
     let mut open = true;
@@ -509,9 +513,7 @@ async fn follow_view(sampler: Arc<SamplerInputs>, proxy: Option<Arc<Proxy>>) {
         let gone: std::collections::HashSet<String> = gone.into_iter().collect();
         let keep = |n: &str| !gone.contains(n);
         sampler.pool.retain(keep);
-        if let Some(p) = &proxy {
-            p.h3.retain(keep);
-        }
+        proxy.h3.retain(keep);
         routing.retain(keep);
     }
 }

@@ -1,24 +1,25 @@
 //! Outbound, L4: an application's TCP connection on a local port becomes a tunnel to one of the
 //! service's endpoints, chosen and retried by the dispatch engine. This file is the engine's
-//! L4 adapter ([`Outbound::open`], shared with the proxy's CONNECT) and the `[[outbound]]`
-//! accept loop.
+//! L4 adapter ([`Outbound::open`], shared with the proxy's CONNECT) and the tunnel of an
+//! `[[outbound]]` connection ([`carry`]; the ports themselves are `outbound_port.rs`).
 //!
-//! Nothing is read from the application before the tunnel is open, so a retry is invisible
-//! to it: its first bytes wait in the kernel's socket buffer, not in ours.
+//! Nothing more is read from the application before the tunnel is open, so a retry is
+//! invisible to it: its first bytes wait in the kernel's socket buffer, or, when an `auto`
+//! port read them to tell HTTP apart, in the connection's held prefix, sent once open.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshnode_proto::StreamHeader;
-use meshnode_transport::tunnel::{self, OpenError};
+use meshnode_transport::tunnel::{self, LocalSide, OpenError};
 use meshnode_transport::{Alpn, PeerPool};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 
 use crate::balance::InflightGuard;
 use crate::dispatch::{Decision, Dispatch, Outcome, Request};
 use crate::drain;
+use crate::prefixed::Prefixed;
 use crate::routing::{Routing, Target};
 use crate::telemetry::{AttemptResult, ServiceTelemetry, Telemetry};
 
@@ -32,75 +33,13 @@ pub struct Outbound {
     pub telemetry: Arc<Telemetry>,
 }
 
-/// One `[[outbound]]` listener and its accept task.
-pub struct OutboundListener {
-    /// The service it serves.
-    pub service: String,
-    /// The address in the config (may have port 0).
-    pub configured: SocketAddr,
-    /// The address actually bound.
-    pub bound: SocketAddr,
-    /// The accept loop.
-    pub task: JoinHandle<()>,
-}
-
-impl OutboundListener {
-    /// Binds and starts serving `service` on `listen`.
-    pub async fn start(
-        outbound: &Arc<Outbound>,
-        drain: &drain::Watch,
-        service: &str,
-        listen: SocketAddr,
-    ) -> std::io::Result<OutboundListener> {
-        let listener = TcpListener::bind(listen).await?;
-        let bound = listener.local_addr()?;
-        let task = tokio::spawn(accept_loop(
-            outbound.clone(),
-            drain.clone(),
-            service.to_string(),
-            listener,
-        ));
-        Ok(OutboundListener {
-            service: service.to_string(),
-            configured: listen,
-            bound,
-            task,
-        })
-    }
-}
-
-/// Accepts application connections for `service` until a drain begins or the task is stopped.
-pub async fn accept_loop(
-    outbound: Arc<Outbound>,
-    drain: drain::Watch,
-    service: String,
-    listener: TcpListener,
-) {
-    let svc = outbound.telemetry.service(&service);
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = drain.signalled() => return,
-        };
-        match accepted {
-            Ok((tcp, client)) => {
-                let (outbound, drain, svc) = (outbound.clone(), drain.clone(), svc.clone());
-                tokio::spawn(async move { handle(outbound, drain, svc, tcp, client).await });
-            }
-            Err(e) => {
-                // EMFILE and the like: back off briefly rather than spin.
-                tracing::warn!(%service, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn handle(
+/// Carries one application connection as a tunnel to an endpoint of `svc`'s service: its held
+/// prefix first, then both directions spliced. With no tunnel, the connection is reset.
+pub(crate) async fn carry(
     outbound: Arc<Outbound>,
     drain: drain::Watch,
     svc: Arc<ServiceTelemetry>,
-    tcp: TcpStream,
+    mut conn: Prefixed<TcpStream>,
     client: SocketAddr,
 ) {
     let started = Instant::now();
@@ -112,7 +51,9 @@ async fn handle(
         Ok(o) => o,
         Err(failure) => {
             tracing::warn!(%service, %client, reason = %failure, "no tunnel; connection reset");
-            reset(tcp);
+            // An abortive close: the application sees a failure at once rather than an
+            // orderly end of an empty stream.
+            conn.abort();
             return;
         }
     };
@@ -124,7 +65,9 @@ async fn handle(
     } = opened;
     let _hold = drain.hold();
     let _active = svc.active();
-    let outcome = tunnel::splice(tcp, t.send, t.recv, t.leftover, &svc.bytes).await;
+    let (mut send, mut recv) = (t.send, t.recv);
+    let outcome =
+        tunnel::splice_with(&mut conn, &mut send, &mut recv, t.leftover, &svc.bytes).await;
     drop(inflight);
     tracing::info!(
         target: "meshnode::access",
@@ -351,12 +294,4 @@ impl Outbound {
             .await
             .map_err(AttemptError::Open)
     }
-}
-
-/// Closes the application's connection with RST, so it sees a failure at once rather than an
-/// orderly end of an empty stream.
-fn reset(tcp: TcpStream) {
-    // Linger zero makes close send RST; it does not block, unlike a non-zero linger.
-    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-    drop(tcp);
 }

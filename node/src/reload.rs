@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::exit::{self, Failure};
 use crate::node::{lock, Node};
-use crate::outbound::OutboundListener;
+use crate::outbound_port::OutboundListener;
 
 impl Node {
     /// Applies a new, already validated config. Tunnels in flight are untouched: inbound ones
@@ -40,37 +40,31 @@ impl Node {
             .reload_files(&new.tls.cert, &new.tls.key)
             .map_err(|e| Failure::config(format!("tls: {e}")))?;
 
-        // Outbound listeners: stop removed ones, start new ones; unchanged ones keep running.
-        let wanted: Vec<(String, std::net::SocketAddr)> = new
-            .outbound
-            .iter()
-            .map(|o| (o.service.clone(), o.listen))
-            .collect();
-        let (mut kept, mut removed) = (Vec::new(), 0usize);
+        // Outbound listeners: stop removed (or changed) ones, start new ones; unchanged ones
+        // keep running. A stopped one is waited for, so that its address is free again for a
+        // listener of another mode or service there.
+        let (mut kept, mut stopped) = (Vec::new(), Vec::new());
         {
             let mut current = lock(&self.outbounds);
             for o in current.drain(..) {
-                if wanted
-                    .iter()
-                    .any(|(s, l)| *s == o.service && *l == o.configured)
-                {
+                if new.outbound.iter().any(|c| o.serves(c)) {
                     kept.push(o);
                 } else {
                     o.task.abort();
-                    removed += 1;
+                    stopped.push(o.task);
                 }
             }
         }
+        let removed = stopped.len();
+        for task in stopped {
+            let _ = task.await;
+        }
         let mut added = 0usize;
-        for (service, listen) in &wanted {
-            if kept
-                .iter()
-                .any(|o| &o.service == service && o.configured == *listen)
-            {
+        for config in &new.outbound {
+            if kept.iter().any(|o| o.serves(config)) {
                 continue;
             }
-            match OutboundListener::start(&self.outbound, &self.drain_watch, service, *listen).await
-            {
+            match OutboundListener::start(&self.ports, &self.drain_watch, config).await {
                 Ok(l) => {
                     kept.push(l);
                     added += 1;
@@ -79,7 +73,10 @@ impl Node {
                     *lock(&self.outbounds) = kept;
                     return Err(Failure::new(
                         exit::UNAVAILABLE,
-                        format!("outbound {service}: cannot bind {listen}: {e}"),
+                        format!(
+                            "outbound {}: cannot bind {}: {e}",
+                            config.service, config.listen
+                        ),
                     ));
                 }
             }

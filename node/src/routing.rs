@@ -302,14 +302,24 @@ impl Routing {
         out
     }
 
-    /// The protocol the view records for `service` (`None` without endpoints there). When
-    /// its endpoints disagree (a change rolling out), an HTTP/2 one wins: a front-end that
-    /// would send HTTP/1.1 bytes raw to the target must not reach an h2c-only one.
+    /// The protocol `service`'s endpoints declare. When they disagree (a change rolling out),
+    /// `tcp` wins over HTTP/2 and HTTP/2 over HTTP/1.1: a tunnel reaches every target, while a
+    /// front-end speaking HTTP would not reach a raw TCP one, nor HTTP/1.1 an h2c-only one. The
+    /// view applied last answers when the current one has no endpoint (they left a moment
+    /// ago); `None` when neither has any.
     pub fn protocol(&self, service: &str) -> Option<Protocol> {
-        let view = self.view.borrow();
-        view.endpoints(service)
-            .map(|(svc, _)| svc.protocol)
-            .max_by_key(|p| p.is_h2())
+        let rank = |p: &Protocol| match p {
+            Protocol::Tcp => 2,
+            p if p.is_h2() => 1,
+            _ => 0,
+        };
+        let of = |view: &MeshView| {
+            view.endpoints(service)
+                .map(|(svc, _)| svc.protocol)
+                .max_by_key(rank)
+        };
+        let current = of(&self.view.borrow());
+        current.or_else(|| of(&self.applied_view()))
     }
 
     /// Whether `service` has any endpoint: in the view, or a last resort.
@@ -402,5 +412,15 @@ mod tests {
         assert_eq!(r.protocol("web"), Some(Protocol::Http));
         let r = routing(view(&[("b", "http", 80), ("c", "grpc", 80)]));
         assert_eq!(r.protocol("web"), Some(Protocol::Grpc));
+        let r = routing(view(&[("b", "grpc", 80)]));
+        assert_eq!(r.protocol("web"), Some(Protocol::Grpc));
+    }
+
+    #[test]
+    fn a_services_protocol_is_tcp_when_any_endpoint_says_tcp() {
+        let r = routing(view(&[("b", "http2", 80), ("c", "tcp", 80)]));
+        assert_eq!(r.protocol("web"), Some(Protocol::Tcp));
+        let r = routing(view(&[("b", "http", 80), ("c", "tcp", 80)]));
+        assert_eq!(r.protocol("web"), Some(Protocol::Tcp));
     }
 }

@@ -4,9 +4,13 @@ out: no .proto, no generated code).
   grpc_peer.py server TAG          serves mesh.Greeter on 127.0.0.1:0, prints "READY <port>"
   grpc_peer.py client ADDR CALLS   calls through ADDR (the meshnode proxy), ten at a time on one
                                    channel, then the other methods; prints one JSON line
+  grpc_peer.py unary ADDR CALLS    only unary calls (Work), ten at a time, through ADDR (an
+                                   outbound port: the channel's default authority); prints one
+                                   JSON line
 
 Methods of mesh.Greeter:
   Hello   unary: answers TAG
+  Work    unary: answers TAG after 20 ms (calls overlap however busy the machine is)
   Stream  server streaming: the request is a count N; answers N messages "TAG:i"
   Fail    unary: custom trailer x-custom=yes, then FAILED_PRECONDITION with
           grpc-status-details-bin
@@ -32,6 +36,10 @@ def serve(tag):
     def hello(request, context):
         return tag.encode()
 
+    def work(request, context):
+        time.sleep(0.02)
+        return tag.encode()
+
     def stream(request, context):
         for i in range(int(request.decode() or "0")):
             yield f"{tag}:{i}".encode()
@@ -55,6 +63,7 @@ def serve(tag):
         "Flaky": grpc.unary_unary_rpc_method_handler(flaky, identity, identity),
         "Slow": grpc.unary_unary_rpc_method_handler(slow, identity, identity),
         "Hello": grpc.unary_unary_rpc_method_handler(hello, identity, identity),
+        "Work": grpc.unary_unary_rpc_method_handler(work, identity, identity),
         "Stream": grpc.unary_stream_rpc_method_handler(stream, identity, identity),
         "Fail": grpc.unary_unary_rpc_method_handler(fail, identity, identity),
     }
@@ -78,10 +87,8 @@ def unary(channel, method):
     )
 
 
-def client(addr, calls):
-    out = {}
-    channel = grpc.insecure_channel(addr, options=[("grpc.default_authority", "greeter")])
-    hello = unary(channel, "Hello")
+def unary_calls(channel, calls, out, method="Hello"):
+    hello = unary(channel, method)
     counts = {}
     failures = 0
     # Ten calls in flight at a time on the one channel (one HTTP/2 connection).
@@ -97,6 +104,20 @@ def client(addr, calls):
                 out.setdefault("first_failure", f"{e.code()} {e.details()}")
     out["unary"] = counts
     out["unary_failures"] = failures
+
+
+def unary_only(addr, calls):
+    out = {}
+    channel = grpc.insecure_channel(addr)
+    unary_calls(channel, calls, out, "Work")
+    channel.close()
+    print(json.dumps(out), flush=True)
+
+
+def client(addr, calls):
+    out = {}
+    channel = grpc.insecure_channel(addr, options=[("grpc.default_authority", "greeter")])
+    unary_calls(channel, calls, out)
 
     stream = channel.unary_stream(
         "/mesh.Greeter/Stream",
@@ -144,5 +165,7 @@ def client(addr, calls):
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(sys.argv[2])
+    elif sys.argv[1] == "unary":
+        unary_only(sys.argv[2], int(sys.argv[3]))
     else:
         client(sys.argv[2], int(sys.argv[3]))

@@ -119,6 +119,10 @@ impl Config {
         for (i, o) in self.outbound.iter().enumerate() {
             validate_service_name(&o.service)
                 .map_err(|e| invalid(format!("outbound[{i}].service"), e.to_string()))?;
+            if let Some(mode) = &o.mode {
+                mode.parse::<super::OutboundMode>()
+                    .map_err(|e| invalid(format!("outbound[{i}].mode"), e))?;
+            }
             // Port 0 (tests, demo) lets the kernel choose, so it never collides.
             if o.listen.port() != 0 && !listeners.insert(o.listen) {
                 return Err(invalid(
@@ -624,5 +628,24 @@ key = "node-a.key"
             "[[outbound]]\nservice = \"a\"\nlisten = \"127.0.0.1:9\"\n[[outbound]]\nservice = \"b\"\nlisten = \"127.0.0.1:9\"\n",
         );
         assert!(e.contains("outbound[1].listen"), "{e}");
+    }
+
+    #[test]
+    fn outbound_mode_defaults_to_auto_and_unknown_modes_name_the_field() {
+        use crate::config::OutboundMode;
+        let two = "[[outbound]]\nservice = \"a\"\nlisten = \"127.0.0.1:9\"\n\
+                   [[outbound]]\nservice = \"b\"\nlisten = \"127.0.0.1:10\"\nmode = \"tcp\"\n";
+        let cfg = Config::parse(&format!("{BASE}{two}")).expect("valid");
+        assert_eq!(cfg.outbound[0].mode(), OutboundMode::Auto);
+        assert_eq!(cfg.outbound[1].mode(), OutboundMode::Tcp);
+        let e = err("[[outbound]]\nservice = \"a\"\nlisten = \"127.0.0.1:9\"\n\
+             [[outbound]]\nservice = \"b\"\nlisten = \"127.0.0.1:10\"\nmode = \"http\"\n");
+        assert!(
+            e.starts_with("outbound[1].mode: \"http\" is not a mode"),
+            "{e}"
+        );
+        assert!(e.contains("\"auto\"") && e.contains("\"tcp\""), "{e}");
+        let e = err("[[outbound]]\nservice = \"a\"\nlisten = \"127.0.0.1:9\"\nmode = 1\n");
+        assert!(e.contains("mode"), "{e}");
     }
 }

@@ -1,7 +1,8 @@
 //! Caller side: the local HTTP proxy on `[http_proxy] listen`, HTTP/1.1 and h2c (prior
-//! knowledge, told apart by the connection's first bytes). Requests are routed by the
-//! absolute-form URI's host (`HTTP_PROXY` clients), by h2's `:authority` or by `Host`, without
-//! the port; each request (each HTTP/2 stream) is sent as an HTTP/3
+//! knowledge, told apart by the connection's first bytes), and the same serving for an
+//! `[[outbound]]` port in `auto` mode with its service fixed ([`serve_connection`]). Requests
+//! are routed by the absolute-form URI's host (`HTTP_PROXY` clients), by h2's `:authority` or
+//! by `Host`, without the port; each request (each HTTP/2 stream) is sent as an HTTP/3
 //! request to one endpoint chosen per request by the dispatch engine, and retried elsewhere
 //! when the engine says so (docs/README.md, Failover). This file is the engine's HTTP adapter.
 //!
@@ -85,13 +86,36 @@ async fn serve_client(
     client: SocketAddr,
 ) {
     let _ = tcp.set_nodelay(true);
+    serve_connection(proxy, drain, tcp, client, None).await;
+}
+
+/// The service every request of a connection goes to, whatever the request names: the
+/// connection came in on an `[[outbound]]` port of that service (docs/behaviour.md, Outbound
+/// ports). Carried as a request extension, read by [`route`].
+#[derive(Clone)]
+struct FixedService(Arc<str>);
+
+/// Serves one client connection, HTTP/1.1 or h2c: the proxy's (`fixed` = `None`: each request
+/// names its service), or an `[[outbound]]` port's in `auto` mode (`fixed` = its service).
+pub(crate) async fn serve_connection<I>(
+    proxy: Arc<Proxy>,
+    drain: drain::Watch,
+    io: I,
+    client: SocketAddr,
+    fixed: Option<Arc<str>>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let smuggled = Arc::new(AtomicBool::new(false));
-    let io = TokioIo::new(super::sniff::Sniffer::new(tcp, smuggled.clone()));
-    let service = service_fn(move |req| {
+    let io = TokioIo::new(super::sniff::Sniffer::new(io, smuggled.clone()));
+    let service = service_fn(move |mut req: Request<Incoming>| {
         let (proxy, drain) = (proxy.clone(), drain.clone());
         let smuggled = smuggled.clone();
+        let refused = fixed.as_ref().and_then(|s| fix_service(&mut req, s));
         async move {
-            let resp = if smuggled.load(Ordering::SeqCst) {
+            let resp = if let Some(refused) = refused {
+                refused
+            } else if smuggled.load(Ordering::SeqCst) {
                 proxy.telemetry.rejected(RefusalKind::Smuggling);
                 let mut r = mesh_error(
                     StatusCode::BAD_REQUEST,
@@ -126,8 +150,40 @@ async fn serve_client(
     }
 }
 
-/// The service a request names: the absolute-form URI's host, else the `Host` header.
+/// Marks `req` as one for `service` (an `[[outbound]]` port's): whatever `Host` or
+/// `:authority` named reaches the target as `x-forwarded-host` (the target sees `Host:
+/// SERVICE`, as through the proxy). CONNECT is refused: it would reach other services than
+/// the port's.
+fn fix_service(req: &mut Request<Incoming>, service: &Arc<str>) -> Option<Response<Body>> {
+    if req.method() == Method::CONNECT {
+        return Some(mesh_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not served on an outbound port",
+        ));
+    }
+    let named = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            let host = req.headers().get(http::header::HOST)?;
+            host.to_str().ok().map(str::to_string)
+        });
+    if let Some(named) = named.filter(|n| host_of(n) != **service) {
+        if let Ok(v) = http::HeaderValue::from_str(&named) {
+            req.headers_mut().entry("x-forwarded-host").or_insert(v);
+        }
+    }
+    req.extensions_mut().insert(FixedService(service.clone()));
+    None
+}
+
+/// The service a request names: an `[[outbound]]` port's own, the absolute-form URI's host,
+/// else the `Host` header.
 fn route(req: &Request<Incoming>) -> Option<String> {
+    if let Some(FixedService(s)) = req.extensions().get::<FixedService>() {
+        return Some(s.to_string());
+    }
     if let Some(a) = req.uri().authority() {
         return Some(host_of(a.as_str()));
     }

@@ -31,15 +31,15 @@ enum State {
 }
 
 /// A client connection whose request heads are checked as hyper reads them.
-pub(crate) struct Sniffer {
-    inner: TcpStream,
+pub(crate) struct Sniffer<T = TcpStream> {
+    inner: T,
     state: State,
     flag: Arc<AtomicBool>,
 }
 
-impl Sniffer {
+impl<T> Sniffer<T> {
     /// Wraps `inner`; `flag` is raised when a conflicting head is seen.
-    pub(crate) fn new(inner: TcpStream, flag: Arc<AtomicBool>) -> Sniffer {
+    pub(crate) fn new(inner: T, flag: Arc<AtomicBool>) -> Sniffer<T> {
         Sniffer {
             inner,
             state: State::Head(Vec::new()),
@@ -140,7 +140,92 @@ fn inspect(head: &[u8]) -> Framing {
     }
 }
 
-impl AsyncRead for Sniffer {
+/// What the first bytes of a client connection say it speaks (an `[[outbound]]` port in
+/// `auto` mode decides by them: docs/behaviour.md, Outbound ports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Detected {
+    /// The HTTP/2 connection preface: h2c with prior knowledge.
+    H2c,
+    /// An HTTP/1.x request line.
+    Http1,
+    /// Anything else.
+    Other,
+}
+
+/// Longest request line [`detect`] waits for: as much as the proxy accepts for a whole head.
+pub(crate) const MAX_REQUEST_LINE: usize = super::MAX_HEADER_BYTES;
+/// Longest method name taken for HTTP (the registered ones have at most 17 characters).
+const MAX_METHOD: usize = 32;
+
+/// Classifies the first bytes of a client connection; `None` while they could still be an
+/// HTTP/2 preface or an HTTP/1.x request line. Bytes that break the request line's grammar
+/// (RFC 9112 §3: `token SP target SP HTTP/1.d CRLF`; empty lines before it are skipped) are
+/// `Other` as soon as they arrive, so binary protocols are told apart by their first byte.
+pub(crate) fn detect(first: &[u8]) -> Option<Detected> {
+    if first.starts_with(H2_PREFACE) {
+        return Some(Detected::H2c);
+    }
+    if H2_PREFACE.starts_with(first) {
+        return None;
+    }
+    let line = {
+        let skip = first
+            .iter()
+            .position(|b| !matches!(b, b'\r' | b'\n'))
+            .unwrap_or(first.len());
+        &first[skip..]
+    };
+    let other = Some(Detected::Other);
+    let mut i = 0;
+    // Method: a token, then one space.
+    while i < line.len() && is_tchar(line[i]) {
+        i += 1;
+    }
+    if i > MAX_METHOD {
+        return other;
+    }
+    match line.get(i) {
+        None => return undecided(first),
+        Some(b' ') if i > 0 => i += 1,
+        Some(_) => return other,
+    }
+    // Target: visible ASCII, then one space.
+    let start = i;
+    while i < line.len() && line[i].is_ascii_graphic() {
+        i += 1;
+    }
+    match line.get(i) {
+        None => return undecided(first),
+        Some(b' ') if i > start => i += 1,
+        Some(_) => return other,
+    }
+    // Version, then the line's end.
+    const VERSION: &[u8] = b"HTTP/1.";
+    let rest = &line[i..];
+    let n = rest.len().min(VERSION.len());
+    if rest[..n] != VERSION[..n] {
+        return other;
+    }
+    match rest.get(VERSION.len()..) {
+        None | Some([]) => undecided(first),
+        Some([d, ..]) if !d.is_ascii_digit() => other,
+        Some([_]) | Some([_, b'\r']) => undecided(first),
+        Some([_, b'\n', ..]) | Some([_, b'\r', b'\n', ..]) => Some(Detected::Http1),
+        Some(_) => other,
+    }
+}
+
+/// `None` (more bytes needed) unless the line is already longer than any accepted.
+fn undecided(first: &[u8]) -> Option<Detected> {
+    (first.len() > MAX_REQUEST_LINE).then_some(Detected::Other)
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Sniffer<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -158,7 +243,7 @@ impl AsyncRead for Sniffer {
     }
 }
 
-impl AsyncWrite for Sniffer {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Sniffer<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -173,5 +258,69 @@ impl AsyncWrite for Sniffer {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{detect, Detected, H2_PREFACE, MAX_REQUEST_LINE};
+
+    #[test]
+    fn the_h2_preface_is_h2c_and_its_prefixes_wait() {
+        assert_eq!(detect(H2_PREFACE), Some(Detected::H2c));
+        let mut with_settings = H2_PREFACE.to_vec();
+        with_settings.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        assert_eq!(detect(&with_settings), Some(Detected::H2c));
+        for n in 0..H2_PREFACE.len() {
+            assert_eq!(detect(&H2_PREFACE[..n]), None, "{n} bytes");
+        }
+    }
+
+    #[test]
+    fn request_lines_are_http1_once_the_line_ends() {
+        for line in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"POST /a?b=c HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://web/x HTTP/1.0\r\n",
+            b"OPTIONS * HTTP/1.1\n",
+            b"\r\nDELETE /x HTTP/1.1\r\n",
+            b"PRI-VATE /x HTTP/1.1\r\n",
+            b"CONNECT web:80 HTTP/1.1\r\n",
+        ] {
+            assert_eq!(detect(line), Some(Detected::Http1), "{line:?}");
+            for n in 1..line.iter().position(|&b| b == b'\n').unwrap_or(0) {
+                assert_eq!(detect(&line[..n]), None, "{:?}", &line[..n]);
+            }
+        }
+    }
+
+    #[test]
+    fn other_bytes_are_told_apart_as_soon_as_they_break_the_grammar() {
+        for (bytes, why) in [
+            (&b"\x16\x03\x01\x02\x00"[..], "TLS ClientHello"),
+            (b"PING\r\n", "redis inline command"),
+            (b"*1\r\n$4\r\nPING\r\n", "redis protocol"),
+            (b"SSH-2.0-OpenSSH_9.2\r\n", "ssh banner"),
+            (b"GET  / HTTP/1.1\r\n", "two spaces"),
+            (b"GET / HTTP/2.0\r\n", "not HTTP/1"),
+            (b"GET / HTTP/1.1 x\r\n", "junk after the version"),
+            (b"GET /\x01 HTTP/1.1\r\n", "control byte in the target"),
+            (b" GET / HTTP/1.1\r\n", "leading space"),
+            (
+                b"PR\x00",
+                "diverges from the preface with a byte no method has",
+            ),
+        ] {
+            assert_eq!(detect(bytes), Some(Detected::Other), "{why}");
+        }
+        assert_eq!(detect(b"SET k"), None, "could still be a request line");
+        assert_eq!(
+            detect(&[b'A'; 40]),
+            Some(Detected::Other),
+            "a method longer than any"
+        );
+        let mut long = b"GET /".to_vec();
+        long.resize(MAX_REQUEST_LINE + 1, b'a');
+        assert_eq!(detect(&long), Some(Detected::Other), "a line too long");
     }
 }
