@@ -337,7 +337,13 @@ async fn websockets_cross_the_mesh_retried_until_the_101() -> Result<()> {
         let _b = cluster.node("node-b", &b).await?;
         let _c = cluster.node("node-c", &c).await?;
         let proxy = common::process::free_tcp()?;
-        let a = cluster.node("node-a", &proxy_section(proxy)).await?;
+        // An `[[outbound]]` port of the `ws` service too (mode auto: HTTP served per request).
+        let outbound = common::process::free_tcp()?;
+        let a_config = format!(
+            "{}[[outbound]]\nservice = \"ws\"\nlisten = \"{outbound}\"\n",
+            proxy_section(proxy)
+        );
+        let a = cluster.node("node-a", &a_config).await?;
         for (svc, n) in [("ws", 2), ("wsflaky", 2), ("wsreject", 1), ("halfclose", 1)] {
             wait_service(&a, svc, n).await?;
         }
@@ -361,6 +367,17 @@ async fn websockets_cross_the_mesh_retried_until_the_101() -> Result<()> {
             &[("service", "ws"), ("code", "101")],
         );
         assert_eq!(switched, 20.0, "each upgrade is one request, code 101");
+
+        // The same through the outbound port: the client names no proxy, the port its service.
+        let v = ws_client(outbound, "ws", "origin", 10).await?;
+        assert_eq!(v["ok"], 10, "outbound port: {v}");
+        let m = metrics(&a).await?;
+        let switched = metric_sum(
+            &m,
+            "meshnode_http_requests_total",
+            &[("service", "ws"), ("code", "101")],
+        );
+        assert_eq!(switched, 30.0, "upgrades on the outbound port are requests too");
 
         // WebSocket over HTTP/2 (RFC 8441): answered 200, the target asked with HTTP/1.1.
         for _ in 0..4 {
