@@ -162,6 +162,14 @@ impl Telemetry {
             .clone()
     }
 
+    /// Counts one client request (or connection) the caller's HTTP front-end refused or closed
+    /// before routing it: `reason` is a `meshnode_http_rejected_total` label.
+    pub fn http_rejected(&self, reason: &'static str) {
+        self.metrics
+            .counter("meshnode_http_rejected_total", &[("reason", reason)])
+            .increment(1);
+    }
+
     /// Counts one refused inbound stream or request.
     pub fn rejected(&self, kind: RefusalKind) {
         self.rejected

@@ -551,3 +551,62 @@ async fn chunked_bodies_and_trailers_cross_the_mesh_both_ways() -> Result<()> {
     })
     .await?
 }
+
+/// Request shapes the proxy refuses before routing (RFC 9112 §3.2, §6.1): each answered 400
+/// with the connection closed where framing is in doubt, and counted on the caller by reason;
+/// a client that never finishes its head is closed at the header deadline and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ambiguous_requests_are_refused_and_slow_heads_closed_and_counted() -> Result<()> {
+    tokio::time::timeout(LIMIT, async {
+        let m = mesh("").await?;
+        // The slow client starts first: its deadline runs while the other cases are tried.
+        let mut slow = TcpStream::connect(m.proxy).await?;
+        slow.write_all(b"GET / HTTP/1.1\r\nHo").await?;
+        let slow_started = std::time::Instant::now();
+
+        let cases: &[(&[u8], &str)] = &[
+            (
+                b"POST /echo HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /hidden HTTP/1.1\r\nHost: web\r\n\r\n",
+                "transfer_encoding",
+            ),
+            (
+                b"POST /echo HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: gzip\r\n\r\n",
+                "malformed",
+            ),
+            (
+                b"POST /echo HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                "transfer_encoding",
+            ),
+            (b"GET / HTTP/1.1\r\nHost: web\r\nHost: nosuch\r\n\r\n", "duplicate_host"),
+            (b"GET http://web/ HTTP/1.1\r\nHost: nosuch\r\n\r\n", "host_mismatch"),
+        ];
+        for (request, reason) in cases {
+            let answer = raw(m.proxy, request).await?;
+            assert!(answer.starts_with("HTTP/1.1 400"), "{reason}: answered {answer:?}");
+            assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{reason}: a hidden request was answered: {answer:?}");
+        }
+        let metrics = m.a.metrics();
+        // `gzip` alone is refused by hyper's own parser (a request body must end chunked).
+        assert_eq!(metrics.get("meshnode_http_rejected_total", &["transfer_encoding"]), 2.0);
+        assert!(metrics.get("meshnode_http_rejected_total", &["malformed"]) >= 1.0);
+        assert_eq!(metrics.get("meshnode_http_rejected_total", &["duplicate_host"]), 1.0);
+        assert_eq!(metrics.get("meshnode_http_rejected_total", &["host_mismatch"]), 1.0);
+
+        // The slow head: closed at the deadline (30 s), counted.
+        let mut out = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(45), slow.read_to_end(&mut out)).await;
+        let waited = slow_started.elapsed();
+        assert!(closed.is_ok(), "a slow request head was held past {waited:?}");
+        assert!(waited >= Duration::from_secs(25), "closed before the deadline: {waited:?}");
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while m.a.metrics().get("meshnode_http_rejected_total", &["header_timeout"]) < 1.0 {
+            assert!(std::time::Instant::now() < until, "header timeout not counted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The proxy still serves.
+        let (status, _, _) = call(&client(), m.proxy, "GET", "web", "/", Bytes::new()).await?;
+        assert_eq!(status, StatusCode::OK);
+        Ok(())
+    })
+    .await?
+}

@@ -377,7 +377,10 @@ async fn websockets_cross_the_mesh_retried_until_the_101() -> Result<()> {
             "meshnode_http_requests_total",
             &[("service", "ws"), ("code", "101")],
         );
-        assert_eq!(switched, 30.0, "upgrades on the outbound port are requests too");
+        assert_eq!(
+            switched, 30.0,
+            "upgrades on the outbound port are requests too"
+        );
 
         // WebSocket over HTTP/2 (RFC 8441): answered 200, the target asked with HTTP/1.1.
         for _ in 0..4 {

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use super::body::{self, Body};
 use super::grpc::{self, RequestBody};
 use super::headers::{add_forwarded_for, ensure_traceparent, host_of, strip_hop_by_hop};
+use super::sniff::Verdict;
 use super::upgrade;
 use super::{is_idempotent, mesh_error, MAX_HEADER_BYTES, MESH_ERROR};
 
@@ -106,26 +107,34 @@ pub(crate) async fn serve_connection<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let smuggled = Arc::new(AtomicBool::new(false));
-    let io = TokioIo::new(super::sniff::Sniffer::new(io, smuggled.clone()));
+    let verdict = Arc::new(AtomicU8::new(0));
+    let io = TokioIo::new(super::sniff::Sniffer::new(io, verdict.clone()));
+    let telemetry = proxy.telemetry.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
         let (proxy, drain) = (proxy.clone(), drain.clone());
-        let smuggled = smuggled.clone();
+        let verdict = Verdict::of(&verdict);
+        let mismatch = fixed.is_none() && host_mismatch(&req);
         let refused = fixed.as_ref().and_then(|s| fix_service(&mut req, s));
         async move {
             let resp = if let Some(refused) = refused {
                 refused
-            } else if smuggled.load(Ordering::SeqCst) {
-                proxy.telemetry.rejected(RefusalKind::Smuggling);
-                let mut r = mesh_error(
-                    StatusCode::BAD_REQUEST,
-                    "conflicting Content-Length and Transfer-Encoding",
-                );
+            } else if let Some(verdict) = verdict {
+                if verdict == Verdict::Smuggling {
+                    proxy.telemetry.rejected(RefusalKind::Smuggling);
+                }
+                proxy.telemetry.http_rejected(verdict.label());
+                let mut r = mesh_error(StatusCode::BAD_REQUEST, verdict.reason());
                 r.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
                 );
                 r
+            } else if mismatch {
+                proxy.telemetry.http_rejected("host_mismatch");
+                mesh_error(
+                    StatusCode::BAD_REQUEST,
+                    "Host and the request's authority name different services",
+                )
             } else {
                 handle(proxy, drain, client, req).await
             };
@@ -136,7 +145,11 @@ pub(crate) async fn serve_connection<I>(
     builder
         .http1()
         .max_buf_size(MAX_HEADER_BYTES)
-        .keep_alive(true);
+        .keep_alive(true)
+        // A request head (and an idle keep-alive connection's next one) must arrive within
+        // this: a slowloris client is closed, not held for ever.
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     builder
         .http2()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -146,8 +159,38 @@ pub(crate) async fn serve_connection<I>(
         // WebSocket over HTTP/2 (RFC 8441).
         .enable_connect_protocol();
     if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
+        // hyper answered (400, 431) or closed these itself, before any request reached us.
+        if let Some(e) = e.downcast_ref::<hyper::Error>() {
+            if e.is_timeout() {
+                telemetry.http_rejected("header_timeout");
+            } else if e.is_parse_too_large() {
+                telemetry.http_rejected("head_too_large");
+            } else if e.is_parse() {
+                telemetry.http_rejected("malformed");
+            }
+        }
         tracing::debug!(%client, error = %e, "proxy client connection ended");
     }
+}
+
+/// How long a client has to send a request head, counted from the connection's start or the
+/// end of its previous request: also the idle keep-alive timeout (hyper's default, as long as
+/// common servers' keep-alive: nginx 75 s, Envoy's request-headers timeout unset).
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An absolute-form or h2 request whose authority names another host than its `Host` header
+/// (RFC 9112 §3.2.2 says to ignore Host then; a proxy that routed by one and forwarded the other
+/// would let a client reach a service it did not name).
+fn host_mismatch(req: &Request<Incoming>) -> bool {
+    let Some(authority) = req.uri().authority() else {
+        return false;
+    };
+    let hosts = req.headers().get_all(http::header::HOST);
+    hosts.iter().any(|h| {
+        h.to_str().map_or(true, |h| {
+            !host_of(h).eq_ignore_ascii_case(&host_of(authority.as_str()))
+        })
+    })
 }
 
 /// Marks `req` as one for `service` (an `[[outbound]]` port's): whatever `Host` or

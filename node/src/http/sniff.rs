@@ -1,14 +1,15 @@
 //! Request-smuggling guard for the proxy. hyper accepts a request carrying both
 //! `Content-Length` and `Transfer-Encoding` (it drops the length and closes the connection
-//! afterwards); the proxy refuses such requests with 400 instead. The sniffer watches the
-//! bytes hyper reads, parses each request head at a known message boundary and raises a flag
-//! on a conflicting one. After a chunked request the boundaries are no longer tracked; hyper
+//! afterwards), a `Transfer-Encoding` such as `chunked, chunked`, and two `Host` headers; the
+//! proxy refuses such requests with 400 instead (RFC 9112 §6.1, §3.2). The sniffer watches the
+//! bytes hyper reads, parses each request head at a known message boundary and records a
+//! [`Verdict`] on a refused one. After a chunked request the boundaries are no longer tracked; hyper
 //! itself frames such a connection safely. An h2c connection (its first bytes are the HTTP/2
 //! preface) is not watched: HTTP/2 frames every body itself.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -20,6 +21,48 @@ pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Largest head the sniffer keeps (hyper refuses larger ones with 431 anyway).
 const MAX_HEAD: usize = super::MAX_HEADER_BYTES + 1024;
+
+/// Why a request head is refused, as the sniffer's shared flag holds it (0: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Verdict {
+    /// Both `Content-Length` and `Transfer-Encoding`.
+    Smuggling = 1,
+    /// A `Transfer-Encoding` other than one `chunked` (repeated, or another coding).
+    TransferEncoding = 2,
+    /// More than one `Host` header.
+    DuplicateHost = 3,
+}
+
+impl Verdict {
+    /// The verdict stored in `flag`, if any.
+    pub(crate) fn of(flag: &AtomicU8) -> Option<Verdict> {
+        match flag.load(Ordering::SeqCst) {
+            1 => Some(Verdict::Smuggling),
+            2 => Some(Verdict::TransferEncoding),
+            3 => Some(Verdict::DuplicateHost),
+            _ => None,
+        }
+    }
+
+    /// The `reason` label of `meshnode_http_rejected_total`.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Verdict::Smuggling => "smuggling",
+            Verdict::TransferEncoding => "transfer_encoding",
+            Verdict::DuplicateHost => "duplicate_host",
+        }
+    }
+
+    /// The answer's reason text.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Verdict::Smuggling => "conflicting Content-Length and Transfer-Encoding",
+            Verdict::TransferEncoding => "Transfer-Encoding must be exactly one chunked",
+            Verdict::DuplicateHost => "more than one Host header",
+        }
+    }
+}
 
 enum State {
     /// Collecting a request head.
@@ -34,12 +77,12 @@ enum State {
 pub(crate) struct Sniffer<T = TcpStream> {
     inner: T,
     state: State,
-    flag: Arc<AtomicBool>,
+    flag: Arc<AtomicU8>,
 }
 
 impl<T> Sniffer<T> {
-    /// Wraps `inner`; `flag` is raised when a conflicting head is seen.
-    pub(crate) fn new(inner: T, flag: Arc<AtomicBool>) -> Sniffer<T> {
+    /// Wraps `inner`; `flag` gets the [`Verdict`] of a refused head.
+    pub(crate) fn new(inner: T, flag: Arc<AtomicU8>) -> Sniffer<T> {
         Sniffer {
             inner,
             state: State::Head(Vec::new()),
@@ -85,8 +128,8 @@ impl<T> Sniffer<T> {
                     let next = inspect(&buf[..end]);
                     data = &data[consumed..];
                     match next {
-                        Framing::Conflict => {
-                            self.flag.store(true, Ordering::SeqCst);
+                        Framing::Refused(verdict) => {
+                            self.flag.store(verdict as u8, Ordering::SeqCst);
                             self.state = State::Off;
                         }
                         Framing::Length(0) => self.state = State::Head(Vec::new()),
@@ -104,7 +147,7 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 }
 
 enum Framing {
-    Conflict,
+    Refused(Verdict),
     Length(u64),
     Unknown,
 }
@@ -120,9 +163,29 @@ fn inspect(head: &[u8]) -> Framing {
             .iter()
             .any(|h| h.name.eq_ignore_ascii_case(name))
     };
+    let count = |name: &str| {
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .count()
+    };
     let te = has("transfer-encoding");
     if te && has("content-length") {
-        return Framing::Conflict;
+        return Framing::Refused(Verdict::Smuggling);
+    }
+    if te {
+        let only_chunked = count("transfer-encoding") == 1
+            && req.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("transfer-encoding")
+                    && std::str::from_utf8(h.value)
+                        .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"))
+            });
+        if !only_chunked {
+            return Framing::Refused(Verdict::TransferEncoding);
+        }
+    }
+    if count("host") > 1 {
+        return Framing::Refused(Verdict::DuplicateHost);
     }
     if te || req.method == Some("CONNECT") {
         return Framing::Unknown;
