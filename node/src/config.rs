@@ -79,6 +79,9 @@ pub struct NodeConfig {
     /// Grace for in-flight tunnels on SIGTERM.
     #[serde(default = "default_drain", with = "duration")]
     pub drain_timeout: Duration,
+    /// Most application connections held at once by all front-ends (`[[outbound]]` ports and
+    /// the HTTP proxy); default: half the file descriptors past a reserve.
+    pub max_connections: Option<usize>,
 }
 
 /// `node.advertise`: a fixed address, or `auto`.
@@ -337,6 +340,8 @@ pub struct OutboundConfig {
     /// `"auto"` (default) or `"tcp"`; checked by `validate`, read through
     /// [`OutboundConfig::mode`].
     pub mode: Option<String>,
+    /// Most connections held at once on this port (within the node's `max_connections`).
+    pub max_connections: Option<usize>,
 }
 
 impl OutboundConfig {
@@ -391,6 +396,8 @@ impl std::fmt::Display for OutboundMode {
 pub struct HttpProxyConfig {
     /// Local address of the HTTP/1.1 proxy.
     pub listen: SocketAddr,
+    /// Most client connections held at once (within the node's `max_connections`).
+    pub max_connections: Option<usize>,
 }
 
 fn default_listen() -> SocketAddr {

@@ -6,6 +6,7 @@
 //! them.
 
 pub mod admin;
+pub mod admit;
 pub mod balance;
 pub mod cli;
 pub mod config;

@@ -203,9 +203,23 @@ impl Node {
             outbound: outbound.clone(),
             h3: H3Clients::default(),
         });
+        let nofile = crate::limits::raise_nofile().map_or(1024, |l| l.now);
+        let admission = crate::admit::NodeAdmission::new(
+            config
+                .node
+                .max_connections
+                .unwrap_or_else(|| crate::admit::default_node_cap(nofile)),
+            telemetry.clone(),
+        );
+        tracing::info!(
+            max_connections = admission.cap(),
+            nofile,
+            "application connection cap"
+        );
         let ports = Arc::new(Ports {
             l4: outbound.clone(),
             http: proxy.clone(),
+            admission,
         });
 
         let reconnect_wake = Arc::new(Notify::new());
@@ -262,10 +276,12 @@ impl Node {
             match bound {
                 Ok((listener, addr)) => {
                     http_proxy_addr = Some(addr);
+                    let admission = ports.admission.listener(addr, p.max_connections);
                     tasks.push(tokio::spawn(crate::http::proxy::accept_loop(
                         proxy,
                         drain_watch.clone(),
                         listener,
+                        admission,
                     )));
                 }
                 Err(e) => {

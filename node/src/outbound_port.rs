@@ -21,6 +21,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use crate::admit::{AcceptBackoff, ListenerAdmission, NodeAdmission};
 use crate::config::{OutboundConfig, OutboundMode};
 use crate::drain;
 use crate::http::proxy::Proxy;
@@ -45,6 +46,8 @@ pub(crate) struct Ports {
     pub l4: Arc<Outbound>,
     /// Per-request HTTP.
     pub http: Arc<Proxy>,
+    /// The node-wide cap on application connections.
+    pub admission: Arc<NodeAdmission>,
 }
 
 /// One `[[outbound]]` listener and its accept task.
@@ -53,6 +56,8 @@ pub struct OutboundListener {
     pub service: String,
     /// Its mode.
     pub mode: OutboundMode,
+    /// Its own connection cap.
+    pub max_connections: Option<usize>,
     /// The address in the config (may have port 0).
     pub configured: SocketAddr,
     /// The address actually bound.
@@ -71,16 +76,19 @@ impl OutboundListener {
         let listener = TcpListener::bind(config.listen).await?;
         let bound = listener.local_addr()?;
         let mode = config.mode();
+        let admission = ports.admission.listener(bound, config.max_connections);
         let task = tokio::spawn(accept_loop(
             ports.clone(),
             drain.clone(),
             config.service.clone(),
             mode,
             listener,
+            admission,
         ));
         Ok(OutboundListener {
             service: config.service.clone(),
             mode,
+            max_connections: config.max_connections,
             configured: config.listen,
             bound,
             task,
@@ -92,6 +100,7 @@ impl OutboundListener {
         self.service == config.service
             && self.configured == config.listen
             && self.mode == config.mode()
+            && self.max_connections == config.max_connections
     }
 }
 
@@ -102,9 +111,11 @@ async fn accept_loop(
     service: String,
     mode: OutboundMode,
     listener: TcpListener,
+    admission: ListenerAdmission,
 ) {
     let svc = ports.l4.telemetry.service(&service);
     let fixed: Arc<str> = Arc::from(service.as_str());
+    let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -112,14 +123,20 @@ async fn accept_loop(
         };
         match accepted {
             Ok((tcp, client)) => {
+                backoff.succeeded();
+                let Some((tcp, admitted)) = admission.admit(tcp, client) else {
+                    continue;
+                };
                 let (ports, drain, svc, fixed) =
                     (ports.clone(), drain.clone(), svc.clone(), fixed.clone());
-                tokio::spawn(serve(ports, drain, svc, fixed, mode, tcp, client));
+                tokio::spawn(async move {
+                    serve(ports, drain, svc, fixed, mode, tcp, client).await;
+                    drop(admitted);
+                });
             }
             Err(e) => {
-                // EMFILE and the like: back off briefly rather than spin.
-                tracing::warn!(%service, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let pause = backoff.failed(&service, &e);
+                tokio::time::sleep(pause).await;
             }
         }
     }

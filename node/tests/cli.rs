@@ -71,6 +71,13 @@ fn validate_accepts_a_good_config_and_names_what_is_wrong_in_bad_ones() -> Resul
         ),
         ("missing.pem", GOOD.replace("ca/ca.pem", "ca/missing.pem")),
         (
+            "node.max_connections",
+            GOOD.replace(
+                "state_dir = \"state\"",
+                "state_dir = \"state\"\nmax_connections = 0",
+            ),
+        ),
+        (
             "node.name",
             GOOD.replace("name = \"node-a\"", "name = \"node-b\""),
         ),

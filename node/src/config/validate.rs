@@ -66,6 +66,9 @@ impl ConfigError {
     }
 }
 
+/// Largest `max_connections` (node, outbound port, proxy): past any file-descriptor limit.
+const MAX_CONNECTIONS: usize = 10_000_000;
+
 /// Largest `[registry]` CA, certificate or key file: a PEM bundle is a few KiB.
 const MAX_REGISTRY_PEM: u64 = 1 << 20;
 /// Largest `registry.password_file`.
@@ -114,6 +117,26 @@ impl Config {
         }
         self.validate_registry()?;
         self.validate_services()?;
+        let caps = std::iter::once((
+            "node.max_connections".to_string(),
+            self.node.max_connections,
+        ))
+        .chain(
+            self.outbound
+                .iter()
+                .enumerate()
+                .map(|(i, o)| (format!("outbound[{i}].max_connections"), o.max_connections)),
+        )
+        .chain(
+            self.http_proxy
+                .iter()
+                .map(|p| ("http_proxy.max_connections".to_string(), p.max_connections)),
+        );
+        for (field, cap) in caps {
+            if cap.is_some_and(|c| !(1..=MAX_CONNECTIONS).contains(&c)) {
+                return Err(invalid(field, format!("must be 1-{MAX_CONNECTIONS}")));
+            }
+        }
         let mut listeners = HashSet::new();
         listeners.insert(self.admin.listen);
         for (i, o) in self.outbound.iter().enumerate() {

@@ -33,6 +33,7 @@ use super::sniff::Verdict;
 use super::upgrade;
 use super::{is_idempotent, mesh_error, MAX_HEADER_BYTES, MESH_ERROR};
 
+use crate::admit::{AcceptBackoff, ListenerAdmission};
 use crate::balance::InflightGuard;
 use crate::dispatch::{self, Decision, Dispatch, Outcome};
 use crate::drain;
@@ -62,7 +63,13 @@ pub(crate) struct Proxy {
 }
 
 /// Accepts proxy clients until a drain begins or the task is stopped.
-pub(crate) async fn accept_loop(proxy: Arc<Proxy>, drain: drain::Watch, listener: TcpListener) {
+pub(crate) async fn accept_loop(
+    proxy: Arc<Proxy>,
+    drain: drain::Watch,
+    listener: TcpListener,
+    admission: ListenerAdmission,
+) {
+    let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -70,11 +77,19 @@ pub(crate) async fn accept_loop(proxy: Arc<Proxy>, drain: drain::Watch, listener
         };
         match accepted {
             Ok((tcp, client)) => {
-                tokio::spawn(serve_client(proxy.clone(), drain.clone(), tcp, client));
+                backoff.succeeded();
+                let Some((tcp, admitted)) = admission.admit(tcp, client) else {
+                    continue;
+                };
+                let (proxy, drain) = (proxy.clone(), drain.clone());
+                tokio::spawn(async move {
+                    serve_client(proxy, drain, tcp, client).await;
+                    drop(admitted);
+                });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "http proxy accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let pause = backoff.failed("http_proxy", &e);
+                tokio::time::sleep(pause).await;
             }
         }
     }
