@@ -53,9 +53,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A free TCP (and UDP) port: bind-probe through bash's /dev/tcp is not possible for "free", so
-# pick from a random range and skip ports something answers on.
-NEXT_PORT=$((30000 + RANDOM % 20000))
+# A free TCP (and UDP) port: bash cannot bind-probe, so pick from a random range below Linux's
+# ephemeral ports (32768-60999, where outgoing connections take theirs) and skip ports something
+# answers on.
+NEXT_PORT=$((20000 + RANDOM % 10000))
 port() {
   while (exec 3<>"/dev/tcp/127.0.0.1/$NEXT_PORT") 2>/dev/null; do NEXT_PORT=$((NEXT_PORT + 1)); done
   printf -v "$1" '%s' "$NEXT_PORT"
