@@ -47,7 +47,18 @@ pub(crate) async fn carry(
     // One W3C trace per application connection; every attempt is its own span, and the far
     // node logs the same trace id, so a tunnel can be followed across the mesh.
     let trace_id = format!("{:032x}", rand::random::<u128>());
-    let opened = match outbound.open(&svc, None, &trace_id).await {
+    // A client that goes away while its tunnel is being opened (a connect-and-close burst)
+    // ends the attempt at once: its socket is not held through retries it no longer wants.
+    // (A client that already sent bytes may have half-closed on purpose: it is not watched.)
+    let watch = !conn.has_prefix();
+    let opened = tokio::select! {
+        opened = outbound.open(&svc, None, &trace_id) => opened,
+        () = client_gone(conn.get_ref()), if watch => {
+            tracing::debug!(%service, %client, "client left before its tunnel opened");
+            return;
+        }
+    };
+    let opened = match opened {
         Ok(o) => o,
         Err(failure) => {
             tracing::warn!(%service, %client, reason = %failure, "no tunnel; connection reset");
@@ -83,6 +94,17 @@ pub(crate) async fn carry(
         duration_ms = started.elapsed().as_millis() as u64,
         "tunnel closed"
     );
+}
+
+/// Resolves when the client of `tcp` has closed or reset its connection without sending a
+/// byte; pends for ever once it has sent bytes (they wait for the tunnel, and a client may
+/// half-close after its request on purpose).
+async fn client_gone(tcp: &TcpStream) {
+    let mut byte = [0u8; 1];
+    match tcp.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
 }
 
 /// A tunnel opened by [`Outbound::open`].

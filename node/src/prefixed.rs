@@ -29,6 +29,11 @@ impl<T> Prefixed<T> {
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    /// Whether bytes read before are still held in front.
+    pub fn has_prefix(&self) -> bool {
+        !self.prefix.is_empty()
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {

@@ -132,3 +132,56 @@ async fn a_flooded_port_is_held_to_its_cap_and_the_node_to_its_own() -> Result<(
     })
     .await?
 }
+
+/// A client that leaves while its tunnel is still being opened (the endpoint's node is frozen,
+/// so the open waits for its deadline) is let go at once: its slot and socket are not held
+/// through the open and its retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_during_a_pending_open_is_let_go_at_once() -> Result<()> {
+    tokio::time::timeout(LIMIT, async {
+        let cluster = Cluster::new(&["node-a", "node-b"]).await?;
+        let echo = tagged_server("B").await?;
+        let b = cluster.node("node-b", &echo_service(echo)).await?;
+        let port = free_tcp()?;
+        let a = cluster
+            .node(
+                "node-a",
+                &format!("[[outbound]]\nservice = \"echo\"\nlisten = \"{port}\"\n"),
+            )
+            .await?;
+        until(
+            "node-a to see node-b",
+            Duration::from_secs(10),
+            async || Ok(endpoints(&a).await? == ["node-b"]),
+        )
+        .await?;
+        ping(port).await?;
+        b.signal(libc::SIGSTOP)?;
+        // 20 clients connect and leave at once; each tunnel open would wait 500 ms or more.
+        let mut clients = Vec::new();
+        for _ in 0..20 {
+            clients.push(TcpStream::connect(port).await?);
+        }
+        until("all 20 to be held", Duration::from_secs(5), async || {
+            Ok(metric(&a, "meshnode_app_connections").await? == 20.0)
+        })
+        .await?;
+        let left = Instant::now();
+        drop(clients);
+        until(
+            "the node to let them go",
+            Duration::from_secs(5),
+            async || Ok(metric(&a, "meshnode_app_connections").await? == 0.0),
+        )
+        .await?;
+        let took = left.elapsed();
+        b.signal(libc::SIGCONT)?;
+        eprintln!("20 clients left during their opens: slots back in {took:?}");
+        assert!(
+            took < Duration::from_millis(400),
+            "held through the open: {took:?}"
+        );
+        Ok(())
+    })
+    .await?
+}
