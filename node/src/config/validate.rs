@@ -114,6 +114,9 @@ impl Config {
         }
         self.validate_registry()?;
         self.validate_services()?;
+        if let Some(t) = &self.tracing {
+            t.validate()?;
+        }
         let mut listeners = HashSet::new();
         listeners.insert(self.admin.listen);
         for (i, o) in self.outbound.iter().enumerate() {
