@@ -21,6 +21,7 @@ use crate::dispatch::{Decision, Dispatch, Outcome, Request};
 use crate::drain;
 use crate::routing::{Routing, Target};
 use crate::telemetry::{AttemptResult, ServiceTelemetry, Telemetry};
+use crate::trace::TunnelTrace;
 
 /// What the L4 adapter uses: routing, the peer pool, telemetry.
 pub struct Outbound {
@@ -105,12 +106,13 @@ async fn handle(
 ) {
     let started = Instant::now();
     let service = svc.name();
-    // One W3C trace per application connection; every attempt is its own span, and the far
-    // node logs the same trace id, so a tunnel can be followed across the mesh.
-    let trace_id = format!("{:032x}", rand::random::<u128>());
-    let opened = match outbound.open(&svc, None, &trace_id).await {
+    // One W3C trace per application connection, carried to the far node, whose access log
+    // shows the same trace id; with `[tracing]`, the tunnel's client span.
+    let mut trace = TunnelTrace::start(outbound.telemetry.tracer(), service, None);
+    let opened = match outbound.open(&svc, None, &mut trace).await {
         Ok(o) => o,
         Err(failure) => {
+            trace.span.fail(&failure);
             tracing::warn!(%service, %client, reason = %failure, "no tunnel; connection reset");
             reset(tcp);
             return;
@@ -126,13 +128,14 @@ async fn handle(
     let _active = svc.active();
     let outcome = tunnel::splice(tcp, t.send, t.recv, t.leftover, &svc.bytes).await;
     drop(inflight);
+    trace.span.tunnel_closed(&outcome);
     tracing::info!(
         target: "meshnode::access",
         direction = "outbound",
         %service,
         peer = %node,
         %client,
-        %trace_id,
+        trace_id = trace.trace_id(),
         attempts,
         to_peer = outcome.to_peer,
         from_peer = outcome.from_peer,
@@ -258,12 +261,13 @@ pub fn open_result(e: &OpenError) -> AttemptResult {
 impl Outbound {
     /// Opens a tunnel to one of `svc`'s endpoints (on `port` when given, else each endpoint's
     /// registered port), driving the dispatch engine, and counts every attempt and a failure
-    /// without an attempt. Shared by `[[outbound]]` listeners and the proxy's CONNECT.
+    /// without an attempt. Shared by `[[outbound]]` listeners and the proxy's CONNECT. Each
+    /// attempt carries `trace`'s traceparent; failed attempts are events of its span.
     pub async fn open(
         &self,
         svc: &ServiceTelemetry,
         port: Option<u16>,
-        trace_id: &str,
+        trace: &mut TunnelTrace,
     ) -> Result<Opened, NoTunnel> {
         let service = svc.name();
         let route = self.routing.route(service);
@@ -284,7 +288,7 @@ impl Outbound {
             };
             let node = target.node.clone();
             let inflight = dispatch.start(&node);
-            let traceparent = format!("00-{trace_id}-{:016x}-01", rand::random::<u64>());
+            let traceparent = trace.traceparent();
             let deadline = dispatch.deadline(&node, self.routing.open_timeout, Instant::now());
             let mut open_started = Instant::now();
             let attempt = dispatch.attempts();
@@ -297,6 +301,7 @@ impl Outbound {
                     let latency = open_started.elapsed();
                     dispatch.report(&node, Outcome::Ok { latency }, Instant::now());
                     endpoint.opened(AttemptResult::Ok);
+                    trace.span.peer(&node, target.addr);
                     return Ok(Opened {
                         node,
                         tunnel: t,
@@ -312,6 +317,9 @@ impl Outbound {
             let decision =
                 dispatch.report(&node, e.outcome(open_started.elapsed()), Instant::now());
             let retry = decision == Decision::Retry;
+            trace
+                .span
+                .attempt_failed(&node, target.addr, result.label(), retry);
             tracing::info!(%service, peer = %node, attempt = attempt - 1, reason = %e, retry, "tunnel open failed");
             match decision {
                 Decision::Retry => svc.retry(result),
