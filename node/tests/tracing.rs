@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use common::cluster::{until, Cluster};
+use common::cluster::{self, until, Cluster};
 use common::process::{free_tcp, http_get, NodeProcess};
 use common::*;
 use serde_json::Value;
@@ -566,6 +566,48 @@ async fn retries_are_events_of_the_callers_span_and_refusals_are_errors() -> Res
                 "{s}"
             );
         }
+        Ok(())
+    })
+    .await
+    .context("test timed out")?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_sharing_a_process_export_their_own_spans() -> Result<()> {
+    if !python_module_ready("opentelemetry.proto").await? {
+        return Ok(());
+    }
+    tokio::time::timeout(LIMIT, async {
+        let receiver = Receiver::start("ok").await?;
+        let tracing = tracing_section(&format!("http://{}", receiver.addr));
+        let pki = Pki::new(&["node-a", "node-b"])?;
+        let reg = memory_mesh();
+        let echo = echo_server().await?;
+        let b_conf = format!("{}{tracing}", cluster::echo_service(echo));
+        let b = start_node(&pki, "node-b", &b_conf, reg.connect()).await?;
+        let a_conf =
+            format!("[[outbound]]\nservice = \"echo\"\nlisten = \"127.0.0.1:0\"\n{tracing}");
+        let a = start_node(&pki, "node-a", &a_conf, reg.connect()).await?;
+        wait_endpoints(&a, "echo", 1).await?;
+        let out = a.outbound_addr("echo").context("outbound bound")?;
+        for _ in 0..TCP_CONNECTIONS {
+            ensure!(roundtrip(out, b"x").await? == b"x");
+        }
+        until("both nodes' spans", Duration::from_secs(30), async || {
+            Ok(receiver.spans().await?.len() >= 2 * TCP_CONNECTIONS)
+        })
+        .await?;
+        let spans = receiver.spans().await?;
+        for (node, kind) in [("node-a", CLIENT), ("node-b", SERVER)] {
+            let n = spans
+                .iter()
+                .filter(|s| node_of(s) == node && s["kind"] == kind)
+                .count();
+            ensure!(n == TCP_CONNECTIONS, "{node}: {n} spans of kind {kind}");
+        }
+        ensure!(spans.len() == 2 * TCP_CONNECTIONS, "{} spans", spans.len());
+        a.drain().await;
+        b.drain().await;
         Ok(())
     })
     .await
