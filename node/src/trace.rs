@@ -113,34 +113,67 @@ impl Tracer {
         let _ = tokio::time::timeout(deadline, asked).await;
     }
 
-    fn start_span(&self, kind: SpanKind, start: &Start<'_>, mut attrs: Vec<KeyValue>) -> Span {
-        attrs.push(KeyValue::new("meshnode.service", start.service.to_string()));
-        attrs.push(KeyValue::new("server.address", start.service.to_string()));
-        if let Some(port) = start.port {
-            attrs.push(KeyValue::new("server.port", i64::from(port)));
-        }
-        if let Some((method, path)) = start.http {
-            attrs.push(KeyValue::new("http.request.method", method.to_string()));
-            attrs.push(KeyValue::new("url.path", path.to_string()));
-        }
+    /// Starts a span of `kind`. The sampler decides first: attributes (`extra` and those of
+    /// `start`) are built only for a span that records, so an unsampled request costs ids and
+    /// its `traceparent`, nothing more.
+    fn start_span(
+        &self,
+        kind: SpanKind,
+        start: &Start<'_>,
+        extra: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Span {
         let name = match start.http {
-            Some((method, _)) => Cow::Owned(method.to_string()),
+            Some((method, _)) => method_name(method),
             None => Cow::Borrowed("tunnel"),
         };
         let parent = match start.traceparent.and_then(parse_traceparent) {
             Some(cx) => Context::new().with_remote_span_context(cx),
             None => Context::new(),
         };
-        let builder = SpanBuilder::from_name(name)
-            .with_kind(kind.clone())
-            .with_attributes(attrs);
-        let sdk = self.sdk.build_with_context(builder, &parent);
+        let builder = SpanBuilder::from_name(name).with_kind(kind.clone());
+        let mut sdk = self.sdk.build_with_context(builder, &parent);
+        if sdk.is_recording() {
+            let mut attrs = extra();
+            attrs.push(KeyValue::new("meshnode.service", start.service.to_string()));
+            attrs.push(KeyValue::new("server.address", start.service.to_string()));
+            if let Some(port) = start.port {
+                attrs.push(KeyValue::new("server.port", i64::from(port)));
+            }
+            if let Some((method, path)) = start.http {
+                attrs.push(KeyValue::new("http.request.method", method_name(method)));
+                attrs.push(KeyValue::new("url.path", path.to_string()));
+            }
+            sdk.set_attributes(attrs);
+        }
         let traceparent = format_traceparent(sdk.span_context());
         Span(Some(Box::new(Live {
             sdk,
             server: kind == SpanKind::Server,
             traceparent,
         })))
+    }
+}
+
+/// An HTTP method's name, without an allocation for the common ones.
+fn method_name(method: &http::Method) -> Cow<'static, str> {
+    use http::Method;
+    let known = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    const NAMES: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    match known.iter().position(|m| m == method) {
+        Some(i) => Cow::Borrowed(NAMES[i]),
+        None => Cow::Owned(method.to_string()),
     }
 }
 
@@ -184,7 +217,7 @@ impl Span {
     /// The caller's span of a tunnel or request this node sends into the mesh.
     pub fn client(tracer: Option<&Tracer>, start: Start<'_>) -> Span {
         match tracer {
-            Some(t) => t.start_span(SpanKind::Client, &start, Vec::new()),
+            Some(t) => t.start_span(SpanKind::Client, &start, Vec::new),
             None => Span::OFF,
         }
     }
@@ -194,13 +227,15 @@ impl Span {
         let Some(t) = tracer else {
             return Span::OFF;
         };
-        let spiffe = format!("spiffe://{}/node/{}", t.trust_domain, caller.node);
-        let attrs = vec![
-            KeyValue::new("meshnode.peer", caller.node.to_string()),
-            KeyValue::new("meshnode.peer.spiffe_id", spiffe),
-            KeyValue::new("network.peer.address", caller.addr.ip().to_string()),
-            KeyValue::new("network.peer.port", i64::from(caller.addr.port())),
-        ];
+        let attrs = || {
+            let spiffe = format!("spiffe://{}/node/{}", t.trust_domain, caller.node);
+            vec![
+                KeyValue::new("meshnode.peer", caller.node.to_string()),
+                KeyValue::new("meshnode.peer.spiffe_id", spiffe),
+                KeyValue::new("network.peer.address", caller.addr.ip().to_string()),
+                KeyValue::new("network.peer.port", i64::from(caller.addr.port())),
+            ]
+        };
         t.start_span(SpanKind::Server, &start, attrs)
     }
 
