@@ -2,6 +2,7 @@
 //! with units, and `validate()` whose errors name the field at fault.
 
 mod duration;
+mod tracing;
 mod validate;
 
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use serde::Deserialize;
 
 pub use meshnode_registry::Protocol;
 
+pub use tracing::TracingConfig;
 pub use validate::ConfigError;
 pub(crate) use validate::MAX_REGISTRY_PASSWORD as MAX_PASSWORD_BYTES;
 
@@ -56,6 +58,8 @@ pub struct Config {
     pub outbound: Vec<OutboundConfig>,
     /// `[http_proxy]`
     pub http_proxy: Option<HttpProxyConfig>,
+    /// `[tracing]`: span export; none without the section.
+    pub tracing: Option<TracingConfig>,
 }
 
 /// `[node]`

@@ -14,6 +14,7 @@ use crate::http::server::H3Server;
 use crate::local::LocalServices;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::telemetry::Telemetry;
+use crate::trace::{Caller, Span, Start};
 
 /// A caller must send its whole header within this time; slow headers are refused so they
 /// cannot hold streams open.
@@ -69,8 +70,10 @@ async fn serve_connection(inbound: Arc<Inbound>, conn: InboundConnection) {
             Ok((send, recv)) => {
                 let (inbound, peer) = (inbound.clone(), peer.clone());
                 let permit = limit.on_accept();
+                // For the tunnel's span only (it takes the connection's lock).
+                let remote = inbound.telemetry.tracer().map(|_| conn.remote_address());
                 tokio::spawn(async move {
-                    serve_stream(inbound, peer, send, recv).await;
+                    serve_stream(inbound, peer, remote, send, recv).await;
                     drop(permit);
                 });
             }
@@ -102,6 +105,7 @@ async fn refuse(
 async fn serve_stream(
     inbound: Arc<Inbound>,
     peer: Arc<str>,
+    remote: Option<std::net::SocketAddr>,
     mut send: meshnode_transport::quinn::SendStream,
     mut recv: meshnode_transport::quinn::RecvStream,
 ) {
@@ -136,6 +140,18 @@ async fn serve_stream(
         .and_then(|t| t.split('-').nth(1))
         .unwrap_or("");
     let started = Instant::now();
+    let mut span = match (inbound.telemetry.tracer(), remote) {
+        (Some(tracer), Some(addr)) => {
+            let start = Start {
+                service,
+                traceparent: traceparent.as_deref(),
+                port: Some(*port),
+                http: None,
+            };
+            Span::server(Some(tracer), start, Caller { node: &peer, addr })
+        }
+        _ => Span::OFF,
+    };
     // Before the draining check inside, so that a drain beginning now waits for this tunnel.
     let _hold = inbound.drain.hold();
     let result = inbound
@@ -145,6 +161,7 @@ async fn serve_stream(
     let tcp = match result {
         Ok(tcp) => tcp,
         Err(refusal) => {
+            span.fail(&refusal);
             let code = refusal.kind.code().as_u16();
             tracing::info!(%peer, %service, code, reason = %refusal, "tunnel refused");
             refuse(&inbound, &mut send, &mut recv, &refusal).await;
@@ -160,6 +177,8 @@ async fn serve_stream(
     let svc = inbound.telemetry.service(service);
     let _active = svc.active();
     let outcome = tunnel::splice(tcp, send, recv, leftover, &svc.bytes).await;
+    span.tunnel_closed(&outcome);
+    span.end();
     tracing::info!(
         target: "meshnode::access",
         direction = "inbound",

@@ -37,5 +37,6 @@ pub mod sampler;
 pub mod status;
 pub mod status_cmd;
 pub mod telemetry;
+pub mod trace;
 
 pub use node::{Node, NodeParts};

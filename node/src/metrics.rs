@@ -61,6 +61,7 @@ pub const FAMILIES: &[(&str, Kind, &[&str], &str)] = &[
     ("meshnode_registry_lease_grants_total", Kind::Counter, &[], "Registry leases granted to this node; each one after the first means the previous lease was lost."),
     ("meshnode_registry_updates_total", Kind::Counter, &[], "Registry record changes applied to this node's view."),
     ("meshnode_retries_total", Kind::Counter, &["service", "reason"], "Attempts retried on another endpoint, by reason."),
+    ("meshnode_trace_spans_dropped_total", Kind::Counter, &[], "Spans not exported: the export queue was full, or the collector did not take the batch (unreachable, an error, no answer in time)."),
     ("meshnode_tunnel_bytes_total", Kind::Counter, &["service", "direction"], "Payload bytes carried by tunnels; direction is sent (towards the mesh peer) or received."),
     ("meshnode_tunnels_active", Kind::Gauge, &["service"], "Tunnels currently open, inbound and outbound."),
     ("meshnode_tunnels_opened_total", Kind::Counter, &["service", "peer", "result"], "Tunnel opens by service, serving peer and result (ok, refused, timeout, no_endpoint, ...)."),

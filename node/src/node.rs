@@ -36,6 +36,8 @@ use crate::telemetry::Telemetry;
 /// this deadline but by the connection's idle timeout (about 1 s), which fails every pending
 /// open on it at once; so this only bounds a live but overloaded peer, and is generous.
 pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_millis(3_000);
+/// How long a drain waits for the last spans to reach the collector: one export's deadline.
+pub const TRACE_FLUSH_TIMEOUT: Duration = crate::trace::EXPORT_TIMEOUT;
 /// How often QUIC statistics (RTT, losses) are sampled into metrics and the balancer.
 pub use crate::sampler::SAMPLE_INTERVAL;
 
@@ -134,7 +136,15 @@ impl Node {
         let pool = PeerPool::new(endpoint.clone());
         // Subscribed before any dial can happen.
         let pool_events = pool.subscribe();
-        let telemetry = Arc::new(Telemetry::new());
+        let mut telemetry = Telemetry::new();
+        if let Some(t) = &config.tracing {
+            let trust_domain = endpoint.identity().trust_domain().to_string();
+            if let Err(e) = telemetry.start_tracing(t, &config.node.name, &trust_domain) {
+                endpoint.close(0, b"start-up failed");
+                return Err(Failure::config(e.to_string()));
+            }
+        }
+        let telemetry = Arc::new(telemetry);
         let routing = Arc::new(
             Routing::new(
                 registry.view(),
@@ -402,6 +412,10 @@ impl Node {
         self.endpoint
             .close(meshnode_transport::peers::CLOSE_DRAINING, b"draining");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        if let Some(tracer) = self.telemetry.tracer() {
+            // The spans of the tunnels that just ended, before the process exits.
+            tracer.flush(TRACE_FLUSH_TIMEOUT).await;
+        }
         let name = self.info.name.clone();
         self.stop_tasks();
         tracing::info!(node = %name, "stopped");

@@ -22,6 +22,7 @@ use crate::drain;
 use crate::prefixed::Prefixed;
 use crate::routing::{Routing, Target};
 use crate::telemetry::{AttemptResult, ServiceTelemetry, Telemetry};
+use crate::trace::TunnelTrace;
 
 /// What the L4 adapter uses: routing, the peer pool, telemetry.
 pub struct Outbound {
@@ -44,15 +45,15 @@ pub(crate) async fn carry(
 ) {
     let started = Instant::now();
     let service = svc.name();
-    // One W3C trace per application connection; every attempt is its own span, and the far
-    // node logs the same trace id, so a tunnel can be followed across the mesh.
-    let trace_id = format!("{:032x}", rand::random::<u128>());
+    // One W3C trace per application connection, carried to the far node, whose access log
+    // shows the same trace id; with `[tracing]`, the tunnel's client span.
+    let mut trace = TunnelTrace::start(outbound.telemetry.tracer(), service, None);
     // A client that goes away while its tunnel is being opened (a connect-and-close burst)
     // ends the attempt at once: its socket is not held through retries it no longer wants.
     // (A client that already sent bytes may have half-closed on purpose: it is not watched.)
     let watch = !conn.has_prefix();
     let opened = tokio::select! {
-        opened = outbound.open(&svc, None, &trace_id) => opened,
+        opened = outbound.open(&svc, None, &mut trace) => opened,
         () = client_gone(conn.get_ref()), if watch => {
             tracing::debug!(%service, %client, "client left before its tunnel opened");
             return;
@@ -61,6 +62,7 @@ pub(crate) async fn carry(
     let opened = match opened {
         Ok(o) => o,
         Err(failure) => {
+            trace.span.fail(&failure);
             tracing::warn!(%service, %client, reason = %failure, "no tunnel; connection reset");
             // An abortive close: the application sees a failure at once rather than an
             // orderly end of an empty stream.
@@ -80,13 +82,14 @@ pub(crate) async fn carry(
     let outcome =
         tunnel::splice_with(&mut conn, &mut send, &mut recv, t.leftover, &svc.bytes).await;
     drop(inflight);
+    trace.span.tunnel_closed(&outcome);
     tracing::info!(
         target: "meshnode::access",
         direction = "outbound",
         %service,
         peer = %node,
         %client,
-        %trace_id,
+        trace_id = trace.trace_id(),
         attempts,
         to_peer = outcome.to_peer,
         from_peer = outcome.from_peer,
@@ -223,12 +226,13 @@ pub fn open_result(e: &OpenError) -> AttemptResult {
 impl Outbound {
     /// Opens a tunnel to one of `svc`'s endpoints (on `port` when given, else each endpoint's
     /// registered port), driving the dispatch engine, and counts every attempt and a failure
-    /// without an attempt. Shared by `[[outbound]]` listeners and the proxy's CONNECT.
+    /// without an attempt. Shared by `[[outbound]]` listeners and the proxy's CONNECT. Each
+    /// attempt carries `trace`'s traceparent; failed attempts are events of its span.
     pub async fn open(
         &self,
         svc: &ServiceTelemetry,
         port: Option<u16>,
-        trace_id: &str,
+        trace: &mut TunnelTrace,
     ) -> Result<Opened, NoTunnel> {
         let service = svc.name();
         let route = self.routing.route(service);
@@ -249,7 +253,7 @@ impl Outbound {
             };
             let node = target.node.clone();
             let inflight = dispatch.start(&node);
-            let traceparent = format!("00-{trace_id}-{:016x}-01", rand::random::<u64>());
+            let traceparent = trace.traceparent();
             let deadline = dispatch.deadline(&node, self.routing.open_timeout, Instant::now());
             let mut open_started = Instant::now();
             let attempt = dispatch.attempts();
@@ -262,6 +266,7 @@ impl Outbound {
                     let latency = open_started.elapsed();
                     dispatch.report(&node, Outcome::Ok { latency }, Instant::now());
                     endpoint.opened(AttemptResult::Ok);
+                    trace.span.peer(&node, target.addr);
                     return Ok(Opened {
                         node,
                         tunnel: t,
@@ -277,6 +282,9 @@ impl Outbound {
             let decision =
                 dispatch.report(&node, e.outcome(open_started.elapsed()), Instant::now());
             let retry = decision == Decision::Retry;
+            trace
+                .span
+                .attempt_failed(&node, target.addr, result.label(), retry);
             tracing::info!(%service, peer = %node, attempt = attempt - 1, reason = %e, retry, "tunnel open failed");
             match decision {
                 Decision::Retry => svc.retry(result),

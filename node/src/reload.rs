@@ -33,6 +33,9 @@ impl Node {
         if format!("{:?}", new.registry) != format!("{:?}", old.registry) {
             needs_restart.push("registry");
         }
+        if format!("{:?}", new.tracing) != format!("{:?}", old.tracing) {
+            needs_restart.push("tracing");
+        }
 
         // Certificates first: a bad certificate fails the reload before anything changed.
         self.endpoint

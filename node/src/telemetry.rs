@@ -11,8 +11,10 @@ use ::metrics::{Counter, Gauge, Histogram};
 use meshnode_transport::admission::HandshakeResult;
 use meshnode_transport::tunnel::TunnelCounters;
 
+use crate::config::TracingConfig;
 use crate::metrics::Metrics;
 use crate::refusal::RefusalKind;
+use crate::trace::{StartError, Tracer};
 
 /// The `result` of `meshnode_tunnels_opened_total` and the `reason` of
 /// `meshnode_retries_total`: one closed set, so handles live in arrays.
@@ -103,6 +105,7 @@ pub struct Telemetry {
     registry_leases: OnceLock<Counter>,
     ready: OnceLock<Gauge>,
     handshakes: Lazy<Counter, { HandshakeResult::ALL.len() }>,
+    tracer: Option<Tracer>,
 }
 
 impl Default for Telemetry {
@@ -126,7 +129,28 @@ impl Telemetry {
             registry_leases: OnceLock::new(),
             ready: OnceLock::new(),
             handshakes: Lazy::new(),
+            tracer: None,
         }
+    }
+
+    /// Starts span export (`[tracing]`) for node `node` on the current runtime.
+    pub fn start_tracing(
+        &mut self,
+        cfg: &TracingConfig,
+        node: &str,
+        trust_domain: &str,
+    ) -> Result<(), StartError> {
+        let dropped = self
+            .metrics
+            .counter("meshnode_trace_spans_dropped_total", &[]);
+        dropped.absolute(0);
+        self.tracer = Some(Tracer::start(cfg, node, trust_domain, dropped)?);
+        Ok(())
+    }
+
+    /// The node's tracer; `None` without `[tracing]`, and then nothing is traced.
+    pub fn tracer(&self) -> Option<&Tracer> {
+        self.tracer.as_ref()
     }
 
     /// The registry (render, tests).

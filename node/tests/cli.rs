@@ -245,5 +245,9 @@ fn the_example_configs_validate_once_their_pki_exists() -> Result<()> {
             meshnode(&["validate", "-c", s(&dir.path().join(format!("{n}.toml")))])?;
         assert_eq!(code, 0, "{n}: {out}{err}");
     }
+    let traced = dir.path().join("tracing-node-a.toml");
+    std::fs::copy(examples.join("tracing-node-a.toml"), &traced)?;
+    let (code, out, err) = meshnode(&["validate", "-c", s(&traced)])?;
+    assert_eq!(code, 0, "tracing-node-a.toml: {out}{err}");
     Ok(())
 }

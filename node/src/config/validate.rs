@@ -137,6 +137,9 @@ impl Config {
                 return Err(invalid(field, format!("must be 1-{MAX_CONNECTIONS}")));
             }
         }
+        if let Some(t) = &self.tracing {
+            t.validate()?;
+        }
         let mut listeners = HashSet::new();
         listeners.insert(self.admin.listen);
         for (i, o) in self.outbound.iter().enumerate() {

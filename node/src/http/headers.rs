@@ -3,6 +3,8 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::trace::{Span, TRACEPARENT};
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded. `Trailer` is not one of them (RFC
 /// 2616 listed it by mistake): it names the trailer fields to come, end to end, and hyper
 /// sends only the trailers it names.
@@ -73,6 +75,34 @@ pub fn ensure_traceparent(headers: &mut HeaderMap) -> String {
         headers.insert("traceparent", v);
     }
     id
+}
+
+/// Makes `span` the parent the next hop sees, when tracing; otherwise keeps a valid
+/// `traceparent` or starts a trace ([`ensure_traceparent`]). Returns the trace id.
+pub fn continue_trace(headers: &mut HeaderMap, span: &Span) -> String {
+    if let (Some(tp), Some(id)) = (span.traceparent(), span.trace_id()) {
+        if let Ok(v) = HeaderValue::from_str(tp) {
+            headers.insert(TRACEPARENT, v);
+            return id;
+        }
+    }
+    ensure_traceparent(headers)
+}
+
+/// Makes `span` the parent the next hop sees, when tracing; leaves the headers alone
+/// otherwise.
+pub fn set_parent(headers: &mut HeaderMap, span: &Span) {
+    if let Some(v) = span
+        .traceparent()
+        .and_then(|tp| HeaderValue::from_str(tp).ok())
+    {
+        headers.insert(TRACEPARENT, v);
+    }
+}
+
+/// The request's `traceparent`, if it is text.
+pub fn traceparent(headers: &HeaderMap) -> Option<&str> {
+    headers.get(TRACEPARENT).and_then(|v| v.to_str().ok())
 }
 
 /// The host part of an authority or `Host` value, lower-cased, without the port.

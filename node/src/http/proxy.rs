@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 
 use super::body::{self, Body};
 use super::grpc::{self, RequestBody};
-use super::headers::{add_forwarded_for, ensure_traceparent, host_of, strip_hop_by_hop};
+use super::headers::{add_forwarded_for, continue_trace, host_of, strip_hop_by_hop, traceparent};
 use super::sniff::Verdict;
 use super::upgrade;
 use super::{is_idempotent, mesh_error, MAX_HEADER_BYTES, MESH_ERROR};
@@ -41,6 +41,7 @@ use crate::outbound::Outbound;
 use crate::refusal::RefusalKind;
 use crate::routing::{Routing, Target};
 use crate::telemetry::{AttemptResult, EndpointTelemetry, Telemetry};
+use crate::trace::{Span, Start};
 
 /// Streams an h2c client may have open at once on one connection (more are refused).
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
@@ -355,7 +356,14 @@ async fn forward(
     strip_hop_by_hop(&mut headers);
     headers.remove(http::header::HOST);
     add_forwarded_for(&mut headers, client.ip());
-    let trace_id = ensure_traceparent(&mut headers);
+    let start = Start {
+        service,
+        traceparent: traceparent(&headers),
+        port: None,
+        http: Some((&parts.method, parts.uri.path())),
+    };
+    let mut span = Span::client(proxy.telemetry.tracer(), start);
+    let trace_id = continue_trace(&mut headers, &span);
     let path = parts
         .uri
         .path_and_query()
@@ -405,7 +413,7 @@ async fn forward(
             Ok(t) => t,
             Err(_) => {
                 let answer = mesh_error(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint");
-                return finish(&svc.endpoint(""), started, answer);
+                return finish(&svc.endpoint(""), &mut span, started, answer);
             }
         };
         let node = target.node.clone();
@@ -415,10 +423,12 @@ async fn forward(
             Decision::Retry => {
                 let reason = retry_reason(outcome);
                 svc.retry(reason);
+                span.attempt_failed(&node, target.addr, reason.label(), true);
                 tracing::debug!(%service, peer = %node, %trace_id, attempt = dispatch.attempts() - 1, reason = reason.label(), "retrying on another endpoint");
             }
             Decision::Deliver | Decision::OutOfBudget => {
-                return finish(&svc.endpoint(&node), started, answer);
+                span.peer(&node, target.addr);
+                return finish(&svc.endpoint(&node), &mut span, started, answer);
             }
         }
     }
@@ -539,9 +549,17 @@ async fn attempt(
     (outcome, Response::from_parts(rparts, rbody))
 }
 
-/// Counts the answer in the HTTP metrics and returns it.
-fn finish(endpoint: &EndpointTelemetry, started: Instant, resp: Response<Body>) -> Response<Body> {
+/// Counts the answer in the HTTP metrics and the request's span (which ends at the answer's
+/// head, as the duration metric does), and returns it.
+fn finish(
+    endpoint: &EndpointTelemetry,
+    span: &mut Span,
+    started: Instant,
+    resp: Response<Body>,
+) -> Response<Body> {
     endpoint.http(resp.status(), started.elapsed().as_secs_f64());
+    let reason = resp.headers().get(MESH_ERROR).and_then(|v| v.to_str().ok());
+    span.status(resp.status(), reason);
     resp
 }
 

@@ -6,6 +6,7 @@
 //! the service's target, answered 200, then bytes both ways; a FIN on either side is passed
 //! on as a FIN, a TCP reset resets the stream.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,7 +16,7 @@ use meshnode_transport::tunnel::splice_with;
 use meshnode_transport::StreamLimit;
 
 use super::body::{self, Body, ServerRecv, ServerSend};
-use super::headers::{host_of, strip_hop_by_hop};
+use super::headers::{host_of, set_parent, strip_hop_by_hop, traceparent};
 use super::stream::{H3Recv, H3Send};
 use super::{mesh_error, TargetClient, MAX_HEADER_BYTES};
 use crate::drain;
@@ -23,6 +24,7 @@ use crate::inbound::HEADER_TIMEOUT;
 use crate::local::LocalServices;
 use crate::refusal::{Refusal, RefusalKind};
 use crate::telemetry::Telemetry;
+use crate::trace::{Caller, Span, Start};
 
 /// What the h3 server uses.
 pub(crate) struct H3Server {
@@ -57,6 +59,7 @@ impl H3Server {
 }
 
 async fn serve(shared: Arc<H3Server>, peer: String, conn: quinn::Connection, limit: StreamLimit) {
+    let quic = conn.clone();
     let built = h3::server::builder()
         .max_field_section_size(MAX_HEADER_BYTES as u64)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn))
@@ -74,6 +77,9 @@ async fn serve(shared: Arc<H3Server>, peer: String, conn: quinn::Connection, lim
                 let shared = shared.clone();
                 let peer = peer.clone();
                 let permit = limit.on_accept();
+                // The caller's current address, for its span (read only when tracing: it
+                // takes the connection's lock).
+                let remote = shared.telemetry.tracer().map(|_| quic.remote_address());
                 tokio::spawn(async move {
                     let _permit = permit;
                     // A request whose headers do not arrive in time is dropped (its stream
@@ -84,7 +90,7 @@ async fn serve(shared: Arc<H3Server>, peer: String, conn: quinn::Connection, lim
                     match resolved {
                         Ok(Ok((req, stream))) => {
                             let (send, recv) = stream.split();
-                            handle(shared, peer, req, send, recv).await;
+                            handle(shared, peer, remote, req, send, recv).await;
                         }
                         Ok(Err(e)) => {
                             shared.telemetry.rejected(RefusalKind::Malformed);
@@ -115,15 +121,37 @@ pub(crate) async fn respond_error(send: &mut ServerSend, code: StatusCode, reaso
     }
 }
 
+/// The callee's span of a request from `peer` for `service` (nothing without tracing).
+fn server_span(
+    shared: &H3Server,
+    peer: &str,
+    remote: Option<SocketAddr>,
+    service: &str,
+    req: &Request<()>,
+    port: Option<u16>,
+) -> Span {
+    let (Some(tracer), Some(addr)) = (shared.telemetry.tracer(), remote) else {
+        return Span::OFF;
+    };
+    let start = Start {
+        service,
+        traceparent: traceparent(req.headers()),
+        port,
+        http: Some((req.method(), req.uri().path())),
+    };
+    Span::server(Some(tracer), start, Caller { node: peer, addr })
+}
+
 async fn handle(
     shared: Arc<H3Server>,
     peer: String,
+    remote: Option<SocketAddr>,
     req: Request<()>,
     mut send: ServerSend,
     mut recv: ServerRecv,
 ) {
     if req.method() == Method::CONNECT {
-        serve_connect(shared, peer, req, send, recv).await;
+        serve_connect(shared, peer, remote, req, send, recv).await;
         return;
     }
     let authority = req
@@ -140,11 +168,13 @@ async fn handle(
         respond_error(&mut send, StatusCode::BAD_REQUEST, "no authority").await;
         return;
     };
+    let mut span = server_span(&shared, &peer, remote, &service, &req, None);
     // Before the draining check inside, so that a drain beginning now waits for this request.
     let _hold = shared.drain.hold();
     let svc = match shared.local.authorise(&peer, &service, None) {
         Ok(s) => s,
         Err(refusal) => {
+            span.status(refusal.kind.http_code(), Some(refusal.wire()));
             shared.refuse(&mut send, &refusal).await;
             return;
         }
@@ -159,12 +189,14 @@ async fn handle(
     let uri: Uri = match format!("http://{}{path}", svc.target).parse() {
         Ok(u) => u,
         Err(_) => {
+            span.status(StatusCode::BAD_REQUEST, Some("malformed path"));
             respond_error(&mut send, StatusCode::BAD_REQUEST, "malformed path").await;
             return;
         }
     };
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
+    set_parent(&mut headers, &span);
     if let Ok(h) = HeaderValue::from_str(&service) {
         headers.insert(http::header::HOST, h);
     }
@@ -212,18 +244,23 @@ async fn handle(
                 "target reset".to_string()
             };
             tracing::info!(%peer, %service, error = %e, "target failed");
+            span.status(StatusCode::BAD_GATEWAY, Some(&reason));
             respond_error(&mut send, StatusCode::BAD_GATEWAY, &reason).await;
             return;
         }
         Err(_) => {
             tracing::info!(%peer, %service, timeout_ms = timeout.as_millis() as u64, "target timed out");
             let timed_out = Refusal::new(RefusalKind::TargetTimeout, "");
+            span.status(StatusCode::GATEWAY_TIMEOUT, Some(timed_out.wire()));
             respond_error(&mut send, StatusCode::GATEWAY_TIMEOUT, timed_out.wire()).await;
             return;
         }
     };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    span.status(parts.status, None);
+    // The span ends at the answer's head, as the caller's does.
+    span.end();
     let head = Response::from_parts(parts, ());
     if send.send_response(head).await.is_err() {
         return;
@@ -235,6 +272,7 @@ async fn handle(
 async fn serve_connect(
     shared: Arc<H3Server>,
     peer: String,
+    remote: Option<SocketAddr>,
     req: Request<()>,
     mut send: ServerSend,
     recv: ServerRecv,
@@ -252,6 +290,7 @@ async fn serve_connect(
         .await;
         return;
     };
+    let mut span = server_span(&shared, &peer, remote, &service, &req, Some(port));
     // Before the draining check inside, so that a drain beginning now waits for this tunnel.
     let _hold = shared.drain.hold();
     let tcp = match shared
@@ -261,6 +300,7 @@ async fn serve_connect(
     {
         Ok(t) => t,
         Err(refusal) => {
+            span.status(refusal.kind.http_code(), Some(refusal.wire()));
             let code = refusal.kind.code().as_u16();
             tracing::info!(%peer, %service, port, code, reason = %refusal, "CONNECT refused");
             shared.refuse(&mut send, &refusal).await;
@@ -272,10 +312,12 @@ async fn serve_connect(
     if send.send_response(ok).await.is_err() {
         return;
     }
+    span.status(StatusCode::OK, None);
     let svc = shared.telemetry.service(&service);
     let _active = svc.active();
     let mut tcp = tcp;
     let _ = tcp.set_nodelay(true);
     let (mut send, mut recv) = (H3Send(send), H3Recv::new(recv));
-    splice_with(&mut tcp, &mut send, &mut recv, Bytes::new(), &svc.bytes).await;
+    let outcome = splice_with(&mut tcp, &mut send, &mut recv, Bytes::new(), &svc.bytes).await;
+    span.tunnel_closed(&outcome);
 }

@@ -13,6 +13,7 @@ use super::stream::Upgraded;
 
 use crate::drain;
 use crate::outbound::{AttemptError, NoTunnel, Opened, Outbound};
+use crate::trace::TunnelTrace;
 use meshnode_transport::tunnel::{splice_with, OpenError, OpenTunnel};
 
 /// Answers a CONNECT request: 200 once a tunnel is open, else a mesh error.
@@ -39,9 +40,9 @@ pub(crate) async fn connect(
         );
     }
     let svc = outbound.telemetry.service(&service);
-    let trace_id = format!("{:032x}", rand::random::<u128>());
+    let mut trace = TunnelTrace::start(outbound.telemetry.tracer(), &service, Some(port));
     // CONNECT names the port: the tunnel asks for it, and the far node checks it.
-    match outbound.open(&svc, Some(port), &trace_id).await {
+    match outbound.open(&svc, Some(port), &mut trace).await {
         Ok(Opened {
             tunnel: t,
             inflight,
@@ -58,8 +59,10 @@ pub(crate) async fn connect(
                     mut recv,
                     leftover,
                 } = t;
-                splice_with(&mut io, &mut send, &mut recv, leftover, &svc.bytes).await;
+                let outcome =
+                    splice_with(&mut io, &mut send, &mut recv, leftover, &svc.bytes).await;
                 drop(inflight);
+                trace.span.tunnel_closed(&outcome);
             });
             let mut ok = Response::new(body::empty());
             *ok.status_mut() = StatusCode::OK;
@@ -72,6 +75,7 @@ pub(crate) async fn connect(
                 }
                 NoTunnel::Failed(e) => open_failure_status(e),
             };
+            trace.span.fail(&failure);
             mesh_error(code, &failure.to_string())
         }
     }

@@ -28,7 +28,9 @@ use hyper_util::rt::TokioIo;
 use meshnode_transport::tunnel::splice_with;
 
 use super::body::{self, Body, Guarded};
-use super::headers::{add_forwarded_for, ensure_traceparent, strip_hop_by_hop};
+use super::headers::{
+    add_forwarded_for, ensure_traceparent, set_parent, strip_hop_by_hop, traceparent,
+};
 use super::proxy::retry_reason;
 use super::stream::{TunnelIo, Upgraded};
 use super::tunnel::open_failure_status;
@@ -40,6 +42,7 @@ use crate::drain;
 use crate::outbound::Outbound;
 use crate::routing::Target;
 use crate::telemetry::{AttemptResult, EndpointTelemetry, ServiceTelemetry};
+use crate::trace::{Span, Start};
 
 /// How long a target may take to answer the upgrade request once the tunnel is open (504,
 /// retried elsewhere, above it). As Envoy's default route timeout, which also bounds an
@@ -240,9 +243,17 @@ pub(crate) async fn websocket(
     if ask == Ask::Upgrade && !req.body().is_end_stream() {
         return refuse(StatusCode::BAD_REQUEST, "an Upgrade request with a body");
     }
-    let Some(handshake) = Handshake::new(&req, ask, service, client) else {
+    let start = Start {
+        service,
+        traceparent: traceparent(req.headers()),
+        port: None,
+        http: Some((req.method(), req.uri().path())),
+    };
+    let mut span = Span::client(outbound.telemetry.tracer(), start);
+    let Some(mut handshake) = Handshake::new(&req, ask, service, client) else {
         return refuse(StatusCode::BAD_REQUEST, "malformed request target");
     };
+    set_parent(&mut handshake.headers, &span);
     // Before the first attempt: a drain beginning now waits for this connection.
     let hold = drain.hold();
     let on_client = hyper::upgrade::on(&mut req);
@@ -257,20 +268,31 @@ pub(crate) async fn websocket(
         let all = outbound.routing.targets(service, None);
         let target = match dispatch.pick(&all, Instant::now(), &mut rand::thread_rng()) {
             Ok(t) => t,
-            Err(_) => return refuse(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint"),
+            Err(_) => {
+                span.status(StatusCode::SERVICE_UNAVAILABLE, Some("no healthy endpoint"));
+                return refuse(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint");
+            }
         };
         let node = target.node.clone();
         let inflight = dispatch.start(&node);
-        let (outcome, answer, reason) =
-            attempt(outbound, &svc, &dispatch, target, &handshake, inflight).await;
+        let traced = span.traceparent();
+        let (outcome, answer, reason) = attempt(
+            outbound, &svc, &dispatch, target, &handshake, traced, inflight,
+        )
+        .await;
         match dispatch.report(&node, outcome, Instant::now()) {
             Decision::Retry => {
                 svc.retry(reason);
+                span.attempt_failed(&node, target.addr, reason.label(), true);
                 tracing::debug!(%service, peer = %node, trace_id = handshake.trace_id(), attempt = dispatch.attempts() - 1, reason = reason.label(), "upgrade retried on another endpoint");
             }
             Decision::Deliver | Decision::OutOfBudget => {
                 svc.endpoint(&node)
                     .http(answer.status(), started.elapsed().as_secs_f64());
+                span.peer(&node, target.addr);
+                span.status(answer.status(), None);
+                // Ends at the answer's head, as every HTTP span does.
+                span.end();
                 return match answer {
                     Answer::Plain(resp) => resp,
                     Answer::Switched(resp, target_side, inflight) => {
@@ -290,23 +312,28 @@ pub(crate) async fn websocket(
 }
 
 /// One attempt on `target`: a tunnel, then the handshake over it. Returns the outcome, the
-/// answer, and the `meshnode_retries_total` reason should the engine retry.
+/// answer, and the `meshnode_retries_total` reason should the engine retry. The tunnel
+/// carries `traced` (the request's span, when tracing) as its parent.
 async fn attempt(
     outbound: &Outbound,
     svc: &ServiceTelemetry,
     dispatch: &Dispatch<'_>,
     target: &Target,
     handshake: &Handshake,
+    traced: Option<&str>,
     inflight: InflightGuard,
 ) -> (Outcome, Answer, AttemptResult) {
     let node = &target.node;
     let endpoint = svc.endpoint(node);
     let deadline = dispatch.deadline(node, outbound.routing.open_timeout, Instant::now());
-    let traceparent = format!(
-        "00-{}-{:016x}-01",
-        handshake.trace_id(),
-        rand::random::<u64>()
-    );
+    let traceparent = match traced {
+        Some(tp) => tp.to_string(),
+        None => format!(
+            "00-{}-{:016x}-01",
+            handshake.trace_id(),
+            rand::random::<u64>()
+        ),
+    };
     let mut open_started = Instant::now();
     let tunnel = match outbound
         .attempt(
