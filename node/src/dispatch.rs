@@ -93,13 +93,16 @@ pub enum Outcome {
         /// Time to the answer.
         latency: Duration,
     },
+    /// The application's own request failed (its body malformed or cut short): says nothing
+    /// of the endpoint, and is not retried.
+    ClientFailed,
 }
 
 impl Outcome {
     /// Whether the endpoint failed (as opposed to answering, however unwelcome the answer).
     fn is_failure(self) -> bool {
         match self {
-            Outcome::Ok { .. } | Outcome::Protocol { .. } => false,
+            Outcome::Ok { .. } | Outcome::Protocol { .. } | Outcome::ClientFailed => false,
             Outcome::Refused { status, mesh, .. } => mesh && matches!(status, 502..=504),
             Outcome::Unreachable
             | Outcome::NotServed
@@ -112,7 +115,7 @@ impl Outcome {
     /// Whether another endpoint may get the request, as far as the request allows.
     fn retryable(self, req: Request) -> bool {
         match self {
-            Outcome::Ok { .. } | Outcome::Protocol { .. } => false,
+            Outcome::Ok { .. } | Outcome::Protocol { .. } | Outcome::ClientFailed => false,
             Outcome::Unreachable | Outcome::ResetBeforeSend => true,
             Outcome::ResetAfterSend | Outcome::NotServed => req.replayable,
             Outcome::Timeout => req.replayable && req.idempotent,
@@ -221,6 +224,8 @@ impl<'r> Dispatch<'r> {
         match outcome {
             // Known dead: the peer table marks it down for every service.
             Outcome::Unreachable => balancer.mark_down(node, now),
+            // The client's fault: the endpoint is neither credited nor blamed.
+            Outcome::ClientFailed => {}
             Outcome::Ok { latency }
             | Outcome::Refused { latency, .. }
             | Outcome::Protocol { latency }

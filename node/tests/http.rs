@@ -585,7 +585,17 @@ async fn ambiguous_requests_are_refused_and_slow_heads_closed_and_counted() -> R
             assert!(answer.starts_with("HTTP/1.1 400"), "{reason}: answered {answer:?}");
             assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{reason}: a hidden request was answered: {answer:?}");
         }
+        // A malformed or overflowing chunk size: the client's fault, 400, never a 502 blaming
+        // the peer.
+        for body in [&b"zz\r\nhello\r\n0\r\n\r\n"[..], b"ffffffffffffffffffff\r\nhello\r\n0\r\n\r\n"] {
+            let mut request = b"POST /echo HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            request.extend_from_slice(body);
+            let answer = raw(m.proxy, &request).await?;
+            assert!(answer.starts_with("HTTP/1.1 400"), "bad chunk answered {answer:?}");
+            assert!(answer.contains("request body malformed"), "{answer:?}");
+        }
         let metrics = m.a.metrics();
+        assert_eq!(metrics.get("meshnode_http_rejected_total", &["bad_body"]), 2.0);
         // `gzip` alone is refused by hyper's own parser (a request body must end chunked).
         assert_eq!(metrics.get("meshnode_http_rejected_total", &["transfer_encoding"]), 2.0);
         assert!(metrics.get("meshnode_http_rejected_total", &["malformed"]) >= 1.0);

@@ -477,6 +477,7 @@ async fn attempt(
         }
     };
     let (mut send, mut recv) = stream.split();
+    let mut body_sent = None;
     if req.body_empty {
         let _ = send.finish().await;
     } else if let Some((data, trailers)) = &req.replay {
@@ -485,14 +486,34 @@ async fn attempt(
             let _ = body::send_client_body(&mut send, b).await;
         });
     } else if let Some(b) = req.body.take() {
+        let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+        body_sent = Some(sent_rx);
         tokio::spawn(async move {
-            let _ = body::send_client_body(&mut send, b).await;
+            let _ = sent_tx.send(body::send_client_body(&mut send, b).await);
         });
     }
     let head = match recv.recv_response().await {
         Ok(h) => h,
         Err(e) => {
             tracing::info!(%service, peer = %node, error = %e, "no response");
+            // The client's own body failed (a malformed chunk, a cut-off upload): the reset
+            // that follows is its doing, not the peer's. The body task has ended by then, or
+            // ends within moments of the stream's reset.
+            let client_body_failed = match body_sent {
+                Some(rx) => matches!(
+                    tokio::time::timeout(Duration::from_millis(200), rx).await,
+                    Ok(Ok(body::SendOutcome::BodyFailed))
+                ),
+                None => false,
+            };
+            if client_body_failed {
+                proxy.telemetry.http_rejected("bad_body");
+                let answer = mesh_error(
+                    StatusCode::BAD_REQUEST,
+                    "request body malformed or cut short",
+                );
+                return (Outcome::ClientFailed, answer);
+            }
             let answer = if req.body_empty || req.replay.is_some() {
                 failed("stream_error")
             } else {
