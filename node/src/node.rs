@@ -472,18 +472,22 @@ async fn follow_view(sampler: Arc<SamplerInputs>, proxy: Option<Arc<Proxy>>) {
             // snapshot after a reconnect) is compared, and the old view dropped, on the
             // blocking pool, so the executor that carries tunnels keeps its turns (on 1-2 CPU
             // hosts it is the only thread).
-            let large = new.changes_since(&old).nth(INLINE_CHANGES).is_some();
-            let d = if large {
-                let next = new.clone();
-                match tokio::task::spawn_blocking(move || crate::routing::diff(&old, &next)).await {
-                    Ok(d) => d,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "view comparison failed; applying the view whole");
-                        crate::routing::diff(&routing.applied_view(), &new)
+            let inline = crate::routing::diff_within(&old, &new, INLINE_CHANGES);
+            let large = inline.is_none();
+            let d = match inline {
+                Some(d) => d,
+                None => {
+                    let next = new.clone();
+                    match tokio::task::spawn_blocking(move || crate::routing::diff(&old, &next))
+                        .await
+                    {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "view comparison failed; applying the view whole");
+                            crate::routing::diff(&routing.applied_view(), &new)
+                        }
                     }
                 }
-            } else {
-                crate::routing::diff(&old, &new)
             };
             let now = std::time::Instant::now();
             for slice in d.left.chunks(APPLY_SLICE) {

@@ -22,7 +22,7 @@ use crate::balance::{BalanceConfig, Balancer, PeerTable, RetryBudget};
 pub mod diff;
 pub mod last_resort;
 
-pub use diff::{diff, ViewDiff};
+pub use diff::{diff, diff_within, ViewDiff};
 pub use last_resort::{Held, LastResort, Liveness};
 
 /// One endpoint of a service as the balancer sees it.

@@ -53,12 +53,21 @@ fn target(view: &MeshView, service: &str, node: &str) -> Option<Target> {
 }
 
 /// The endpoint changes from `old` to `new`, in service then node order.
-pub fn diff<'v>(old: &'v MeshView, new: &'v MeshView) -> ViewDiff {
+pub fn diff(old: &MeshView, new: &MeshView) -> ViewDiff {
+    diff_within(old, new, usize::MAX).unwrap_or_default()
+}
+
+/// [`diff`], or `None` as soon as more than `limit` records turn out to differ: the caller
+/// compares small changes where it is and hands larger ones elsewhere, in one pass.
+pub fn diff_within<'v>(old: &'v MeshView, new: &'v MeshView, limit: usize) -> Option<ViewDiff> {
     let mut out = ViewDiff::default();
     // (service, node) pairs whose routability may differ.
     let mut candidates: BTreeSet<(&'v str, &'v str)> = BTreeSet::new();
     let mut changed_nodes: Vec<&'v str> = Vec::new();
-    for change in new.changes_since(old) {
+    for (n, change) in new.changes_since(old).enumerate() {
+        if n >= limit {
+            return None;
+        }
         match change {
             RecordChange::Node { node, new, .. } => {
                 if new.is_none() {
@@ -105,7 +114,7 @@ pub fn diff<'v>(old: &'v MeshView, new: &'v MeshView) -> ViewDiff {
             out.arrived.push((service.to_string(), node.to_string()));
         }
     }
-    out
+    Some(out)
 }
 
 #[cfg(test)]
@@ -232,6 +241,17 @@ mod tests {
         }
         assert_eq!(new.changes_from(&old), 100);
         assert!(diff(&old, &new).is_empty());
+    }
+
+    #[test]
+    fn diff_within_gives_up_past_its_limit_only() {
+        let mut old = MeshView::new();
+        add(&mut old, "b", 7001, &["echo"]);
+        let mut new = old.clone();
+        add(&mut new, "c", 7002, &["echo", "web"]); // three records
+        assert_eq!(diff_within(&old, &new, 2), None);
+        assert_eq!(diff_within(&old, &new, 3), Some(diff(&old, &new)));
+        assert_eq!(diff(&old, &new).arrived.len(), 2);
     }
 
     #[test]
