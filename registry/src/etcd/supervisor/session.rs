@@ -108,6 +108,7 @@ impl Supervisor {
     /// the lease is kept, a round in which no member takes the watch (an election in
     /// progress) is retried for up to one lease TTL before the session breaks.
     async fn rewatch(&mut self, pool: &Pool) -> Result<(WatchStream, usize), End> {
+        self.flush(); // what was applied is not held back while the watch moves
         let give_up = Instant::now() + self.cfg.lease_ttl.max(crate::etcd::MIN_LEASE_TTL);
         let mut retry = Backoff::new(RETRY_MIN, RETRY_MAX);
         loop {
@@ -175,6 +176,7 @@ impl Supervisor {
                 }
                 Err(stop) => return Err(stop),
             }
+            let publish_due = self.publish_due();
             tokio::select! {
                 biased;
                 cmd = self.commands.recv() => self.on_command(cmd)?,
@@ -192,6 +194,10 @@ impl Supervisor {
                         LeaseReport::InDoubt(why) => return Err(End::Broken(why)),
                     }
                 }
+                // Before the watch: a burst that keeps the watch ready must not hold a view
+                // back past its due time.
+                _ = tokio::time::sleep_until(publish_due.unwrap_or_else(Instant::now)),
+                    if publish_due.is_some() => self.flush(),
                 msg = watch.message() => {
                     let Some(msg) = self.apply_batch(msg, &mut watch) else {
                         continue;
@@ -261,10 +267,11 @@ impl Supervisor {
         leftover
     }
 
-    /// Counts and publishes a batch of `applied` changes out of `events` events.
+    /// Counts a batch of `applied` changes out of `events` events and publishes it (now, or
+    /// with the batches that follow within `PUBLISH_EVERY`).
     fn finish_batch(&mut self, applied: u64, events: usize, started: Instant) {
         if applied > 0 {
-            self.publish();
+            self.changed();
         }
         let took = started.elapsed();
         if events > 0 {
@@ -349,7 +356,8 @@ impl Supervisor {
             changes,
             "registry snapshot loaded"
         );
-        if changes > 0 {
+        // The snapshot replaced the working view, held-back changes included.
+        if changes > 0 || self.unpublished {
             self.publish();
         }
     }
