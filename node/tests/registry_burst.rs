@@ -9,7 +9,7 @@
 //! neither always runs on a warmer machine): no round's p99 is a stall (`STALL`), and the p99
 //! of the connections made during the mesh bursts is at most 2 × the control's, or the
 //! control's + 2 ms when that is more (`FLOOR`). On a 2-core machine shared with other builds
-//! (debug builds, bench/RESULTS.md "Session 5"): 5-9 ms against 5-10 ms (0.7-1.4×) with
+//! (debug builds, bench/RESULTS.md "Session 5"): 7-15 ms against 5-13 ms (0.7-1.4×) with
 //! persistent views and throttled publication; 12-14 ms against 4-5 ms (2.5-3.9×, failing)
 //! with the views before them.
 
