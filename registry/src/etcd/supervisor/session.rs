@@ -194,30 +194,23 @@ impl Supervisor {
                         LeaseReport::InDoubt(why) => return Err(End::Broken(why)),
                     }
                 }
-                // Before the watch: a burst that keeps the watch ready must not hold a view
-                // back past its due time.
+                // While a view is held back, the watch is not read: what etcd sends meanwhile
+                // waits in the stream and is applied in one batch when the view is due, just
+                // before it is published (a burst costs one wake-up per publication, not one
+                // per watch response).
                 _ = tokio::time::sleep_until(publish_due.unwrap_or_else(Instant::now)),
-                    if publish_due.is_some() => self.flush(),
-                msg = watch.message() => {
-                    let Some(msg) = self.apply_batch(msg, &mut watch) else {
-                        continue;
-                    };
-                    let failure = match msg {
-                        Ok(Some(resp)) => match classify(&resp) {
-                            WatchMsg::Events => None, // taken by apply_batch
-                            WatchMsg::Compacted(compacted) => {
-                                warn!(compacted, revision = self.working.revision, "watch compacted; listing again");
-                                (watch, member) = self.resync(&pool).await?;
-                                None
-                            }
-                            WatchMsg::Canceled(reason) => Some(reason),
-                        },
-                        Ok(None) => Some("watch stream ended".to_string()),
-                        Err(e) => Some(format!("watch stream: {e}")),
-                    };
-                    if let Some(why) = failure {
-                        pool.failed(member, &why);
-                        (watch, member) = self.rewatch(&pool).await?;
+                    if publish_due.is_some() =>
+                {
+                    let queued = now_or_never(watch.message());
+                    let leftover = queued.and_then(|msg| self.apply_batch(msg, &mut watch));
+                    self.flush();
+                    if let Some(msg) = leftover {
+                        (watch, member) = self.on_leftover(&pool, msg, watch, member).await?;
+                    }
+                }
+                msg = watch.message(), if publish_due.is_none() => {
+                    if let Some(msg) = self.apply_batch(msg, &mut watch) {
+                        (watch, member) = self.on_leftover(&pool, msg, watch, member).await?;
                     }
                 }
                 _ = health.tick() => {
@@ -226,6 +219,41 @@ impl Supervisor {
                     }
                 }
             }
+        }
+    }
+
+    /// Handles a watch message that is not events (what [`Self::apply_batch`] leaves): lists
+    /// again after a compaction, moves the watch to another member when it failed. Returns
+    /// the watch to go on with.
+    async fn on_leftover(
+        &mut self,
+        pool: &Pool,
+        msg: WatchMessage,
+        watch: WatchStream,
+        member: usize,
+    ) -> Result<(WatchStream, usize), End> {
+        let failure = match msg {
+            Ok(Some(resp)) => match classify(&resp) {
+                WatchMsg::Events => None, // taken by apply_batch
+                WatchMsg::Compacted(compacted) => {
+                    warn!(
+                        compacted,
+                        revision = self.working.revision,
+                        "watch compacted; listing again"
+                    );
+                    return self.resync(pool).await;
+                }
+                WatchMsg::Canceled(reason) => Some(reason),
+            },
+            Ok(None) => Some("watch stream ended".to_string()),
+            Err(e) => Some(format!("watch stream: {e}")),
+        };
+        match failure {
+            Some(why) => {
+                pool.failed(member, &why);
+                self.rewatch(pool).await
+            }
+            None => Ok((watch, member)),
         }
     }
 
