@@ -45,7 +45,7 @@ const MAX_TXN_OPS: usize = 100;
 /// once; the batches of a burst that follow within this time are published together when it
 /// ends. Every published view wakes the node's executor and is compared with the one before
 /// (docs/registry.md, Watch and re-list): a 1,000-update burst published batch by batch made
-/// ~230 views in a quarter of a second; 10 ms makes it 25-30, each at most 10 ms behind etcd,
+/// ~230 views in a quarter of a second; 10 ms makes it 13-30, each at most 10 ms behind etcd,
 /// against lease TTLs of seconds.
 const PUBLISH_EVERY: Duration = Duration::from_millis(10);
 
