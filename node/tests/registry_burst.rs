@@ -5,13 +5,15 @@
 //! apply) and once under the mesh prefix, while node-a opens a new application connection every
 //! 5 ms. Before session 4 such a burst took new connections from p99 4-19 ms to 1.3-2.2 s.
 //!
-//! What is asserted, over four rounds of both bursts (pooled, the order alternating so that
-//! neither always runs on a warmer machine): no round's p99 is a stall (`STALL`), and the p99
-//! of the connections made during the mesh bursts is at most 2 × the control's, or the
-//! control's + 2 ms when that is more (`FLOOR`). On a 2-core machine shared with other builds
-//! (debug builds, bench/RESULTS.md "Session 5"): 7-15 ms against 5-13 ms (0.7-1.4×) with
-//! persistent views and throttled publication; 12-14 ms against 4-5 ms (2.5-3.9×, failing)
-//! with the views before them.
+//! What is asserted, over five rounds of both bursts (the order alternating so that neither
+//! always runs on a warmer machine): no burst's p99 is a stall (`STALL`), and in a majority of
+//! rounds (3 of 5) the p99 of the connections made during the mesh burst is at most 2 × the
+//! p99 during the round's control burst, or the control's + 2 ms when that is more (`FLOOR`).
+//! A majority, not every round: the machine is shared with other builds, and a round whose
+//! bursts meet a load spike from outside the test (its mesh burst then takes 2-4 × as long to
+//! write) says nothing about the node. Measured (debug builds, bench/RESULTS.md "Session 5"):
+//! the bound held in 85-95 % of rounds with this branch's views and in 10-15 % with the views
+//! before them (every run failed).
 
 mod common;
 
@@ -35,9 +37,8 @@ const MESH: &str = "/test";
 const CONTROL: &str = "/control";
 /// A p99 above this during the burst is a stalled data plane (issue 14 measured 1.3-2.2 s).
 const STALL: Duration = Duration::from_millis(500);
-/// Rounds of (control, mesh) bursts, pooled: enough connections (~250 of each) that the p99
-/// is not one or two stragglers of a machine shared with other work.
-const ROUNDS: u32 = 4;
+/// Rounds of (control, mesh) bursts; the bound must hold in a majority of them.
+const ROUNDS: u32 = 5;
 /// Between two new connections of the probe (one at a time: a slow one delays the next).
 const PROBE_EVERY: Duration = Duration::from_millis(5);
 /// The least p99 increase the mesh burst may cause over the control's: the three nodes apply
@@ -206,6 +207,7 @@ async fn a_registry_burst_does_not_stall_new_connections() -> Result<()> {
         task.await?;
 
         let (mut control, mut mesh) = (Vec::new(), Vec::new());
+        let mut held = 0;
         for round in 0..ROUNDS {
             // Every write of a round changes a record: each round writes a new weight.
             let weight = 200 + round;
@@ -213,6 +215,7 @@ async fn a_registry_burst_does_not_stall_new_connections() -> Result<()> {
             if round % 2 == 1 {
                 order.reverse();
             }
+            let mut p99 = [Duration::ZERO; 2];
             for prefix in order {
                 let (times, written) = during_burst(&client, out, prefix, weight).await?;
                 let what = if prefix == MESH { "mesh" } else { "control" };
@@ -226,6 +229,7 @@ async fn a_registry_burst_does_not_stall_new_connections() -> Result<()> {
                      plane stalled",
                     summary(&times)
                 );
+                p99[usize::from(prefix == MESH)] = quantile(&times, 0.99);
                 if prefix == MESH {
                     &mut mesh
                 } else {
@@ -233,6 +237,18 @@ async fn a_registry_burst_does_not_stall_new_connections() -> Result<()> {
                 }
                 .extend(times);
             }
+            let [c, m] = p99;
+            let allowed = (c * 2).max(c + FLOOR);
+            held += u32::from(m <= allowed);
+            eprintln!(
+                "round {round}: mesh / control p99 {:.2}x; {}",
+                m.as_secs_f64() / c.as_secs_f64().max(1e-6),
+                if m <= allowed {
+                    "within the bound"
+                } else {
+                    "above the bound"
+                }
+            );
         }
         let updates = {
             let (_, body) = a.get("/metrics").await?;
@@ -242,19 +258,16 @@ async fn a_registry_burst_does_not_stall_new_connections() -> Result<()> {
                 .unwrap_or_default()
         };
         eprintln!("node-a: {updates}");
-        let (control_p99, mesh_p99) = (quantile(&control, 0.99), quantile(&mesh, 0.99));
-        let allowed = (control_p99 * 2).max(control_p99 + FLOOR);
         eprintln!(
-            "all rounds: control {}; mesh {}; mesh / control p99 {:.2}x (allowed {allowed:?})",
+            "all rounds: control {}; mesh {}; the bound held in {held} of {ROUNDS} rounds",
             summary(&control),
-            summary(&mesh),
-            mesh_p99.as_secs_f64() / control_p99.as_secs_f64().max(1e-6)
+            summary(&mesh)
         );
         assert!(
-            mesh_p99 <= allowed,
-            "new-connection p99 during the mesh bursts {mesh_p99:?} > {allowed:?} (2 × the \
-             control's {control_p99:?}, at least {FLOOR:?} above it): registry work slows the \
-             data plane"
+            held > ROUNDS / 2,
+            "new-connection p99 during the mesh burst above 2 × the control's (at least {FLOOR:?} \
+             above it) in {} of {ROUNDS} rounds: registry work slows the data plane",
+            ROUNDS - held
         );
         Ok(())
     })
