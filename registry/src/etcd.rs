@@ -213,8 +213,8 @@ pub fn start(cfg: EtcdConfig) -> Registry {
 /// the process's priority it still gets about a tenth of a CPU (the kernel's weights for 10
 /// levels apart), far more than keep-alives and a burst's decoding need, and it no longer
 /// takes the CPU from the data plane in a burst: on a 2-core host shared with other work,
-/// new-connection p99 during a registry burst 0.7-1.6 × its control instead of 0.9-3.2 ×
-/// (bench/RESULTS.md, Session 5).
+/// new-connection p99 during a registry burst 0.7-1.6 × its control instead of 0.9-3.2 × in
+/// four interleaved runs (bench/RESULTS.md, Session 5).
 const NICE_BELOW_PROCESS: i32 = 10;
 
 /// Lowers the calling thread's priority by [`NICE_BELOW_PROCESS`] (Linux, where nice is per
