@@ -468,6 +468,12 @@ fn abort_start(
 /// updates never holds a runtime thread for long.
 const APPLY_SLICE: usize = 256;
 
+/// Record changes up to which a view change is compared on the executor itself; above, on
+/// the blocking pool. Comparing costs what changed (one publication of a burst: some 30
+/// records, a fraction of a millisecond in a debug build); a hand-off costs two wake-ups and,
+/// on a busy host with 1-2 CPUs, a wait for the other thread to be scheduled.
+const INLINE_CHANGES: usize = 256;
+
 /// Follows the registry view (docs/behaviour.md, Last-resort endpoints and Registry bursts):
 /// applies each change as the endpoint changes it makes, in slices with a yield between them
 /// (a burst is coalesced: the watch channel only holds the latest view); keeps endpoints that
@@ -495,19 +501,26 @@ async fn follow_view(sampler: Arc<SamplerInputs>, proxy: Arc<Proxy>) {
         let current = if changed {
             let new = view.borrow_and_update().clone();
             let old = routing.applied_view();
-            // Comparing two large views (a burst touches thousands of records) and dropping the
-            // old one are CPU work proportional to the services that changed: done on the
+            // Views share every part a change did not touch, so comparing them costs what
+            // changed (a watch batch: a handful of records): done here. A large change (a
+            // snapshot after a reconnect) is compared, and the old view dropped, on the
             // blocking pool, so the executor that carries tunnels keeps its turns (on 1-2 CPU
-            // hosts it is the only thread). Measured: the diff was half of a node's CPU during
-            // a 1,000-update burst (node/tests/registry_burst.rs).
-            let next = new.clone();
-            let d = match tokio::task::spawn_blocking(move || crate::routing::diff(&old, &next))
-                .await
-            {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(error = %e, "view comparison failed; applying the view whole");
-                    crate::routing::diff(&routing.applied_view(), &new)
+            // hosts it is the only thread).
+            let inline = crate::routing::diff_within(&old, &new, INLINE_CHANGES);
+            let large = inline.is_none();
+            let d = match inline {
+                Some(d) => d,
+                None => {
+                    let next = new.clone();
+                    match tokio::task::spawn_blocking(move || crate::routing::diff(&old, &next))
+                        .await
+                    {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "view comparison failed; applying the view whole");
+                            crate::routing::diff(&routing.applied_view(), &new)
+                        }
+                    }
                 }
             };
             let now = std::time::Instant::now();
@@ -519,7 +532,10 @@ async fn follow_view(sampler: Arc<SamplerInputs>, proxy: Arc<Proxy>) {
                 routing.apply_changes(&[], slice, now);
                 tokio::task::yield_now().await;
             }
-            routing.set_applied(new.clone());
+            let previous = routing.set_applied(new.clone());
+            if large {
+                tokio::task::spawn_blocking(move || drop(previous));
+            }
             gone.extend(
                 d.nodes_gone
                     .into_iter()

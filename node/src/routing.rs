@@ -22,7 +22,7 @@ use crate::balance::{BalanceConfig, Balancer, PeerTable, RetryBudget};
 pub mod diff;
 pub mod last_resort;
 
-pub use diff::{diff, ViewDiff};
+pub use diff::{diff, diff_within, ViewDiff};
 pub use last_resort::{Held, LastResort, Liveness};
 
 /// One endpoint of a service as the balancer sees it.
@@ -139,9 +139,13 @@ impl Routing {
     }
 
     /// Marks `view` as applied (every slice of its changes went through
-    /// [`Routing::apply_changes`]).
-    pub fn set_applied(&self, view: Arc<MeshView>) {
-        *self.applied.write().unwrap_or_else(|p| p.into_inner()) = view;
+    /// [`Routing::apply_changes`]); returns the view applied before, for the caller to drop
+    /// where it chooses.
+    pub fn set_applied(&self, view: Arc<MeshView>) -> Arc<MeshView> {
+        std::mem::replace(
+            &mut *self.applied.write().unwrap_or_else(|p| p.into_inner()),
+            view,
+        )
     }
 
     /// Drops last resorts whose grace is over at `now` or whose node is draining or down;

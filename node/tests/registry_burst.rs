@@ -3,12 +3,17 @@
 //! under another prefix), then 1,000 service-record updates — a rolling deploy of a large mesh —
 //! written once under another prefix (the control: the same etcd load, nothing for the nodes to
 //! apply) and once under the mesh prefix, while node-a opens a new application connection every
-//! 10 ms. Before session 4 such a burst took new connections from p99 4-19 ms to 1.3-2.2 s.
+//! 5 ms. Before session 4 such a burst took new connections from p99 4-19 ms to 1.3-2.2 s.
 //!
-//! What is asserted: no connection fails and the p99 stays far below a stall (`STALL`). The
-//! issue's target, p99 within 2 × the control's, is printed, not asserted: measured 10-17 ms
-//! against 3-5 ms (2.7-3.9×) on a shared 2-core machine with debug builds; see
-//! docs/behaviour.md, "Registry bursts".
+//! What is asserted, over five rounds of both bursts (the order alternating so that neither
+//! always runs on a warmer machine): no burst's p99 is a stall (`STALL`), and in a majority of
+//! rounds (3 of 5) the p99 of the connections made during the mesh burst is at most 2 × the
+//! p99 during the round's control burst, or the control's + 2 ms when that is more (`FLOOR`).
+//! A majority, not every round: the machine is shared with other builds, and a round whose
+//! bursts meet a load spike from outside the test (its mesh burst then takes 2-4 × as long to
+//! write) says nothing about the node. Measured (debug builds, bench/RESULTS.md "Session 5"):
+//! the bound held in 57 of 60 rounds (12 runs, all passing) with this branch's registry, and
+//! in 1 of 20 (4 runs, all failing) with the one before it.
 
 mod common;
 
@@ -32,6 +37,16 @@ const MESH: &str = "/test";
 const CONTROL: &str = "/control";
 /// A p99 above this during the burst is a stalled data plane (issue 14 measured 1.3-2.2 s).
 const STALL: Duration = Duration::from_millis(500);
+/// Rounds of (control, mesh) bursts; the bound must hold in a majority of them.
+const ROUNDS: u32 = 5;
+/// Between two new connections of the probe (one at a time: a slow one delays the next).
+const PROBE_EVERY: Duration = Duration::from_millis(5);
+/// The least p99 increase the mesh burst may cause over the control's: the three nodes apply
+/// 3,000 updates on the same 2 cores as the probe, etcd and the echo servers, so a
+/// sub-millisecond control (an idle machine) leaves no room for 2 × to hold; a burst that
+/// stalls the data plane costs tens of milliseconds and more (10-17 ms p99 before views were
+/// persistent maps, 1.3-2.2 s before session 4).
+const FLOOR: Duration = Duration::from_millis(2);
 
 fn service(i: usize, s: usize, weight: u32) -> ServiceRecord {
     ServiceRecord {
@@ -96,7 +111,7 @@ async fn burst(client: &Client, prefix: &'static str, weight: u32) -> Result<Dur
     Ok(started.elapsed())
 }
 
-/// New connections through `out` every 10 ms until `stop`; each one's time to its echo.
+/// New connections through `out` every `PROBE_EVERY` until `stop`; each one's time to its echo.
 fn probe(
     out: SocketAddr,
 ) -> (
@@ -106,7 +121,7 @@ fn probe(
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let mut times = Vec::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut tick = tokio::time::interval(PROBE_EVERY);
         loop {
             tokio::select! {
                 _ = &mut stopped => break,
@@ -132,27 +147,38 @@ fn probe(
     (stop, task)
 }
 
-fn p99(mut v: Vec<Duration>) -> Duration {
+/// The `q` quantile of `v` (nearest rank below).
+fn quantile(v: &[Duration], q: f64) -> Duration {
+    let mut v = v.to_vec();
     v.sort_unstable();
-    v.get(v.len().saturating_sub(1) * 99 / 100)
+    v.get(((v.len().saturating_sub(1)) as f64 * q) as usize)
         .copied()
         .unwrap_or_default()
 }
 
-/// p99 of the new connections made while `prefix`'s burst is written.
+/// The times of the new connections made while `prefix`'s burst is written, and how long the
+/// burst took to write.
 async fn during_burst(
     client: &Client,
     out: SocketAddr,
     prefix: &'static str,
     weight: u32,
-) -> Result<(Duration, usize, Duration)> {
+) -> Result<(Vec<Duration>, Duration)> {
     let (stop, task) = probe(out);
     tokio::time::sleep(Duration::from_millis(100)).await; // probes already running when it starts
     let written = burst(client, prefix, weight).await?;
     let _ = stop.send(());
-    let times = task.await?;
-    let n = times.len();
-    Ok((p99(times), n, written))
+    Ok((task.await?, written))
+}
+
+fn summary(times: &[Duration]) -> String {
+    format!(
+        "p50 {:?} p99 {:?} max {:?} ({} connections)",
+        quantile(times, 0.5),
+        quantile(times, 0.99),
+        quantile(times, 1.0),
+        times.len()
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,17 +206,49 @@ async fn a_registry_burst_does_not_stall_new_connections() -> Result<()> {
         let _ = stop.send(());
         task.await?;
 
-        let mut results = Vec::new();
-        // Two rounds, control first then mesh, so neither always runs on a warmer machine.
-        for round in 0..2u32 {
-            let control = during_burst(&client, out, CONTROL, 200 + round).await?;
-            let mesh = during_burst(&client, out, MESH, 200 + round).await?;
+        let (mut control, mut mesh) = (Vec::new(), Vec::new());
+        let mut held = 0;
+        for round in 0..ROUNDS {
+            // Every write of a round changes a record: each round writes a new weight.
+            let weight = 200 + round;
+            let mut order = [CONTROL, MESH];
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            let mut p99 = [Duration::ZERO; 2];
+            for prefix in order {
+                let (times, written) = during_burst(&client, out, prefix, weight).await?;
+                let what = if prefix == MESH { "mesh" } else { "control" };
+                eprintln!(
+                    "round {round} {what:7}: {}, burst written in {written:?}",
+                    summary(&times)
+                );
+                assert!(
+                    quantile(&times, 0.99) < STALL,
+                    "new-connection p99 during the {what} burst of round {round}: {}: the data \
+                     plane stalled",
+                    summary(&times)
+                );
+                p99[usize::from(prefix == MESH)] = quantile(&times, 0.99);
+                if prefix == MESH {
+                    &mut mesh
+                } else {
+                    &mut control
+                }
+                .extend(times);
+            }
+            let [c, m] = p99;
+            let allowed = (c * 2).max(c + FLOOR);
+            held += u32::from(m <= allowed);
             eprintln!(
-                "round {round}: control p99 {:?} ({} connections, burst written in {:?}); \
-                 mesh p99 {:?} ({} connections, burst written in {:?})",
-                control.0, control.1, control.2, mesh.0, mesh.1, mesh.2
+                "round {round}: mesh / control p99 {:.2}x; {}",
+                m.as_secs_f64() / c.as_secs_f64().max(1e-6),
+                if m <= allowed {
+                    "within the bound"
+                } else {
+                    "above the bound"
+                }
             );
-            results.push((control.0, mesh.0));
         }
         let updates = {
             let (_, body) = a.get("/metrics").await?;
@@ -200,17 +258,17 @@ async fn a_registry_burst_does_not_stall_new_connections() -> Result<()> {
                 .unwrap_or_default()
         };
         eprintln!("node-a: {updates}");
-        for (control, mesh) in results {
-            eprintln!(
-                "mesh / control p99: {:.1}x (target 2x)",
-                mesh.as_secs_f64() / control.as_secs_f64().max(1e-6)
-            );
-            assert!(
-                mesh < STALL,
-                "new-connection p99 during the mesh burst {mesh:?}: the data plane stalled \
-                 (control {control:?})"
-            );
-        }
+        eprintln!(
+            "all rounds: control {}; mesh {}; the bound held in {held} of {ROUNDS} rounds",
+            summary(&control),
+            summary(&mesh)
+        );
+        assert!(
+            held > ROUNDS / 2,
+            "new-connection p99 during the mesh burst above 2 × the control's (at least {FLOOR:?} \
+             above it) in {} of {ROUNDS} rounds: registry work slows the data plane",
+            ROUNDS - held
+        );
         Ok(())
     })
     .await?

@@ -31,4 +31,4 @@ pub use records::{
     is_valid_name, node_key, normalize_prefix, parse_key, service_key, KeyKind, NodeRecord,
     Protocol, ServiceRecord, DEFAULT_WEIGHT, MAX_NAME_LEN,
 };
-pub use view::{ApplyOutcome, MeshView, Update};
+pub use view::{ApplyOutcome, MeshView, NodeMap, RecordChange, ServiceMap, Update};

@@ -141,7 +141,6 @@ impl Shared {
             self.view.nodes.remove(&old.node.name);
             for svc in &old.services {
                 if let Some(by_node) = self.view.services.get_mut(&svc.service) {
-                    let by_node = Arc::make_mut(by_node);
                     by_node.remove(&svc.node);
                     if by_node.is_empty() {
                         self.view.services.remove(&svc.service);
@@ -154,8 +153,11 @@ impl Shared {
                 .nodes
                 .insert(new.node.name.clone(), new.node.clone());
             for svc in &new.services {
-                let by_node = self.view.services.entry(svc.service.clone()).or_default();
-                Arc::make_mut(by_node).insert(svc.node.clone(), svc.clone());
+                self.view
+                    .services
+                    .entry(svc.service.clone())
+                    .or_default()
+                    .insert(svc.node.clone(), svc.clone());
             }
         }
         let changes = self.view.changes_from(&before);

@@ -79,8 +79,10 @@ impl StaticPeer {
 
 fn insert(view: &mut MeshView, node: NodeRecord, services: Vec<ServiceRecord>) {
     for svc in services {
-        let by_node = view.services.entry(svc.service.clone()).or_default();
-        std::sync::Arc::make_mut(by_node).insert(svc.node.clone(), svc);
+        view.services
+            .entry(svc.service.clone())
+            .or_default()
+            .insert(svc.node.clone(), svc);
     }
     view.nodes.insert(node.name.clone(), node);
 }

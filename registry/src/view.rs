@@ -4,8 +4,8 @@
 //! time, so every rule about what a record must look like lives here and is tested without
 //! etcd, sockets or a clock.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use imbl::ordmap::DiffItem;
+use imbl::OrdMap;
 
 use crate::records::{parse_key, KeyKind, NodeRecord, ServiceRecord};
 
@@ -40,19 +40,53 @@ pub enum ApplyOutcome {
     Invalid(String),
 }
 
+/// The nodes of a view: node name → record.
+pub type NodeMap = OrdMap<String, NodeRecord>;
+
+/// The endpoints of one service: node name → record.
+pub type ServiceMap = OrdMap<String, ServiceRecord>;
+
 /// Everything a node knows about the mesh at one moment. Cheap to share as `Arc<MeshView>`,
-/// and cheap to clone: each service's endpoints sit behind their own `Arc`, so a new view
-/// after a change copies the service names and shares every endpoint map it did not touch
-/// (copy-on-write through `Arc::make_mut`).
+/// and cheap to clone and to compare: its maps are persistent B-trees (`imbl::OrdMap`), so a
+/// clone is a pointer copy, a change copies only the path to the record it touches, and a view
+/// made from another by a few changes shares every other tree node with it. Publishing a view,
+/// [`MeshView::changes_since`] and dropping the old view then cost what changed, not the size
+/// of the mesh (docs/registry.md, "Views").
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MeshView {
     /// Node name → record.
-    pub nodes: BTreeMap<String, NodeRecord>,
-    /// Service name → node name → record (shared between views until changed).
-    pub services: BTreeMap<String, Arc<BTreeMap<String, ServiceRecord>>>,
+    pub nodes: NodeMap,
+    /// Service name → its endpoints.
+    pub services: OrdMap<String, ServiceMap>,
     /// etcd revision of the last change this view reflects (or of the snapshot it was built
     /// from); 0 for the static and in-process backends.
     pub revision: i64,
+}
+
+/// One record that differs between two views ([`MeshView::changes_since`]): what it was in
+/// the old view and what it is in the new one (`None`: absent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordChange<'a> {
+    /// A node record.
+    Node {
+        /// The node's name.
+        node: &'a str,
+        /// Before.
+        old: Option<&'a NodeRecord>,
+        /// After.
+        new: Option<&'a NodeRecord>,
+    },
+    /// A service record.
+    Service {
+        /// The service's name.
+        service: &'a str,
+        /// The node it is on.
+        node: &'a str,
+        /// Before.
+        old: Option<&'a ServiceRecord>,
+        /// After.
+        new: Option<&'a ServiceRecord>,
+    },
 }
 
 impl MeshView {
@@ -86,26 +120,54 @@ impl MeshView {
 
     /// How many records differ between `self` and `old` (added, removed or changed).
     pub fn changes_from(&self, old: &MeshView) -> u64 {
-        fn diff<V: PartialEq>(a: &BTreeMap<String, V>, b: &BTreeMap<String, V>) -> u64 {
-            let changed_or_added = a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).count();
-            let removed = b.keys().filter(|k| !a.contains_key(*k)).count();
-            (changed_or_added + removed) as u64
-        }
-        let empty = BTreeMap::new();
-        let mut n = diff(&self.nodes, &old.nodes);
-        for (svc, by_node) in &self.services {
-            match old.services.get(svc) {
-                Some(old_by_node) if Arc::ptr_eq(by_node, old_by_node) => {}
-                Some(old_by_node) => n += diff(by_node, old_by_node),
-                None => n += diff(by_node, &empty),
+        self.changes_since(old).count() as u64
+    }
+
+    /// Every record that differs from `old` to `self`: node records in name order, then
+    /// service records by service and node. Subtrees the two views share are skipped without
+    /// being looked at, so for a view made from `old` by `k` changes this costs about
+    /// `k · log(records)`, however large the mesh.
+    pub fn changes_since<'a>(
+        &'a self,
+        old: &'a MeshView,
+    ) -> impl Iterator<Item = RecordChange<'a>> + 'a {
+        let nodes = old.nodes.diff(&self.nodes).map(|item| {
+            let (node, old, new) = split(item);
+            RecordChange::Node {
+                node: node.as_str(),
+                old,
+                new,
             }
-        }
-        for (svc, by_node) in &old.services {
-            if !self.services.contains_key(svc) {
-                n += by_node.len() as u64;
-            }
-        }
-        n
+        });
+        let services = old.services.diff(&self.services).flat_map(|item| {
+            let (service, before, after) = split(item);
+            // A service present on both sides is compared tree to tree; one present on one
+            // side only is all added or all removed.
+            let (both, only_before, only_after) = match (before, after) {
+                (Some(b), Some(a)) => (Some(b.diff(a)), None, None),
+                (Some(b), None) => (None, Some(b.iter()), None),
+                (None, Some(a)) => (None, None, Some(a.iter())),
+                (None, None) => (None, None, None),
+            };
+            let both = both.into_iter().flatten().map(split);
+            let gone = only_before
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k, Some(v), None));
+            let arrived = only_after
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k, None, Some(v)));
+            both.chain(gone)
+                .chain(arrived)
+                .map(move |(node, old, new)| RecordChange::Service {
+                    service: service.as_str(),
+                    node: node.as_str(),
+                    old,
+                    new,
+                })
+        });
+        nodes.chain(services)
     }
 
     /// Copies the record `key` names from `old`, if `old` has one. A snapshot that holds an
@@ -119,8 +181,10 @@ impl MeshView {
             }
             Some(KeyKind::Service { service, node }) => {
                 if let Some(record) = old.services.get(service).and_then(|m| m.get(node)) {
-                    let by_node = self.services.entry(service.to_string()).or_default();
-                    Arc::make_mut(by_node).insert(node.to_string(), record.clone());
+                    self.services
+                        .entry(service.to_string())
+                        .or_default()
+                        .insert(node.to_string(), record.clone());
                 }
             }
             None => {}
@@ -160,11 +224,15 @@ impl MeshView {
                     Ok(r) => r,
                     Err(reason) => return ApplyOutcome::Invalid(format!("{key}: {reason}")),
                 };
-                let by_node = self.services.entry(service.to_string()).or_default();
-                if by_node.get(node) == Some(&record) {
+                // Looked up before any `&mut`: a record written again unchanged (a
+                // re-registration) copies no tree node.
+                if self.services.get(service).and_then(|m| m.get(node)) == Some(&record) {
                     return ApplyOutcome::Unchanged;
                 }
-                Arc::make_mut(by_node).insert(node.to_string(), record);
+                self.services
+                    .entry(service.to_string())
+                    .or_default()
+                    .insert(node.to_string(), record);
                 ApplyOutcome::Applied
             }
         }
@@ -173,29 +241,40 @@ impl MeshView {
     fn apply_delete(&mut self, prefix: &str, key: &str) -> ApplyOutcome {
         match parse_key(prefix, key) {
             None => ApplyOutcome::Ignored,
-            Some(KeyKind::Node { node }) => match self.nodes.remove(node) {
-                Some(_) => ApplyOutcome::Applied,
-                None => ApplyOutcome::Unchanged,
-            },
+            Some(KeyKind::Node { node }) => {
+                if !self.nodes.contains_key(node) {
+                    return ApplyOutcome::Unchanged;
+                }
+                self.nodes.remove(node);
+                ApplyOutcome::Applied
+            }
             Some(KeyKind::Service { service, node }) => {
+                if !self
+                    .services
+                    .get(service)
+                    .is_some_and(|m| m.contains_key(node))
+                {
+                    return ApplyOutcome::Unchanged;
+                }
                 let Some(by_node) = self.services.get_mut(service) else {
                     return ApplyOutcome::Unchanged;
                 };
-                if !by_node.contains_key(node) {
-                    return ApplyOutcome::Unchanged;
-                }
-                let by_node = Arc::make_mut(by_node);
-                let removed = by_node.remove(node).is_some();
+                by_node.remove(node);
                 if by_node.is_empty() {
                     self.services.remove(service);
                 }
-                if removed {
-                    ApplyOutcome::Applied
-                } else {
-                    ApplyOutcome::Unchanged
-                }
+                ApplyOutcome::Applied
             }
         }
+    }
+}
+
+/// A diff item as (key, before, after).
+fn split<'a, K, V>(item: DiffItem<'a, 'a, K, V>) -> (&'a K, Option<&'a V>, Option<&'a V>) {
+    match item {
+        DiffItem::Add(k, v) => (k, None, Some(v)),
+        DiffItem::Update { old, new } => (new.0, Some(old.1), Some(new.1)),
+        DiffItem::Remove(k, v) => (k, Some(v), None),
     }
 }
 

@@ -1,7 +1,7 @@
 //! A registry burst: 200 node records and 1,000 service records under the prefix, then
 //! 1,000 service-record updates written as fast as etcd takes them (a rolling deploy of a
-//! large mesh). The view must converge, events must be applied in batches (far fewer
-//! published views than events), and no batch may take long.
+//! large mesh). The view must converge, events must be applied in batches, views published at
+//! most one per 10 ms, and no batch may take long.
 //!
 //! Figures are printed (`cargo test -p meshnode-registry --test etcd_burst -- --nocapture`).
 
@@ -144,6 +144,13 @@ async fn thousand_updates_among_1200_records_apply_in_batches() -> anyhow::Resul
         assert!(
             batches < UPDATES as u64,
             "events were not batched: {batches} batches for {UPDATES} updates"
+        );
+        // At most one view per 10 ms (the supervisor's publication interval), plus the first
+        // one of the burst and the last one after it.
+        let most = converged.as_millis() as u64 / 10 + 2;
+        assert!(
+            published <= most,
+            "{published} views published in {converged:?}: more than one per 10 ms"
         );
         assert!(
             Duration::from_micros(after.batch_max_us) <= MAX_BATCH,

@@ -1,14 +1,15 @@
 //! What changed between two registry views, in endpoints: the work a view change costs is
 //! proportional to what changed, not to the whole view (docs/behaviour.md, Registry bursts).
 //!
-//! Services are compared map by map and only the changed ones are walked; node records are
-//! compared one by one, and only a changed node record makes its services be looked at. With
-//! views whose service maps are shared copy-on-write between views, the per-service comparison
-//! becomes a pointer comparison; the rest stays as it is.
+//! The records that differ come from [`MeshView::changes_since`], which skips every part of
+//! the two views that they share (a view made from another by `k` changes shares all but about
+//! `k` paths of its trees with it). Only a record's presence matters here: a service record
+//! whose weight or port changed is not an endpoint leaving or arriving, so a burst of such
+//! updates yields no per-endpoint work at all.
 
 use std::collections::BTreeSet;
 
-use meshnode_registry::MeshView;
+use meshnode_registry::{MeshView, RecordChange};
 
 use super::Target;
 
@@ -30,20 +31,13 @@ impl ViewDiff {
     }
 }
 
-/// The routable endpoints of `service` in `view`, by node (registered port and weight).
+/// Whether `service` has a routable endpoint on `node` in `view` (a service record and a node
+/// record).
 fn has_endpoint(view: &MeshView, service: &str, node: &str) -> bool {
     view.services
         .get(service)
         .is_some_and(|by_node| by_node.contains_key(node))
         && view.nodes.contains_key(node)
-}
-
-/// The node names of `service` in `view`, sorted (a `BTreeMap`'s order).
-fn service_keys<'v>(view: &'v MeshView, service: &str) -> Vec<&'v str> {
-    view.services
-        .get(service)
-        .map(|by_node| by_node.keys().map(String::as_str).collect())
-        .unwrap_or_default()
 }
 
 /// The target of `node` for `service` in `view`, if it has a routable one.
@@ -58,127 +52,88 @@ fn target(view: &MeshView, service: &str, node: &str) -> Option<Target> {
     })
 }
 
+/// The endpoint changes from `old` to `new`, in service then node order.
 pub fn diff(old: &MeshView, new: &MeshView) -> ViewDiff {
+    diff_within(old, new, usize::MAX).unwrap_or_default()
+}
+
+/// [`diff`], or `None` as soon as more than `limit` records turn out to differ: the caller
+/// compares small changes where it is and hands larger ones elsewhere, in one pass.
+pub fn diff_within<'v>(old: &'v MeshView, new: &'v MeshView, limit: usize) -> Option<ViewDiff> {
     let mut out = ViewDiff::default();
-    if std::ptr::eq(old, new) {
-        return out;
-    }
-    // Node records that differ (added, removed or changed).
-    let mut changed_nodes = BTreeSet::new();
-    for (name, rec) in &old.nodes {
-        match new.nodes.get(name) {
-            None => {
-                out.nodes_gone.push(name.clone());
-                changed_nodes.insert(name.as_str());
+    // (service, node) pairs whose routability may differ.
+    let mut candidates: BTreeSet<(&'v str, &'v str)> = BTreeSet::new();
+    let mut changed_nodes: Vec<&'v str> = Vec::new();
+    for (n, change) in new.changes_since(old).enumerate() {
+        if n >= limit {
+            return None;
+        }
+        match change {
+            RecordChange::Node { node, new, .. } => {
+                if new.is_none() {
+                    out.nodes_gone.push(node.to_string());
+                }
+                changed_nodes.push(node);
             }
-            Some(r) if r != rec => {
-                changed_nodes.insert(name.as_str());
+            RecordChange::Service {
+                service,
+                node,
+                old,
+                new,
+            } => {
+                if old.is_some() != new.is_some() {
+                    candidates.insert((service, node));
+                }
             }
-            Some(_) => {}
         }
     }
-    for name in new.nodes.keys() {
-        if !old.nodes.contains_key(name) {
-            changed_nodes.insert(name.as_str());
-        }
-    }
-    // Services whose endpoint maps differ.
-    let mut changed_services: BTreeSet<&str> = BTreeSet::new();
-    for (name, by_node) in &old.services {
-        if new.services.get(name) != Some(by_node) {
-            changed_services.insert(name);
-        }
-    }
-    for name in new.services.keys() {
-        if !old.services.contains_key(name) {
-            changed_services.insert(name);
-        }
-    }
-    // A changed node record changes the endpoints of the services it serves.
+    // A node record that came, went or changed changes the endpoints of the services it
+    // serves, in either view. Node records change rarely (a node joins, leaves or moves), so
+    // this walk of the service names is paid per changed node, never per service update.
     if !changed_nodes.is_empty() {
         for view in [old, new] {
-            for (name, by_node) in &view.services {
-                if changed_nodes.iter().any(|n| by_node.contains_key(*n)) {
-                    changed_services.insert(name);
+            for (service, by_node) in &view.services {
+                for node in &changed_nodes {
+                    if by_node.contains_key(*node) {
+                        candidates.insert((service.as_str(), node));
+                    }
                 }
             }
         }
     }
-    // Only presence matters here (a record whose weight or port changed is not an endpoint
-    // leaving or arriving), so each changed service costs a walk of its node names, and a
-    // target is built only for an endpoint that left: a burst of record updates touches
-    // nothing else.
-    for service in changed_services {
-        // Nodes whose presence may differ: those in one service map and not the other (a
-        // merge of the two sorted key lists, no lookups), and the nodes whose own record
-        // changed. A burst of weight or port updates yields none, and costs one ordered walk.
-        let (before, after) = (service_keys(old, service), service_keys(new, service));
-        let mut candidates: BTreeSet<&str> = changed_nodes
-            .iter()
-            .copied()
-            .filter(|n| before.binary_search(n).is_ok() || after.binary_search(n).is_ok())
-            .collect();
-        let (mut i, mut j) = (0, 0);
-        while i < before.len() || j < after.len() {
-            match (before.get(i), after.get(j)) {
-                (Some(x), Some(y)) if x == y => {
-                    i += 1;
-                    j += 1;
-                }
-                (Some(x), Some(y)) if x < y => {
-                    candidates.insert(x);
-                    i += 1;
-                }
-                (Some(_), Some(y)) => {
-                    candidates.insert(y);
-                    j += 1;
-                }
-                (Some(x), None) => {
-                    candidates.insert(x);
-                    i += 1;
-                }
-                (None, Some(y)) => {
-                    candidates.insert(y);
-                    j += 1;
-                }
-                (None, None) => break,
+    for (service, node) in candidates {
+        let (was, is) = (
+            has_endpoint(old, service, node),
+            has_endpoint(new, service, node),
+        );
+        if was && !is {
+            if let Some(t) = target(old, service, node) {
+                out.left.push((service.to_string(), t));
             }
-        }
-        for node in candidates {
-            let (was, is) = (
-                has_endpoint(old, service, node),
-                has_endpoint(new, service, node),
-            );
-            if was && !is {
-                if let Some(t) = target(old, service, node) {
-                    out.left.push((service.to_string(), t));
-                }
-            } else if is && !was {
-                out.arrived.push((service.to_string(), node.to_string()));
-            }
+        } else if is && !was {
+            out.arrived.push((service.to_string(), node.to_string()));
         }
     }
-    out
+    Some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshnode_registry::{NodeRecord, Protocol, ServiceRecord};
-    use std::collections::BTreeMap;
+    use meshnode_registry::{NodeRecord, Protocol, ServiceMap, ServiceRecord};
 
-    /// The endpoint map of `service` as a plain map, to edit and put back with [`put`]
-    /// (written so as not to depend on how the view wraps its service maps).
-    fn take(view: &MeshView, service: &str) -> BTreeMap<String, ServiceRecord> {
-        view.services
-            .get(service)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default()
+    /// The endpoint map of `service` (a cheap handle), to edit and put back with [`put`].
+    fn take(view: &MeshView, service: &str) -> ServiceMap {
+        view.services.get(service).cloned().unwrap_or_default()
     }
 
-    #[allow(clippy::useless_conversion)] // identity today; `Arc` with shared service maps
-    fn put(view: &mut MeshView, service: &str, map: BTreeMap<String, ServiceRecord>) {
-        view.services.insert(service.to_string(), map.into());
+    /// Puts `service`'s map back; an empty map removes the service, as the registry does.
+    fn put(view: &mut MeshView, service: &str, map: ServiceMap) {
+        if map.is_empty() {
+            view.services.remove(service);
+        } else {
+            view.services.insert(service.to_string(), map);
+        }
     }
 
     fn add(view: &mut MeshView, node: &str, port: u16, services: &[&str]) {
@@ -264,6 +219,94 @@ mod tests {
         add(&mut new, "d", 7004, &["other"]);
         let d = diff(&old, &new);
         assert_eq!(d.arrived, [("other".to_string(), "d".to_string())]);
+        assert!(d.left.is_empty() && d.nodes_gone.is_empty());
+    }
+
+    #[test]
+    fn a_burst_of_weight_and_port_updates_changes_no_endpoint() {
+        let mut old = MeshView::new();
+        for i in 0..50 {
+            add(&mut old, &format!("n{i}"), 7000 + i, &["a", "b", "c"]);
+        }
+        let mut new = old.clone();
+        for i in 0..50 {
+            for s in ["a", "c"] {
+                let mut m = take(&new, s);
+                if let Some(rec) = m.get_mut(&format!("n{i}")) {
+                    rec.weight = 7;
+                    rec.port = 81;
+                }
+                put(&mut new, s, m);
+            }
+        }
+        assert_eq!(new.changes_from(&old), 100);
+        assert!(diff(&old, &new).is_empty());
+    }
+
+    #[test]
+    fn diff_within_gives_up_past_its_limit_only() {
+        let mut old = MeshView::new();
+        add(&mut old, "b", 7001, &["echo"]);
+        let mut new = old.clone();
+        add(&mut new, "c", 7002, &["echo", "web"]); // three records
+        assert_eq!(diff_within(&old, &new, 2), None);
+        assert_eq!(diff_within(&old, &new, 3), Some(diff(&old, &new)));
+        assert_eq!(diff(&old, &new).arrived.len(), 2);
+    }
+
+    #[test]
+    fn a_node_that_moves_keeps_its_endpoints() {
+        let mut old = MeshView::new();
+        add(&mut old, "b", 7001, &["echo"]);
+        let mut new = old.clone();
+        add(&mut new, "b", 7009, &["echo"]);
+        assert!(diff(&old, &new).is_empty());
+    }
+
+    #[test]
+    fn a_service_whose_last_endpoint_goes_and_a_node_that_comes_back() {
+        let mut old = MeshView::new();
+        add(&mut old, "b", 7001, &["echo", "web"]);
+        add(&mut old, "c", 7002, &["echo"]);
+        let mut new = old.clone();
+        put(&mut new, "web", ServiceMap::new());
+        new.nodes.remove("c");
+        let d = diff(&old, &new);
+        let left: Vec<(&str, &str)> = d
+            .left
+            .iter()
+            .map(|(s, t)| (s.as_str(), t.node.as_str()))
+            .collect();
+        assert_eq!(left, [("echo", "c"), ("web", "b")]);
+        assert_eq!(d.nodes_gone, ["c"]);
+        // The node record back: its service record never left, so its endpoint arrives.
+        let back = diff(&new, &old);
+        assert_eq!(
+            back.arrived,
+            [
+                ("echo".to_string(), "c".to_string()),
+                ("web".to_string(), "b".to_string())
+            ]
+        );
+        assert!(back.left.is_empty() && back.nodes_gone.is_empty());
+    }
+
+    #[test]
+    fn views_several_changes_apart_compare_as_one_change() {
+        // A consumer that skipped views (the watch channel keeps the latest) compares the
+        // view it applied last with the newest one: the changes in between net out.
+        let mut v0 = MeshView::new();
+        add(&mut v0, "b", 7001, &["echo"]);
+        add(&mut v0, "c", 7002, &["echo"]);
+        let mut v1 = v0.clone();
+        let mut m = take(&v1, "echo");
+        m.remove("b");
+        put(&mut v1, "echo", m);
+        let mut v2 = v1.clone();
+        add(&mut v2, "b", 7001, &["echo"]); // back as it was
+        add(&mut v2, "d", 7004, &["echo"]);
+        let d = diff(&v0, &v2);
+        assert_eq!(d.arrived, [("echo".to_string(), "d".to_string())]);
         assert!(d.left.is_empty() && d.nodes_gone.is_empty());
     }
 }

@@ -267,3 +267,161 @@ fn keep_from_carries_an_earlier_good_record() {
     fresh.keep_from(P, "/mesh/unknown", &old);
     assert!(fresh.same_records(&old));
 }
+
+/// Each change's (kind, service or "", node, before?, after?), for comparing lists.
+fn described<'a>(changes: impl Iterator<Item = RecordChange<'a>>) -> Vec<String> {
+    changes
+        .map(|c| match c {
+            RecordChange::Node { node, old, new } => {
+                format!(
+                    "node {node} {:?}->{:?}",
+                    old.map(|r| &r.addr),
+                    new.map(|r| &r.addr)
+                )
+            }
+            RecordChange::Service {
+                service,
+                node,
+                old,
+                new,
+            } => format!(
+                "service {service}/{node} {:?}->{:?}",
+                old.map(|r| r.port),
+                new.map(|r| r.port)
+            ),
+        })
+        .collect()
+}
+
+#[test]
+fn changes_since_lists_each_changed_record_once() {
+    let mut a = MeshView::new();
+    put_node(&mut a, &node("a", "10.0.0.1:1"));
+    put_node(&mut a, &node("b", "10.0.0.2:1"));
+    put_svc(&mut a, &svc("web", "a", 80));
+    put_svc(&mut a, &svc("web", "b", 80));
+    put_svc(&mut a, &svc("db", "a", 5432));
+    assert!(a.changes_since(&a.clone()).next().is_none());
+
+    let mut b = a.clone();
+    put_svc(&mut b, &svc("web", "b", 81)); // changed
+    del(&mut b, &service_key(P, "db", "a")); // removed, and with it the service
+    put_svc(&mut b, &svc("cache", "b", 6379)); // a new service
+    put_node(&mut b, &node("a", "10.0.0.9:1")); // a node's address
+    del(&mut b, &node_key(P, "b")); // a node gone (its service records stay)
+    put_node(&mut b, &node("c", "10.0.0.3:1")); // a new node
+    assert_eq!(
+        described(b.changes_since(&a)),
+        [
+            r#"node a Some("10.0.0.1:1")->Some("10.0.0.9:1")"#,
+            r#"node b Some("10.0.0.2:1")->None"#,
+            r#"node c None->Some("10.0.0.3:1")"#,
+            "service cache/b None->Some(6379)",
+            "service db/a Some(5432)->None",
+            "service web/b Some(80)->Some(81)",
+        ]
+    );
+    assert_eq!(b.changes_from(&a), 6);
+    // The untouched service is the very same tree in both views, not a copy.
+    let (web_a, web_b) = (
+        a.services.get("web").unwrap(),
+        b.services.get("web").unwrap(),
+    );
+    assert!(!web_a.ptr_eq(web_b));
+    let mut c = b.clone();
+    put_svc(&mut c, &svc("cache", "c", 6379));
+    assert!(c.services.get("web").unwrap().ptr_eq(web_b));
+    // Backwards, every change is the other way round.
+    assert_eq!(
+        described(a.changes_since(&b)),
+        [
+            r#"node a Some("10.0.0.9:1")->Some("10.0.0.1:1")"#,
+            r#"node b None->Some("10.0.0.2:1")"#,
+            r#"node c Some("10.0.0.3:1")->None"#,
+            "service cache/b Some(6379)->None",
+            "service db/a None->Some(5432)",
+            "service web/b Some(81)->Some(80)",
+        ]
+    );
+}
+
+/// Every record of a view as key → JSON, to compare views the slow way.
+fn flat(view: &MeshView) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for (name, rec) in &view.nodes {
+        out.insert(format!("n/{name}"), serde_json::to_string(rec).unwrap());
+    }
+    for (service, by_node) in &view.services {
+        for (node, rec) in by_node {
+            out.insert(
+                format!("s/{service}/{node}"),
+                serde_json::to_string(rec).unwrap(),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn changes_since_agrees_with_a_full_comparison_across_random_bursts() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+    let mut view = MeshView::new();
+    for i in 0..120 {
+        put_node(&mut view, &node(&format!("n{i}"), "10.0.0.1:1"));
+        for s in 0..4 {
+            put_svc(&mut view, &svc(&format!("s{s}"), &format!("n{i}"), 80));
+        }
+    }
+    for round in 0..60 {
+        let before = view.clone();
+        // Bursts of 0-40 updates, deletes and node changes between two compared views.
+        for _ in 0..rng.gen_range(0..40) {
+            let (n, s) = (
+                format!("n{}", rng.gen_range(0..130)),
+                format!("s{}", rng.gen_range(0..5)),
+            );
+            match rng.gen_range(0..10) {
+                0 => del(&mut view, &node_key(P, &n)),
+                1 => put_node(
+                    &mut view,
+                    &node(&n, &format!("10.0.0.{}:1", rng.gen_range(1..4))),
+                ),
+                2 | 3 => del(&mut view, &service_key(P, &s, &n)),
+                _ => put_svc(&mut view, &svc(&s, &n, rng.gen_range(80..84))),
+            };
+        }
+        let (old, new) = (flat(&before), flat(&view));
+        let mut expected: Vec<&String> = old
+            .iter()
+            .filter(|(k, v)| new.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .chain(new.keys().filter(|k| !old.contains_key(*k)))
+            .collect();
+        expected.sort();
+        let mut got: Vec<String> = view
+            .changes_since(&before)
+            .map(|c| match c {
+                RecordChange::Node { node, old, new } => {
+                    assert_eq!(before.nodes.get(node), old);
+                    assert_eq!(view.nodes.get(node), new);
+                    format!("n/{node}")
+                }
+                RecordChange::Service {
+                    service,
+                    node,
+                    old,
+                    new,
+                } => {
+                    assert_eq!(before.services.get(service).and_then(|m| m.get(node)), old);
+                    assert_eq!(view.services.get(service).and_then(|m| m.get(node)), new);
+                    assert_ne!(old, new);
+                    format!("s/{service}/{node}")
+                }
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got.iter().collect::<Vec<_>>(), expected, "round {round}");
+        assert_eq!(view.same_records(&before), expected.is_empty());
+    }
+}

@@ -108,6 +108,7 @@ impl Supervisor {
     /// the lease is kept, a round in which no member takes the watch (an election in
     /// progress) is retried for up to one lease TTL before the session breaks.
     async fn rewatch(&mut self, pool: &Pool) -> Result<(WatchStream, usize), End> {
+        self.flush(); // what was applied is not held back while the watch moves
         let give_up = Instant::now() + self.cfg.lease_ttl.max(crate::etcd::MIN_LEASE_TTL);
         let mut retry = Backoff::new(RETRY_MIN, RETRY_MAX);
         loop {
@@ -175,6 +176,7 @@ impl Supervisor {
                 }
                 Err(stop) => return Err(stop),
             }
+            let publish_due = self.publish_due();
             tokio::select! {
                 biased;
                 cmd = self.commands.recv() => self.on_command(cmd)?,
@@ -192,26 +194,23 @@ impl Supervisor {
                         LeaseReport::InDoubt(why) => return Err(End::Broken(why)),
                     }
                 }
-                msg = watch.message() => {
-                    let Some(msg) = self.apply_batch(msg, &mut watch) else {
-                        continue;
-                    };
-                    let failure = match msg {
-                        Ok(Some(resp)) => match classify(&resp) {
-                            WatchMsg::Events => None, // taken by apply_batch
-                            WatchMsg::Compacted(compacted) => {
-                                warn!(compacted, revision = self.working.revision, "watch compacted; listing again");
-                                (watch, member) = self.resync(&pool).await?;
-                                None
-                            }
-                            WatchMsg::Canceled(reason) => Some(reason),
-                        },
-                        Ok(None) => Some("watch stream ended".to_string()),
-                        Err(e) => Some(format!("watch stream: {e}")),
-                    };
-                    if let Some(why) = failure {
-                        pool.failed(member, &why);
-                        (watch, member) = self.rewatch(&pool).await?;
+                // While a view is held back, the watch is not read: what etcd sends meanwhile
+                // waits in the stream and is applied in one batch when the view is due, just
+                // before it is published (a burst costs one wake-up per publication, not one
+                // per watch response).
+                _ = tokio::time::sleep_until(publish_due.unwrap_or_else(Instant::now)),
+                    if publish_due.is_some() =>
+                {
+                    let queued = now_or_never(watch.message());
+                    let leftover = queued.and_then(|msg| self.apply_batch(msg, &mut watch));
+                    self.flush();
+                    if let Some(msg) = leftover {
+                        (watch, member) = self.on_leftover(&pool, msg, watch, member).await?;
+                    }
+                }
+                msg = watch.message(), if publish_due.is_none() => {
+                    if let Some(msg) = self.apply_batch(msg, &mut watch) {
+                        (watch, member) = self.on_leftover(&pool, msg, watch, member).await?;
                     }
                 }
                 _ = health.tick() => {
@@ -220,6 +219,41 @@ impl Supervisor {
                     }
                 }
             }
+        }
+    }
+
+    /// Handles a watch message that is not events (what [`Self::apply_batch`] leaves): lists
+    /// again after a compaction, moves the watch to another member when it failed. Returns
+    /// the watch to go on with.
+    async fn on_leftover(
+        &mut self,
+        pool: &Pool,
+        msg: WatchMessage,
+        watch: WatchStream,
+        member: usize,
+    ) -> Result<(WatchStream, usize), End> {
+        let failure = match msg {
+            Ok(Some(resp)) => match classify(&resp) {
+                WatchMsg::Events => None, // taken by apply_batch
+                WatchMsg::Compacted(compacted) => {
+                    warn!(
+                        compacted,
+                        revision = self.working.revision,
+                        "watch compacted; listing again"
+                    );
+                    return self.resync(pool).await;
+                }
+                WatchMsg::Canceled(reason) => Some(reason),
+            },
+            Ok(None) => Some("watch stream ended".to_string()),
+            Err(e) => Some(format!("watch stream: {e}")),
+        };
+        match failure {
+            Some(why) => {
+                pool.failed(member, &why);
+                self.rewatch(pool).await
+            }
+            None => Ok((watch, member)),
         }
     }
 
@@ -261,10 +295,11 @@ impl Supervisor {
         leftover
     }
 
-    /// Counts and publishes a batch of `applied` changes out of `events` events.
+    /// Counts a batch of `applied` changes out of `events` events and publishes it (now, or
+    /// with the batches that follow within `PUBLISH_EVERY`).
     fn finish_batch(&mut self, applied: u64, events: usize, started: Instant) {
         if applied > 0 {
-            self.publish();
+            self.changed();
         }
         let took = started.elapsed();
         if events > 0 {
@@ -349,7 +384,8 @@ impl Supervisor {
             changes,
             "registry snapshot loaded"
         );
-        if changes > 0 {
+        // The snapshot replaced the working view, held-back changes included.
+        if changes > 0 || self.unpublished {
             self.publish();
         }
     }
