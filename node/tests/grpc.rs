@@ -344,6 +344,43 @@ async fn cancellation_and_deadlines_reach_the_grpc_server() -> Result<()> {
             );
         }
         assert_eq!(v["deadline"]["client_code"], "DEADLINE_EXCEEDED", "{v}");
+
+        // The caller's node dies under a call: the callee finds its connection dead (the
+        // 1 s idle timeout) and cancels the call at the server.
+        let mut m = m;
+        let mut orphan = Command::new(test_python())
+            .arg(script())
+            .args(["orphan", &m.proxy.to_string()])
+            .args(m.servers.iter().map(|s| s.to_string()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut stdin = orphan.stdin.take().context("orphan stdin")?;
+        let mut lines = BufReader::new(orphan.stdout.take().context("orphan stdout")?).lines();
+        let started = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .context("the orphan call did not start")??;
+        anyhow::ensure!(
+            started.as_deref() == Some("STARTED"),
+            "orphan said {started:?}"
+        );
+        m.a.signal(libc::SIGKILL)?;
+        m.a.wait_exit(Duration::from_secs(5)).await?;
+        stdin.write_all(b"killed\n").await?;
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("orphan did not report")??
+            .context("orphan exited without a report")?;
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        eprintln!("grpc call whose caller node was SIGKILLed: {v}");
+        assert_eq!(v["ended"], true, "{v}");
+        assert_eq!(v["cancelled"], true, "{v}");
+        let lag = v["lag_ms"].as_f64().unwrap_or(f64::MAX);
+        assert!(
+            lag < 3000.0,
+            "ended {lag} ms after the caller's node died: {v}"
+        );
         Ok(())
     })
     .await

@@ -18,6 +18,11 @@ out: no .proto, no generated code).
                                    them, and calls Hold with a 1 s deadline; asks the servers
                                    (directly, at SERVER...) when each call ended there; prints
                                    one JSON line
+  grpc_peer.py orphan ADDR SERVER...
+                                   calls Hold through ADDR, prints "STARTED" once a server has
+                                   it; after a line on stdin (the caller's node was killed)
+                                   prints one JSON line: when the call ended at the server,
+                                   counted from that line
 
 Methods of mesh.Greeter:
   Hello   unary: answers TAG
@@ -367,6 +372,33 @@ def cancel(addr, servers):
     print(json.dumps(out), flush=True)
 
 
+def orphan(addr, servers):
+    """A Hold call whose caller node is killed under it; see the module notes."""
+    channel = grpc.insecure_channel(addr, options=[("grpc.default_authority", "greeter")])
+    call = f"orphan-{time.monotonic()}"
+    f = unary(channel, "Hold").future(call.encode(), timeout=30)
+    if not started(servers, call, 10):
+        print(json.dumps({"error": "never reached a server"}), flush=True)
+        return
+    print("STARTED", flush=True)
+    sys.stdin.readline()
+    t = time.monotonic()
+    seen = when_ended(servers, call, 10)
+    out = {"ended": bool(seen and seen["ended"] is not None)}
+    if out["ended"]:
+        out["cancelled"] = seen["cancelled"]
+        out["lag_ms"] = round((seen["ended"] - t) * 1000, 1)
+    try:
+        f.result(timeout=10)
+        out["client"] = "OK"
+    except grpc.RpcError as e:
+        out["client"] = e.code().name
+    except Exception as e:  # the future's own timeout
+        out["client"] = type(e).__name__
+    channel.close()
+    print(json.dumps(out), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(sys.argv[2])
@@ -376,5 +408,7 @@ if __name__ == "__main__":
         call_loop(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1] == "cancel":
         cancel(sys.argv[2], sys.argv[3:])
+    elif sys.argv[1] == "orphan":
+        orphan(sys.argv[2], sys.argv[3:])
     else:
         client(sys.argv[2], int(sys.argv[3]))
