@@ -242,7 +242,8 @@ pub(crate) fn preface(first: &[u8]) -> Option<Preface> {
     let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
     const SETTINGS: u8 = 0x4;
     const ACK: u8 = 0x1;
-    let settings = head[3] == SETTINGS && head[4] & ACK == 0 && stream == 0 && len % 6 == 0;
+    let settings =
+        head[3] == SETTINGS && head[4] & ACK == 0 && stream == 0 && len.is_multiple_of(6);
     Some(if settings {
         Preface::Valid
     } else {

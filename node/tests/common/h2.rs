@@ -181,7 +181,7 @@ fn huffman_digits(coded: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     let mut at = 0;
     // What is left at the end is padding: the most significant bits of EOS, all ones.
-    while bits.len() - at >= 5 && bits[at..].iter().any(|b| *b == 0) {
+    while bits.len() - at >= 5 && bits[at..].contains(&0) {
         match take(at, 5)? {
             c @ 0..=2 => {
                 out.push(b'0' + c);
