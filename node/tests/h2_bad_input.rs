@@ -441,6 +441,10 @@ async fn header_lists_past_the_limit_get_431_or_goaway() -> Result<()> {
     .context("test timed out")?
 }
 
+/// The most a flood writes: more than loopback socket buffers hold (here 32 MiB receive,
+/// 4 MiB send at most), so only a node that keeps reading takes it all.
+const FLOOD: usize = 64 << 20;
+
 /// Writes `chunk` (whole frames) until the connection fails or `max` bytes are written;
 /// returns the bytes written and how long the writes went on.
 async fn flood(
@@ -467,30 +471,36 @@ async fn continuation_flood_is_cut_off_in_bounded_memory_and_time() -> Result<()
         let good = Good::start(m.proxy).await?;
         let pid = m.a.child.id();
         let calm_before = rejected(&m.a, "h2_enhance_your_calm").await?;
+        let protocol_before = rejected(&m.a, "h2_protocol_error").await?;
         let rss_before = rss_kib(pid)?;
         let mut worst_rss = rss_before;
         // Floods, each a HEADERS frame without END_HEADERS and then CONTINUATION frames that
-        // never end the block (10 MB of them if the node read them all): (a) empty ones;
+        // never end the block (64 MiB of them if the node read them all): (a) empty ones;
         // (b) 16 KiB ones, the bytes of one header value declared 200 MB long; (c) 16 KiB
-        // ones, each a whole 16,000-byte header.
+        // ones, each a whole 16,000-byte header; (d) as (b) with the value declared 1 GiB
+        // long, a length past what HPACK decoding takes (an integer of more than 5 bytes):
+        // a protocol error at the first frame.
         let empty = h2::frame(h2::CONTINUATION, 0, 1, &[]);
         let raw_bytes = h2::frame(h2::CONTINUATION, 0, 1, &[b'x'; 16_384]);
         let whole = h2::frame(h2::CONTINUATION, 0, 1, &h2::literal(b"x-flood", &[b'x'; 16_000]));
         let mut long = h2::request_block("GET", "/", "web");
         long.push(0x00);
         long.extend(h2::hpack_string(b"x-flood"));
+        let mut longest = long.clone();
         long.extend(h2::hpack_int(0x00, 7, 200 << 20));
+        longest.extend(h2::hpack_int(0x00, 7, 1 << 30));
         let get = h2::request_block("GET", "/", "web");
         for (name, start, frame, want) in [
             ("empty", get.clone(), empty, h2::ENHANCE_YOUR_CALM),
-            ("16 KiB of one 200 MB value", long, raw_bytes, h2::ENHANCE_YOUR_CALM),
+            ("16 KiB of one 200 MB value", long, raw_bytes.clone(), h2::ENHANCE_YOUR_CALM),
             ("16 KiB, a whole header each", get, whole, h2::ENHANCE_YOUR_CALM),
+            ("16 KiB of one 1 GiB value", longest, raw_bytes.clone(), h2::PROTOCOL_ERROR),
         ] {
             let (mut frames, mut w) = raw(m.proxy).await?;
             w.write_all(&h2::frame(h2::HEADERS, h2::END_STREAM, 1, &start)).await?;
             let t = Instant::now();
             let chunk: Vec<u8> = std::iter::repeat_n(frame, 64).flatten().collect();
-            let writer = tokio::spawn(flood(w, chunk, 10 << 20));
+            let writer = tokio::spawn(flood(w, chunk, FLOOD));
             let mut seen = Vec::new();
             let goaway = frames.until_goaway(ANSWER, &mut seen).await;
             let at = t.elapsed();
@@ -507,7 +517,7 @@ async fn continuation_flood_is_cut_off_in_bounded_memory_and_time() -> Result<()
             assert!(closed, "{name}: connection left open after GOAWAY");
             // The node stopped reading: what the client got written is socket buffers, not a
             // node holding the flood.
-            assert!(written < 10 << 20, "{name}: the node read the whole flood ({written} bytes)");
+            assert!(written < FLOOD, "{name}: the node read the whole flood ({written} bytes)");
         }
         let grew = worst_rss.saturating_sub(rss_before);
         eprintln!("node-a resident memory: {rss_before} KiB before, at most {worst_rss} KiB during (+{grew} KiB)");
@@ -517,6 +527,7 @@ async fn continuation_flood_is_cut_off_in_bounded_memory_and_time() -> Result<()
         assert!(fresh_get(m.proxy).await? < ANSWER);
         // Each flood, counted once.
         counted(&m.a, "h2_enhance_your_calm", calm_before + 3.0).await?;
+        counted(&m.a, "h2_protocol_error", protocol_before + 1.0).await?;
         Ok(())
     })
     .await
