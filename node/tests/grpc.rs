@@ -170,7 +170,15 @@ async fn grpcio_calls_are_balanced_per_call_with_trailers_and_statuses() -> Resu
         let (status, grpc_status, mesh_error) = slow_call(proxy).await?;
         assert_eq!(status, 200);
         assert_eq!(grpc_status.as_deref(), Some("4"), "{mesh_error:?}");
-        assert_eq!(mesh_error.as_deref(), Some("grpc-timeout passed"));
+        // Said by the caller's node; or, when a loaded machine runs its timer late, by the
+        // callee's, which bounds its wait for the target by the same grpc-timeout.
+        assert!(
+            matches!(
+                mesh_error.as_deref(),
+                Some("grpc-timeout passed" | "target timed out")
+            ),
+            "{mesh_error:?}"
+        );
 
         // A service the mesh does not know: UNIMPLEMENTED, said by the mesh.
         assert_eq!(v["unknown"]["code"], "UNIMPLEMENTED", "{v}");
