@@ -8,14 +8,16 @@
 //! Bodies stream both ways through bounded channels; nothing is buffered whole.
 //!
 //! h3-quinn panics if `stop_sending` is called on a receive stream whose pending `recv_data`
-//! was cancelled, so every `recv_data` here runs to completion and `stop_sending` is only
-//! called after a read completed: a received body is read in place as hyper polls it, and one
-//! dropped before its end hands its stream to a task that completes the read, then stops it.
+//! was cancelled, so `stop_sending` is only called after a read completed: a received body is
+//! read in place as hyper polls it, and one dropped before its end with a read pending is
+//! dropped whole (quinn stops it). The callee's request streams are its own (`quic.rs`): it
+//! watches each for the caller letting go, to cancel the request to the target.
 
 pub(crate) mod body;
 pub(crate) mod grpc;
 pub(crate) mod headers;
 pub(crate) mod proxy;
+pub(crate) mod quic;
 pub(crate) mod server;
 pub(crate) mod sniff;
 pub(crate) mod stream;

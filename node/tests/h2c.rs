@@ -5,57 +5,19 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
+use common::h2::{self, app, text, Frames, Next};
 use common::*;
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const LIMIT: Duration = Duration::from_secs(90);
-
-type TestBody = BoxBody<Bytes, hyper::Error>;
-
-fn text(s: impl Into<Bytes>) -> TestBody {
-    Full::new(s.into()).map_err(|e| match e {}).boxed()
-}
-
-/// An application answering `tag` plus the HTTP version it was spoken to in; POST /echo
-/// echoes. Speaks HTTP/1.1, or HTTP/2 only when `h2`.
-async fn app(tag: &'static str, h2: bool) -> Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
-                    let resp: Response<TestBody> = match req.uri().path() {
-                        "/echo" => Response::new(req.into_body().boxed()),
-                        _ => Response::new(text(format!("{tag} {:?}", req.version()))),
-                    };
-                    Ok::<_, Infallible>(resp)
-                });
-                let io = TokioIo::new(tcp);
-                if h2 {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(io, svc)
-                        .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, svc)
-                        .await;
-                }
-            });
-        }
-    });
-    Ok(addr)
-}
 
 fn service(name: &str, protocol: &str, target: SocketAddr) -> String {
     format!("[[service]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\ntarget = \"{target}\"\nrequest_timeout = \"2s\"\n")
@@ -214,58 +176,42 @@ async fn h2c_streams_are_balanced_each_and_http2_targets_get_h2c() -> Result<()>
     .context("test timed out")?
 }
 
-/// An HTTP/2 frame head: length, type, flags, stream.
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_gets_goaway_and_other_clients_are_served() -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     tokio::time::timeout(LIMIT, async {
         let (_nodes, proxy, _pki) = mesh().await?;
         // The 2023 "rapid reset" pattern: streams opened and cancelled at once, 200 of them.
-        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        out.extend(frame(0x4, 0, 0, &[]));
-        // GET http://web/ from the static table; `:authority` a literal without indexing.
-        let block = [0x82, 0x86, 0x84, 0x01, 0x03, b'w', b'e', b'b'];
+        let mut out = h2::client_start();
+        let block = h2::request_block("GET", "/", "web");
         for i in 0..200u32 {
             let id = 2 * i + 1;
-            out.extend(frame(0x1, 0x5, id, &block)); // HEADERS, END_STREAM | END_HEADERS
-            out.extend(frame(0x3, 0, id, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+            out.extend(h2::frame(
+                h2::HEADERS,
+                h2::END_STREAM | h2::END_HEADERS,
+                id,
+                &block,
+            ));
+            out.extend(h2::frame(h2::RST_STREAM, 0, id, &h2::CANCEL.to_be_bytes()));
         }
         let mut tcp = TcpStream::connect(proxy).await?;
         tcp.write_all(&out).await?;
+        let mut frames = Frames::new(tcp);
         let mut seen = Vec::new();
-        let mut goaway = None;
-        let end = tokio::time::Instant::now() + Duration::from_secs(10);
-        'read: loop {
-            let mut buf = [0u8; 16384];
-            let n = match tokio::time::timeout_at(end, tcp.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-                Ok(Ok(n)) => n,
-            };
-            seen.extend_from_slice(&buf[..n]);
-            let mut at = 0;
-            while seen.len() >= at + 9 {
-                let len = u32::from_be_bytes([0, seen[at], seen[at + 1], seen[at + 2]]) as usize;
-                if seen.len() < at + 9 + len {
-                    break;
-                }
-                if seen[at + 3] == 0x7 && len >= 8 {
-                    let p = &seen[at + 9..at + 9 + len];
-                    goaway = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
-                    break 'read;
-                }
-                at += 9 + len;
-            }
-        }
-        // GOAWAY with ENHANCE_YOUR_CALM (0xb).
-        assert_eq!(goaway, Some(0xb), "{} bytes read", seen.len());
+        let goaway = match frames
+            .until_goaway(Duration::from_secs(10), &mut seen)
+            .await
+        {
+            Next::Frame(f) => f.goaway_code(),
+            _ => None,
+        };
+        // GOAWAY with ENHANCE_YOUR_CALM.
+        assert_eq!(
+            goaway,
+            Some(h2::ENHANCE_YOUR_CALM),
+            "{} frames read",
+            seen.len()
+        );
 
         // Another client on the same port does not notice.
         let tcp = TcpStream::connect(proxy).await?;

@@ -1,6 +1,6 @@
 //! Streaming bodies: HTTP/3 data frames as hyper bodies (read in place as hyper polls), and
-//! hyper bodies to HTTP/3 data frames. Every `recv_data` runs to completion (see the module
-//! notes in `http.rs`): a stream is stopped only between reads.
+//! hyper bodies to HTTP/3 data frames. A stream is stopped only between reads (see the module
+//! notes in `http.rs`).
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -16,9 +16,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 /// Server side (callee) halves of an h3 request stream.
-pub(crate) type ServerSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+pub(crate) type ServerSend = h3::server::RequestStream<super::quic::SendStream<Bytes>, Bytes>;
 /// Server side receive half.
-pub(crate) type ServerRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+pub(crate) type ServerRecv = h3::server::RequestStream<super::quic::RecvStream, Bytes>;
 /// Client side (caller) send half.
 pub(crate) type ClientSend = h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 /// Client side receive half.
@@ -44,18 +44,22 @@ macro_rules! h3_recv_body {
         /// place when hyper polls it: no task and no channel per request. `first` goes ahead
         /// of the stream's frames.
         ///
-        /// A read h3-quinn has started is never abandoned (see the module notes in
-        /// `http.rs`). After each data frame the body looks ahead once, so a stream whose
-        /// end came with its data is finished at once (hyper stops polling a body once it
-        /// has its `Content-Length`). A body dropped before its stream ended hands the stream
-        /// to a task that does what the old per-request pump did: complete the read, then stop
-        /// the stream (or read the trailers).
+        /// After each data frame the body looks ahead once, so a stream whose end came with
+        /// its data is finished at once (hyper stops polling a body once it has its
+        /// `Content-Length`). A body dropped before its stream ended (its reader went away:
+        /// a client's RST_STREAM, a target that answered early) stops the stream at once, so
+        /// the far side learns of it whether or not it has more to send: with
+        /// `H3_REQUEST_CANCELLED` when no read is pending, else by dropping the stream (quinn
+        /// then stops it with code 0), since h3-quinn panics when a stream with a pending
+        /// read is stopped (see the module notes in `http.rs`).
         pub(crate) struct $name {
             recv: Option<$recv>,
             /// Frames already read, returned before the stream is polled again.
             queued: Option<Result<Frame<Bytes>, BoxError>>,
             /// The data frames have ended; trailers (if any) are next.
             data_done: bool,
+            /// The last poll of the stream was pending: a read may be under way inside it.
+            reading: bool,
             guard: Option<Guard>,
         }
 
@@ -65,6 +69,7 @@ macro_rules! h3_recv_body {
                     recv: Some(recv),
                     queued: first.map(|b| Ok(Frame::data(b))),
                     data_done: false,
+                    reading: false,
                     guard,
                 }
             }
@@ -84,7 +89,9 @@ macro_rules! h3_recv_body {
                     return Poll::Ready(None);
                 };
                 if !self.data_done {
-                    match ready!(recv.poll_recv_data(cx)) {
+                    let polled = recv.poll_recv_data(cx);
+                    self.reading = polled.is_pending();
+                    match ready!(polled) {
                         Ok(Some(mut buf)) => {
                             let b = buf.copy_to_bytes(buf.remaining());
                             return Poll::Ready(Some(Ok(Frame::data(b))));
@@ -96,7 +103,9 @@ macro_rules! h3_recv_body {
                         }
                     }
                 }
-                let trailers = ready!(recv.poll_recv_trailers(cx));
+                let polled = recv.poll_recv_trailers(cx);
+                self.reading = polled.is_pending();
+                let trailers = ready!(polled);
                 self.end();
                 match trailers {
                     Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
@@ -137,26 +146,10 @@ macro_rules! h3_recv_body {
                 let Some(mut recv) = self.recv.take() else {
                     return;
                 };
-                let guard = self.guard.take();
-                let data_done = self.data_done;
-                let Ok(rt) = tokio::runtime::Handle::try_current() else {
-                    return;
-                };
-                rt.spawn(async move {
-                    if !data_done {
-                        match recv.recv_data().await {
-                            Ok(Some(_)) => {
-                                recv.stop_sending(Code::H3_REQUEST_CANCELLED);
-                                drop(guard);
-                                return;
-                            }
-                            Ok(None) => {}
-                            Err(_) => return,
-                        }
-                    }
-                    let _ = recv.recv_trailers().await;
-                    drop(guard);
-                });
+                if !self.reading {
+                    recv.stop_sending(Code::H3_REQUEST_CANCELLED);
+                }
+                // Else dropped with a read pending: quinn stops the stream itself.
             }
         }
     };

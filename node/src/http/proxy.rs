@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use super::body::{self, Body};
 use super::grpc::{self, RequestBody};
 use super::headers::{add_forwarded_for, continue_trace, host_of, strip_hop_by_hop, traceparent};
-use super::sniff::Verdict;
+use super::sniff::{self, Preface, Verdict};
 use super::upgrade;
 use super::{is_idempotent, mesh_error, MAX_HEADER_BYTES, MESH_ERROR};
 
@@ -38,6 +38,7 @@ use crate::balance::InflightGuard;
 use crate::dispatch::{self, Decision, Dispatch, Outcome};
 use crate::drain;
 use crate::outbound::Outbound;
+use crate::prefixed::Prefixed;
 use crate::refusal::RefusalKind;
 use crate::routing::{Routing, Target};
 use crate::telemetry::{AttemptResult, EndpointTelemetry, Telemetry};
@@ -123,9 +124,19 @@ pub(crate) async fn serve_connection<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let telemetry = proxy.telemetry.clone();
+    let io = match check_preface(io).await {
+        Ok(io) => io,
+        Err(refused) => {
+            if let Some(reason) = refused {
+                telemetry.http_rejected(reason);
+            }
+            tracing::debug!(%client, reason = refused, "proxy client connection refused before HTTP");
+            return;
+        }
+    };
     let verdict = Arc::new(AtomicU8::new(0));
     let io = TokioIo::new(super::sniff::Sniffer::new(io, verdict.clone()));
-    let telemetry = proxy.telemetry.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
         let (proxy, drain) = (proxy.clone(), drain.clone());
         let verdict = Verdict::of(&verdict);
@@ -183,9 +194,64 @@ pub(crate) async fn serve_connection<I>(
                 telemetry.http_rejected("head_too_large");
             } else if e.is_parse() {
                 telemetry.http_rejected("malformed");
+            } else if let Some(reason) = h2_goaway(e) {
+                telemetry.http_rejected(reason);
             }
         }
         tracing::debug!(%client, error = %e, "proxy client connection ended");
+    }
+}
+
+/// Reads a client's first bytes far enough to check an HTTP/2 connection preface
+/// (`sniff::preface`), and hands the connection on with them in front. HTTP/1.1 goes on at its
+/// first byte that departs from the magic. An invalid preface is answered with SETTINGS and
+/// GOAWAY(PROTOCOL_ERROR) and the connection closed; the error is the
+/// `meshnode_http_rejected_total` reason (`None`: the connection failed, nothing to count).
+async fn check_preface<I>(mut io: I) -> Result<Prefixed<I>, Option<&'static str>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut first = bytes::BytesMut::with_capacity(64);
+    let read = async {
+        loop {
+            if let Some(p) = sniff::preface(&first) {
+                return Ok(p);
+            }
+            if io.read_buf(&mut first).await? == 0 {
+                // The end of the stream: hyper makes of the bytes what it can.
+                return Ok::<_, std::io::Error>(Preface::NotH2);
+            }
+        }
+    };
+    let checked = tokio::time::timeout(HEADER_READ_TIMEOUT, read).await;
+    match checked {
+        Ok(Ok(Preface::Invalid)) => {
+            let _ = io.write_all(&sniff::bad_preface_answer()).await;
+            let _ = io.shutdown().await;
+            Err(Some("h2_protocol_error"))
+        }
+        Ok(Ok(_)) => Ok(Prefixed::new(first.freeze(), io)),
+        Ok(Err(_)) => Err(None),
+        Err(_) => Err(Some("header_timeout")),
+    }
+}
+
+/// The `meshnode_http_rejected_total` reason of an h2c connection the proxy closed with a
+/// GOAWAY for the client's fault (hyper's HTTP/2 decided and says so in its error): a client
+/// past a limit (rapid reset, CONTINUATION flood, a header list far over the limit) is told
+/// `ENHANCE_YOUR_CALM`, one that broke the protocol `PROTOCOL_ERROR`, `FRAME_SIZE_ERROR`,
+/// `COMPRESSION_ERROR`, ... A GOAWAY from the client, or its connection just ending, is not
+/// counted.
+fn h2_goaway(e: &hyper::Error) -> Option<&'static str> {
+    let h2 = std::error::Error::source(e)?.downcast_ref::<h2::Error>()?;
+    if !(h2.is_go_away() && h2.is_library()) {
+        return None;
+    }
+    match h2.reason()? {
+        h2::Reason::NO_ERROR => None,
+        h2::Reason::ENHANCE_YOUR_CALM => Some("h2_enhance_your_calm"),
+        _ => Some("h2_protocol_error"),
     }
 }
 

@@ -17,6 +17,7 @@ use meshnode_transport::StreamLimit;
 
 use super::body::{self, Body, ServerRecv, ServerSend};
 use super::headers::{host_of, set_parent, strip_hop_by_hop, traceparent};
+use super::quic::{self, CallerGone, Watches};
 use super::stream::{H3Recv, H3Send};
 use super::{mesh_error, TargetClient, MAX_HEADER_BYTES};
 use crate::drain;
@@ -59,10 +60,11 @@ impl H3Server {
 }
 
 async fn serve(shared: Arc<H3Server>, peer: String, conn: quinn::Connection, limit: StreamLimit) {
-    let quic = conn.clone();
+    let watches = Watches::default();
+    let caller = conn.clone();
     let built = h3::server::builder()
         .max_field_section_size(MAX_HEADER_BYTES as u64)
-        .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+        .build::<_, Bytes>(quic::Connection::new(conn, watches.clone()))
         .await;
     let mut h3conn = match built {
         Ok(c) => c,
@@ -76,10 +78,11 @@ async fn serve(shared: Arc<H3Server>, peer: String, conn: quinn::Connection, lim
             Ok(Some(resolver)) => {
                 let shared = shared.clone();
                 let peer = peer.clone();
+                let watches = watches.clone();
                 let permit = limit.on_accept();
                 // The caller's current address, for its span (read only when tracing: it
                 // takes the connection's lock).
-                let remote = shared.telemetry.tracer().map(|_| quic.remote_address());
+                let remote = shared.telemetry.tracer().map(|_| caller.remote_address());
                 tokio::spawn(async move {
                     let _permit = permit;
                     // A request whose headers do not arrive in time is dropped (its stream
@@ -90,7 +93,8 @@ async fn serve(shared: Arc<H3Server>, peer: String, conn: quinn::Connection, lim
                     match resolved {
                         Ok(Ok((req, stream))) => {
                             let (send, recv) = stream.split();
-                            handle(shared, peer, remote, req, send, recv).await;
+                            let gone = watches.take(send.send_id());
+                            handle(shared, peer, remote, req, send, recv, gone).await;
                         }
                         Ok(Err(e)) => {
                             shared.telemetry.rejected(RefusalKind::Malformed);
@@ -142,6 +146,9 @@ fn server_span(
     Span::server(Some(tracer), start, Caller { node: peer, addr })
 }
 
+/// Serves one request. `gone` fires if the caller lets the request go (its client cancelled,
+/// or the connection is lost): the request to the target is then dropped, which resets its
+/// HTTP/2 stream or closes its HTTP/1.1 connection, so the target sees the cancellation.
 async fn handle(
     shared: Arc<H3Server>,
     peer: String,
@@ -149,6 +156,7 @@ async fn handle(
     req: Request<()>,
     mut send: ServerSend,
     mut recv: ServerRecv,
+    mut gone: CallerGone,
 ) {
     if req.method() == Method::CONNECT {
         serve_connect(shared, peer, remote, req, send, recv).await;
@@ -232,7 +240,14 @@ async fn handle(
         Some(t) => t.min(svc.request_timeout()),
         None => svc.request_timeout(),
     };
-    let answer = tokio::time::timeout(timeout, shared.targets.request(out, h2)).await;
+    let request = tokio::time::timeout(timeout, shared.targets.request(out, h2));
+    let answer = tokio::select! {
+        answer = request => answer,
+        () = &mut gone => {
+            tracing::debug!(%peer, %service, "caller let go before the answer: target request cancelled");
+            return;
+        }
+    };
     let resp = match answer {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -265,7 +280,15 @@ async fn handle(
     if send.send_response(head).await.is_err() {
         return;
     }
-    let _ = body::send_server_body(&mut send, body).await;
+    let let_go = tokio::select! {
+        _ = body::send_server_body(&mut send, body) => false,
+        () = &mut gone => true,
+    };
+    if let_go {
+        // The target's body is dropped: its stream is reset (h2) or its connection closed.
+        tracing::debug!(%peer, %service, "caller let go during the answer: target stream cancelled");
+        send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+    }
 }
 
 /// Serves one CONNECT request from `peer`.

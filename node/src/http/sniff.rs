@@ -215,6 +215,57 @@ pub(crate) enum Detected {
     Other,
 }
 
+/// What a client's first bytes say of an HTTP/2 connection preface (RFC 9113 §3.4: the magic,
+/// then a SETTINGS frame). hyper's h2 checks the magic but takes any frame after it (a PING,
+/// say) and then waits, so the proxy checks the SETTINGS itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Preface {
+    /// Not HTTP/2: the bytes depart from the magic.
+    NotH2,
+    /// The magic, then a SETTINGS frame's head.
+    Valid,
+    /// The magic, then anything else: a connection error of type PROTOCOL_ERROR.
+    Invalid,
+}
+
+/// Bytes of the magic and of the SETTINGS frame head that must follow it.
+pub(crate) const PREFACE_WITH_SETTINGS: usize = H2_PREFACE.len() + 9;
+
+/// Classifies a client's first bytes; `None` while they could still be a valid preface.
+pub(crate) fn preface(first: &[u8]) -> Option<Preface> {
+    let n = first.len().min(H2_PREFACE.len());
+    if first[..n] != H2_PREFACE[..n] {
+        return Some(Preface::NotH2);
+    }
+    let head = first.get(H2_PREFACE.len()..PREFACE_WITH_SETTINGS)?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]);
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    const SETTINGS: u8 = 0x4;
+    const ACK: u8 = 0x1;
+    let settings =
+        head[3] == SETTINGS && head[4] & ACK == 0 && stream == 0 && len.is_multiple_of(6);
+    Some(if settings {
+        Preface::Valid
+    } else {
+        Preface::Invalid
+    })
+}
+
+/// The answer to an invalid preface: the server's own preface (an empty SETTINGS frame), then
+/// GOAWAY with last stream 0, PROTOCOL_ERROR and a reason.
+pub(crate) fn bad_preface_answer() -> Vec<u8> {
+    const PROTOCOL_ERROR: u32 = 0x1;
+    let debug: &[u8] = b"the connection preface must end with a SETTINGS frame";
+    let len = (8 + debug.len()) as u32;
+    let mut out = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+    out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, 0x7, 0]);
+    out.extend_from_slice(&0u32.to_be_bytes()); // stream 0
+    out.extend_from_slice(&0u32.to_be_bytes()); // last stream id
+    out.extend_from_slice(&PROTOCOL_ERROR.to_be_bytes());
+    out.extend_from_slice(debug);
+    out
+}
+
 /// Longest request line [`detect`] waits for: as much as the proxy accepts for a whole head.
 pub(crate) const MAX_REQUEST_LINE: usize = super::MAX_HEADER_BYTES;
 /// Longest method name taken for HTTP (the registered ones have at most 17 characters).
@@ -326,7 +377,41 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Sniffer<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::{detect, Detected, H2_PREFACE, MAX_REQUEST_LINE};
+    use super::{detect, preface, Detected, Preface, H2_PREFACE, MAX_REQUEST_LINE};
+
+    #[test]
+    fn an_h2_preface_must_go_on_with_settings() {
+        let with = |frame: &[u8]| [H2_PREFACE, frame].concat();
+        // Empty SETTINGS, and one setting (6 bytes).
+        assert_eq!(
+            preface(&with(&[0, 0, 0, 4, 0, 0, 0, 0, 0])),
+            Some(Preface::Valid)
+        );
+        assert_eq!(
+            preface(&with(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 3])),
+            Some(Preface::Valid)
+        );
+        for (frame, why) in [
+            (&[0, 0, 8, 6, 0, 0, 0, 0, 0][..], "PING first"),
+            (&[0, 0, 0, 4, 1, 0, 0, 0, 0], "SETTINGS ACK first"),
+            (&[0, 0, 0, 4, 0, 0, 0, 0, 1], "SETTINGS on a stream"),
+            (&[0, 0, 5, 4, 0, 0, 0, 0, 0], "SETTINGS of 5 bytes"),
+            (b"hello, no", "no frame at all"),
+        ] {
+            assert_eq!(preface(&with(frame)), Some(Preface::Invalid), "{why}");
+        }
+        // Undecided until the frame head is complete; decided as soon as the magic is left.
+        for n in 0..H2_PREFACE.len() + 9 {
+            assert_eq!(
+                preface(&with(&[0, 0, 0, 4, 0, 0, 0, 0, 0])[..n]),
+                None,
+                "{n}"
+            );
+        }
+        assert_eq!(preface(b"GET / HTTP/1.1\r\n"), Some(Preface::NotH2));
+        assert_eq!(preface(b"PRI * HTTP/1.1"), Some(Preface::NotH2));
+        assert_eq!(preface(b"P"), None);
+    }
 
     #[test]
     fn the_h2_preface_is_h2c_and_its_prefixes_wait() {

@@ -79,11 +79,16 @@ pub fn outbound(addr: SocketAddr) -> String {
 
 /// The endpoints of `echo` that `node` currently knows, from its /status.
 pub async fn endpoints(node: &NodeProcess) -> Result<Vec<String>> {
+    service_endpoints(node, "echo").await
+}
+
+/// The endpoints of `service` that `node` currently knows, from its /status.
+pub async fn service_endpoints(node: &NodeProcess, service: &str) -> Result<Vec<String>> {
     let (_, body) = node.get("/status").await?;
     let doc: serde_json::Value = serde_json::from_str(&body)?;
     let mut out = Vec::new();
     for s in doc["services"].as_array().context("services")? {
-        if s["name"] == "echo" {
+        if s["name"] == service {
             for e in s["endpoints"].as_array().context("endpoints")? {
                 out.push(e["node"].as_str().unwrap_or_default().to_string());
             }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod h2;
 pub mod process;
 
 use std::net::SocketAddr;
