@@ -31,24 +31,7 @@ fn script() -> PathBuf {
 
 /// A grpcio server answering `tag`; killed when dropped.
 async fn grpc_server(tag: &str) -> Result<(Child, SocketAddr)> {
-    let mut child = Command::new(test_python())
-        .arg(script())
-        .args(["server", tag])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().context("server stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .context("grpc server did not start within 30 s")??
-        .context("grpc server exited")?;
-    let port: u16 = line
-        .strip_prefix("READY ")
-        .and_then(|p| p.trim().parse().ok())
-        .with_context(|| format!("unexpected server line {line:?}"))?;
-    Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
+    python_peer("grpc_peer.py", &["server", tag]).await
 }
 
 fn grpc_service(target: SocketAddr) -> String {

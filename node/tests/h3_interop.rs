@@ -14,28 +14,6 @@ use common::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// Why the test venv's Python cannot import aioquic, if it cannot.
-async fn aioquic_missing() -> Option<String> {
-    let python = test_python();
-    let out = tokio::process::Command::new(&python)
-        .args(["-c", "import aioquic"])
-        .kill_on_drop(true)
-        .output();
-    match tokio::time::timeout(Duration::from_secs(30), out).await {
-        Ok(Ok(o)) if o.status.success() => None,
-        Ok(Ok(o)) => Some(format!(
-            "{} cannot import aioquic: {}",
-            python.display(),
-            String::from_utf8_lossy(&o.stderr)
-                .lines()
-                .last()
-                .unwrap_or_default()
-        )),
-        Ok(Err(e)) => Some(format!("{}: {e}", python.display())),
-        Err(_) => Some(format!("{} did not answer within 30 s", python.display())),
-    }
-}
-
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/h3_connect.py")
 }
@@ -70,10 +48,7 @@ async fn run_client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aioquic_connect_reaches_a_tcp_service_and_a_foreign_ca_is_refused() -> Result<()> {
-    if let Some(why) = aioquic_missing().await {
-        let fix = "run scripts/deps.sh --test (or set MESHNODE_TEST_PYTHON)";
-        anyhow::ensure!(!in_ci(), "aioquic is required in CI: {why}; {fix}");
-        eprintln!("skipped: {why}; {fix}");
+    if !python_module_ready("aioquic").await? {
         return Ok(());
     }
     tokio::time::timeout(LIMIT, async {

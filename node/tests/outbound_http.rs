@@ -24,7 +24,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
@@ -480,24 +480,7 @@ fn grpc_script() -> PathBuf {
 
 /// A grpcio server answering `tag`; killed when dropped.
 async fn grpc_server(tag: &str) -> Result<(Child, SocketAddr)> {
-    let mut child = Command::new(test_python())
-        .arg(grpc_script())
-        .args(["server", tag])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().context("server stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .context("grpc server did not start within 30 s")??
-        .context("grpc server exited")?;
-    let port: u16 = line
-        .strip_prefix("READY ")
-        .and_then(|p| p.trim().parse().ok())
-        .with_context(|| format!("unexpected server line {line:?}"))?;
-    Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
+    python_peer("grpc_peer.py", &["server", tag]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

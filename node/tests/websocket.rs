@@ -9,14 +9,13 @@ mod common;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use common::cluster::Cluster;
 use common::process::{free_udp, NodeProcess};
 use common::*;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
@@ -30,27 +29,11 @@ fn script() -> PathBuf {
 /// A `websockets` server tagged `tag` (answering every handshake 426 when `reject`); killed
 /// when dropped.
 async fn ws_server(tag: &str, reject: bool) -> Result<(Child, SocketAddr)> {
-    let mut cmd = Command::new(test_python());
-    cmd.arg(script()).args(["server", tag]);
+    let mut args = vec!["server", tag];
     if reject {
-        cmd.arg("reject");
+        args.push("reject");
     }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().context("server stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .context("websocket server did not start within 30 s")??
-        .context("websocket server exited")?;
-    let port: u16 = line
-        .strip_prefix("READY ")
-        .and_then(|p| p.trim().parse().ok())
-        .with_context(|| format!("unexpected server line {line:?}"))?;
-    Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
+    python_peer("ws_peer.py", &args).await
 }
 
 /// Runs the `websockets` client: `connections` WebSockets to `service` through `proxy`, each

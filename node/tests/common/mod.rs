@@ -258,3 +258,34 @@ pub async fn python_module_ready(module: &str) -> Result<bool> {
 pub fn meshnode_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshnode"))
 }
+
+/// A Python test peer (`node/tests/SCRIPT` on the venv's interpreter, with `args`) that prints
+/// `READY PORT` once it listens on 127.0.0.1:PORT; killed when the returned child is dropped.
+pub async fn python_peer(
+    script: &str,
+    args: &[&str],
+) -> Result<(tokio::process::Child, SocketAddr)> {
+    use tokio::io::AsyncBufReadExt;
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
+    let mut child = tokio::process::Command::new(test_python())
+        .arg(&path)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {script}"))?;
+    let stdout = child.stdout.take().context("peer stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .with_context(|| format!("{script} {args:?} did not start within 30 s"))??
+        .with_context(|| format!("{script} {args:?} exited before it was ready"))?;
+    let port: u16 = line
+        .strip_prefix("READY ")
+        .and_then(|p| p.trim().parse().ok())
+        .with_context(|| format!("{script}: unexpected line {line:?}"))?;
+    Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
+}
