@@ -8,7 +8,8 @@
 #            systemd unit's ExecReload), nft, systemd-analyze (unit check), jq (the docker
 #            compose test; docker itself is not installed here), curl and h2load (nghttp2-client:
 #            HTTP/1.1 and h2c clients of the proxy and outbound-port tests), python3 with venv
-#            for the Python test clients; then the project-local virtual environment below
+#            for the Python test clients, qemu-system-x86 and debootstrap for the VM test (unless
+#            MESHNODE_SKIP_VM=1); then the project-local virtual environment below
 #
 # Python test clients (scripts/test-requirements.txt, pinned) go into target/test-venv, made with
 # `python3 -m venv` and filled with that venv's own pip: never the system's pip, which Debian 12
@@ -34,6 +35,13 @@ if [ $test = 1 ]; then
   command -v jq >/dev/null 2>&1 || want+=(jq) # deploy/docker/test.sh reads /status with it
   command -v curl >/dev/null 2>&1 || want+=(curl)
   command -v h2load >/dev/null 2>&1 || want+=(nghttp2-client)
+  # The VM test (deploy/systemd/vm-test.sh): the .deb under a real systemd in a qemu guest built
+  # with debootstrap (skipped by scripts/test.sh with MESHNODE_SKIP_VM=1).
+  if [ "${MESHNODE_SKIP_VM:-}" != 1 ]; then
+    command -v qemu-system-x86_64 >/dev/null 2>&1 || want+=(qemu-system-x86)
+    command -v debootstrap >/dev/null 2>&1 || want+=(debootstrap)
+    { command -v mkfs.ext4 >/dev/null 2>&1 && command -v debugfs >/dev/null 2>&1; } || want+=(e2fsprogs)
+  fi
   # `venv` with `ensurepip` (Debian splits it into python3-venv) makes a venv with its own pip.
   python3 -c "import venv, ensurepip" >/dev/null 2>&1 || want+=(python3 python3-venv)
 fi
