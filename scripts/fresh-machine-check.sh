@@ -121,6 +121,8 @@ check "bash" bash --version
 check "jq" jq --version
 check "curl" curl --version
 check "h2load (nghttp2-client)" h2load --version
+check "qemu-system-x86_64 (the VM test)" qemu-system-x86_64 --version
+check "debootstrap (the VM test)" debootstrap --version
 check "promtool (unpacked from Debian's prometheus into target/tools)" target/tools/promtool --version
 check "no Prometheus server installed by the test step" bash -c '! command -v prometheus'
 
