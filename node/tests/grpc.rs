@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use common::cluster::{service_endpoints, until, Cluster};
 use common::process::{free_tcp, NodeProcess};
 use common::*;
@@ -98,21 +98,11 @@ async fn grpcio_calls_are_balanced_per_call_with_trailers_and_statuses() -> Resu
         wait_endpoints(&a, "greeter", 2).await?;
         let proxy = a.http_proxy_addr().context("proxy bound")?;
 
-        let out = Command::new(test_python())
-            .arg(script())
-            .args(["client", &proxy.to_string(), &CALLS.to_string()])
-            .kill_on_drop(true)
-            .output()
-            .await?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            bail!(
-                "grpc client failed: {stdout}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let v: serde_json::Value = serde_json::from_str(stdout.trim())
-            .with_context(|| format!("client output {stdout:?}"))?;
+        let v = python_json(
+            "grpc_peer.py",
+            ["client", &proxy.to_string(), &CALLS.to_string()],
+        )
+        .await?;
         eprintln!("grpc client: {v}");
 
         // 300 unary calls on one channel (one h2c connection), each balanced on its own.
@@ -295,22 +285,10 @@ async fn cancellation_and_deadlines_reach_the_grpc_server() -> Result<()> {
     tokio::time::timeout(LIMIT, async {
         // A long request timeout: only the client's cancellation or deadline may end a call.
         let m = process_mesh("60s").await?;
-        let out = Command::new(test_python())
-            .arg(script())
-            .args(["cancel", &m.proxy.to_string()])
-            .args(m.servers.iter().map(|s| s.to_string()))
-            .kill_on_drop(true)
-            .output()
-            .await?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            bail!(
-                "grpc client failed: {stdout}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let v: serde_json::Value = serde_json::from_str(stdout.trim())
-            .with_context(|| format!("client output {stdout:?}"))?;
+        let args = ["cancel".to_string(), m.proxy.to_string()]
+            .into_iter()
+            .chain(m.servers.iter().map(|s| s.to_string()));
+        let v = python_json("grpc_peer.py", args).await?;
         eprintln!("grpc cancellation: {v}");
         // The server sees each call end (cancelled) within 2 s of the client's cancel, before
         // (`hold`) and after (`park`) the response head, and within 2 s of the deadline.

@@ -11,7 +11,6 @@ mod common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -474,10 +473,6 @@ async fn bytes_that_are_not_served_as_http_cross_byte_for_byte() -> Result<()> {
     .context("test timed out")?
 }
 
-fn grpc_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/grpc_peer.py")
-}
-
 /// A grpcio server answering `tag`; killed when dropped.
 async fn grpc_server(tag: &str) -> Result<(Child, SocketAddr)> {
     python_peer("grpc_peer.py", &["server", tag]).await
@@ -524,21 +519,11 @@ async fn grpcio_channel_on_an_outbound_port_is_balanced_per_call() -> Result<()>
         wait_endpoints(&a, "greeter", 2).await?;
         let port = a.outbound_addr("greeter").context("outbound bound")?;
 
-        let out = Command::new(test_python())
-            .arg(grpc_script())
-            .args(["unary", &port.to_string(), &CALLS.to_string()])
-            .kill_on_drop(true)
-            .output()
-            .await?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            bail!(
-                "grpc client failed: {stdout}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let v: serde_json::Value = serde_json::from_str(stdout.trim())
-            .with_context(|| format!("client output {stdout:?}"))?;
+        let v = python_json(
+            "grpc_peer.py",
+            ["unary", &port.to_string(), &CALLS.to_string()],
+        )
+        .await?;
         eprintln!("grpc client through the outbound port: {v}");
         assert_eq!(v["unary_failures"], 0, "{v}");
         let (nb, nc) = (

@@ -289,3 +289,29 @@ pub async fn python_peer(
         .with_context(|| format!("{script}: unexpected line {line:?}"))?;
     Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
 }
+
+/// Runs a Python test client (`node/tests/SCRIPT` on the venv's interpreter, with `args`) to its
+/// end and parses the one JSON document it prints; its output is in the error if it fails.
+pub async fn python_json<S: AsRef<std::ffi::OsStr>>(
+    script: &str,
+    args: impl IntoIterator<Item = S>,
+) -> Result<serde_json::Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
+    let out = tokio::process::Command::new(test_python())
+        .arg(&path)
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {script}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "{script} failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_str(stdout.trim()).with_context(|| format!("{script} printed {stdout:?}"))
+}
