@@ -103,7 +103,13 @@ async fn a_flooded_port_is_held_to_its_cap_and_the_node_to_its_own() -> Result<(
             ping(steady).await?;
         }
         assert_eq!(a.get("/healthz").await?.0, 200);
-        assert_eq!(metric(&a, "meshnode_app_connections").await?, 40.0);
+        // Each ping's tunnel ends when node-b's side has closed too: a moment after the client.
+        until(
+            "the pings' slots to come back",
+            Duration::from_secs(10),
+            async || Ok(metric(&a, "meshnode_app_connections").await? == 40.0),
+        )
+        .await?;
 
         // 30 more on the steady port: the node's cap (60) holds 20 of them.
         let (steady_held, steady_refused) = hold(steady, 30).await?;
@@ -156,6 +162,14 @@ async fn a_client_that_leaves_during_a_pending_open_is_let_go_at_once() -> Resul
         )
         .await?;
         ping(port).await?;
+        // The ping's tunnel closes once node-b has closed its side: before node-b is frozen,
+        // or it would hold its slot until the peer connection times out.
+        until(
+            "the ping's slot to come back",
+            Duration::from_secs(10),
+            async || Ok(metric(&a, "meshnode_app_connections").await? == 0.0),
+        )
+        .await?;
         b.signal(libc::SIGSTOP)?;
         // 20 clients connect and leave at once; each tunnel open would wait 500 ms or more.
         let mut clients = Vec::new();
@@ -179,7 +193,8 @@ async fn a_client_that_leaves_during_a_pending_open_is_let_go_at_once() -> Resul
         eprintln!("20 clients left during their opens: slots back in {took:?}");
         assert!(
             took < Duration::from_millis(400),
-            "held through the open: {took:?}"
+            "held through the open: {took:?}\n{}",
+            a.log_text()
         );
         Ok(())
     })
