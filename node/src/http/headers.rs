@@ -5,18 +5,22 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::trace::{Span, TRACEPARENT};
 
+/// `traceparent`, built once (a `&str` name is parsed on every use).
+static TRACEPARENT_NAME: HeaderName = HeaderName::from_static(TRACEPARENT);
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded. `Trailer` is not one of them (RFC
 /// 2616 listed it by mistake): it names the trailer fields to come, end to end, and hyper
-/// sends only the trailers it names.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+/// sends only the trailers it names. Names built once: removing by `&str` would parse the
+/// name on every request.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers and every header the `Connection` header names. `te: trailers`
@@ -24,6 +28,11 @@ const HOP_BY_HOP: &[&str] = &[
 /// passes that on so the application's trailers reach it (hyper sends response trailers only
 /// to a request that said so).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names (comparisons of known names
+    // are integer compares) spares the removals, each a hash and a probe.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let accepts_trailers = headers
         .get_all(http::header::TE)
         .iter()
@@ -40,39 +49,99 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for h in HOP_BY_HOP {
-        headers.remove(*h);
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
     }
     if accepts_trailers {
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 /// Appends `client` to `x-forwarded-for`.
 pub fn add_forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr) {
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
-        _ => client.to_string(),
+    let mut value = match headers.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()) {
+        Some(prev) if !prev.trim_ascii().is_empty() => {
+            let mut v = prev.to_vec();
+            v.extend_from_slice(b", ");
+            v
+        }
+        _ => Vec::with_capacity(15),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
+    push_ip(&mut value, client);
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+/// Writes `ip` as text: IPv4 by hand (the common case, per request), IPv6 through `Display`.
+fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        std::net::IpAddr::V6(_) => out.extend_from_slice(ip.to_string().as_bytes()),
+    }
+}
+
+/// A new trace id and span id, both non-zero (W3C forbids all-zero ids). Ids need to be
+/// unique, not unpredictable: a fast generator per thread, seeded once from the OS's, as the
+/// OpenTelemetry SDK's id generator does, instead of the cryptographic one per request.
+fn new_ids() -> (u128, u64) {
+    use rand::{Rng, SeedableRng};
+    thread_local! {
+        static IDS: std::cell::RefCell<rand::rngs::SmallRng> =
+            std::cell::RefCell::new(rand::rngs::SmallRng::from_entropy());
+    }
+    IDS.with(|r| {
+        let mut r = r.borrow_mut();
+        (r.gen::<u128>().max(1), r.gen::<u64>().max(1))
+    })
+}
+
+/// Lower-case hex of `bytes` into `out`.
+fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 0xf)]);
     }
 }
 
 /// Keeps a valid W3C `traceparent` unchanged, or starts a new trace; returns its trace id.
 pub fn ensure_traceparent(headers: &mut HeaderMap) -> String {
     if let Some(id) = headers
-        .get("traceparent")
+        .get(&TRACEPARENT_NAME)
         .and_then(|v| v.to_str().ok())
         .and_then(|t| t.split('-').nth(1))
         .filter(|id| id.len() == 32)
     {
         return id.to_string();
     }
-    let id = format!("{:032x}", rand::random::<u128>());
-    let tp = format!("00-{id}-{:016x}-01", rand::random::<u64>());
-    if let Ok(v) = HeaderValue::from_str(&tp) {
-        headers.insert("traceparent", v);
+    // A new trace: random non-zero ids (W3C forbids all-zero ones), hex written directly.
+    let (trace, parent) = new_ids();
+    let (trace, parent) = (trace.to_be_bytes(), parent.to_be_bytes());
+    let mut tp = Vec::with_capacity(55);
+    tp.extend_from_slice(b"00-");
+    push_hex(&mut tp, &trace);
+    tp.push(b'-');
+    push_hex(&mut tp, &parent);
+    tp.extend_from_slice(b"-01");
+    let id = String::from_utf8_lossy(&tp[3..35]).into_owned();
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(tp)) {
+        headers.insert(TRACEPARENT_NAME.clone(), v);
     }
     id
 }
@@ -82,7 +151,7 @@ pub fn ensure_traceparent(headers: &mut HeaderMap) -> String {
 pub fn continue_trace(headers: &mut HeaderMap, span: &Span) -> String {
     if let (Some(tp), Some(id)) = (span.traceparent(), span.trace_id()) {
         if let Ok(v) = HeaderValue::from_str(tp) {
-            headers.insert(TRACEPARENT, v);
+            headers.insert(TRACEPARENT_NAME.clone(), v);
             return id;
         }
     }
@@ -96,13 +165,13 @@ pub fn set_parent(headers: &mut HeaderMap, span: &Span) {
         .traceparent()
         .and_then(|tp| HeaderValue::from_str(tp).ok())
     {
-        headers.insert(TRACEPARENT, v);
+        headers.insert(TRACEPARENT_NAME.clone(), v);
     }
 }
 
 /// The request's `traceparent`, if it is text.
 pub fn traceparent(headers: &HeaderMap) -> Option<&str> {
-    headers.get(TRACEPARENT).and_then(|v| v.to_str().ok())
+    headers.get(&TRACEPARENT_NAME).and_then(|v| v.to_str().ok())
 }
 
 /// The host part of an authority or `Host` value, lower-cased, without the port.
@@ -165,5 +234,39 @@ mod tests {
         assert_eq!(h["traceparent"], tp);
         assert_eq!(host_of("Web:8080"), "web");
         assert_eq!(host_of("web"), "web");
+    }
+
+    #[test]
+    fn forwarded_for_writes_every_address_form() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.5.99",
+            "192.168.100.255",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let mut h = HeaderMap::new();
+            add_forwarded_for(&mut h, ip.parse().unwrap_or_else(|_| unreachable!()));
+            assert_eq!(h["x-forwarded-for"], ip);
+        }
+    }
+
+    #[test]
+    fn a_new_trace_is_a_valid_traceparent() {
+        let mut h = HeaderMap::new();
+        let id = ensure_traceparent(&mut h);
+        let tp = h["traceparent"].to_str().unwrap_or_default().to_owned();
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4, "{tp}");
+        assert_eq!((parts[0], parts[3]), ("00", "01"));
+        assert_eq!(parts[1], id);
+        assert_eq!((parts[1].len(), parts[2].len()), (32, 16));
+        assert!(tp[3..]
+            .chars()
+            .all(|c| c == '-' || c.is_ascii_digit() || ('a'..='f').contains(&c)));
+        assert_ne!(parts[1], "0".repeat(32));
+        // A second trace is a different one.
+        let mut h2 = HeaderMap::new();
+        assert_ne!(ensure_traceparent(&mut h2), id);
     }
 }

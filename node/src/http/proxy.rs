@@ -163,7 +163,9 @@ pub(crate) async fn serve_connection<I>(
                     "Host and the request's authority name different services",
                 )
             } else {
-                handle(proxy, drain, client, req).await
+                // Boxed: the request's state machine is large, and hyper moves the future
+                // it is given into place for every request (a copy of every byte of it).
+                Box::pin(handle(proxy, drain, client, req)).await
             };
             Ok::<_, Infallible>(resp)
         }
@@ -369,7 +371,7 @@ async fn handle_request(
         );
     };
     let svc = proxy.telemetry.service(&service);
-    if proxy.routing.targets(&service, None).is_empty() {
+    if !proxy.routing.has_endpoints(&service) {
         svc.endpoint("").count_code(StatusCode::NOT_FOUND);
         return mesh_error(StatusCode::NOT_FOUND, &format!("unknown service {service}"));
     }
@@ -430,12 +432,19 @@ async fn forward(
     };
     let mut span = Span::client(proxy.telemetry.tracer(), start);
     let trace_id = continue_trace(&mut headers, &span);
+    // The request target as the callee sees it: `https://{service}{path}`, from the parts
+    // already parsed (the path is not parsed again).
     let path = parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let Ok(uri) = format!("https://{service}{path}").parse::<Uri>() else {
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let Ok(uri) = Uri::builder()
+        .scheme(http::uri::Scheme::HTTPS)
+        .authority(service)
+        .path_and_query(path)
+        .build()
+    else {
         return mesh_error(StatusCode::BAD_REQUEST, "malformed request target");
     };
     let body_empty = incoming.is_end_stream();
