@@ -48,7 +48,7 @@ pub const FAMILIES: &[(&str, Kind, &[&str], &str)] = &[
     ("meshnode_build_info", Kind::Gauge, &["version"], "Build information; always 1."),
     ("meshnode_connections_refused_total", Kind::Counter, &["listener", "reason"], "Application connections refused at accept (closed with a reset) by a connection cap: node_limit or listener_limit."),
     ("meshnode_endpoint_ejections_total", Kind::Counter, &["service", "peer"], "Times an endpoint was ejected after consecutive failures."),
-    ("meshnode_handshakes_total", Kind::Counter, &["result"], "Inbound QUIC handshakes by what admission made of them: accepted, retry (address validation asked), refused, ignored (over a bound, unvalidated), failed (TLS or identity)."),
+    ("meshnode_handshakes_total", Kind::Counter, &["result"], "Inbound QUIC handshakes by what admission made of them: accepted, retry (address validation asked), refused, ignored (over a bound, unvalidated), failed (TLS or identity), at_capacity (the node holds transport.max_peer_connections)."),
     ("meshnode_http_rejected_total", Kind::Counter, &["reason"], "Client requests or connections the caller's HTTP front-end (proxy, outbound ports) refused or closed before routing: malformed, head_too_large, transfer_encoding, duplicate_host, host_mismatch, smuggling, header_timeout, bad_body, h2_protocol_error, h2_enhance_your_calm."),
     ("meshnode_http_request_duration_seconds", Kind::Histogram, &["service", "peer"], "Time from request start to response headers."),
     ("meshnode_http_requests_total", Kind::Counter, &["service", "peer", "code"], "HTTP requests proxied, by service, serving peer and status code."),
