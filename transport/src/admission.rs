@@ -134,6 +134,7 @@ struct State {
     /// Most connections held (`in_progress + connections`) since the last trim.
     peak: u32,
     last_trim: Option<Instant>,
+    trim_pending: bool,
 }
 
 impl State {
@@ -227,6 +228,7 @@ impl Admission {
             connections: 0,
             peak: 0,
             last_trim: None,
+            trim_pending: false,
         };
         Admission {
             state: Arc::new(Mutex::new(state)),
@@ -248,21 +250,27 @@ impl Admission {
         self.lock().connections
     }
 
-    /// Whether the allocator should be asked to return free memory now: the connections held
-    /// fell to half their peak or less, that peak was at least [`TRIM_MIN_PEAK`], and the last
-    /// trim is [`TRIM_INTERVAL`] ago. A `true` starts a new peak from the connections held now.
-    pub fn trim_due(&self, now: Instant) -> bool {
+    /// When the allocator should be asked to return free memory, if it should: the connections
+    /// held fell to half their peak or less, that peak was at least [`TRIM_MIN_PEAK`], and no
+    /// trim is pending. The time is now, or [`TRIM_INTERVAL`] after the last trim if that is
+    /// later (a wave that ends soon after the last trim is trimmed too, later). A `Some` makes
+    /// the trim pending until [`Admission::trim_done`].
+    pub fn trim_due(&self, now: Instant) -> Option<Instant> {
         let mut st = self.lock();
-        let held = st.held();
-        let rested = st
-            .last_trim
-            .is_none_or(|t| now.saturating_duration_since(t) >= TRIM_INTERVAL);
-        let due = st.peak >= TRIM_MIN_PEAK && held <= st.peak / 2 && rested;
-        if due {
-            st.last_trim = Some(now);
-            st.peak = held;
+        if st.trim_pending || st.peak < TRIM_MIN_PEAK || st.held() > st.peak / 2 {
+            return None;
         }
-        due
+        st.trim_pending = true;
+        Some(st.last_trim.map_or(now, |t| (t + TRIM_INTERVAL).max(now)))
+    }
+
+    /// The pending trim ran at `now`: the next peak starts from the connections held now, so
+    /// the rest of a wave that is still closing does not trigger another.
+    pub fn trim_done(&self, now: Instant) {
+        let mut st = self.lock();
+        st.trim_pending = false;
+        st.last_trim = Some(now);
+        st.peak = st.held();
     }
 
     /// Sources currently tracked.

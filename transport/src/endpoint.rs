@@ -375,9 +375,13 @@ impl MeshEndpoint {
     /// Returns free memory to the OS once most peer connections of a wave have gone
     /// ([`crate::memory`]).
     fn maybe_trim(&self) {
-        if self.admission.trim_due(Instant::now()) {
-            let held = self.admission.connections() + self.admission.in_progress();
-            memory::trim_after_drain(self.endpoint.clone(), self.trims.clone(), held);
+        if let Some(at) = self.admission.trim_due(Instant::now()) {
+            memory::trim_after_drain(
+                self.endpoint.clone(),
+                self.admission.clone(),
+                self.trims.clone(),
+                at,
+            );
         }
     }
 

@@ -6,12 +6,15 @@
 //! second wave reused it). After a flood that would leave the node looking, and being accounted
 //! by the OS, as large as at its peak. So when the connections held fall to half their peak
 //! ([`crate::admission::Admission::trim_due`]), the endpoint waits for quinn to drop the closed
-//! connections' state and then calls `malloc_trim(0)` on a blocking thread, off the I/O path.
+//! connections' state and then calls `malloc_trim(0)` on a blocking thread, off the I/O path;
+//! one trim at a time, at least [`crate::admission::TRIM_INTERVAL`] apart.
 //! On other allocators (musl, other systems) the trim is a no-op.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::admission::Admission;
 
 /// Interval at which the open connections are sampled while closed ones drain.
 const DRAIN_STEP: Duration = Duration::from_millis(200);
@@ -32,14 +35,21 @@ impl TrimStats {
     }
 }
 
-/// Waits until `endpoint`'s closed connections have drained (the count of open connections
-/// stops falling, at most [`DRAIN_MAX`]), then returns free memory to the OS. Runs on its own
-/// task; `held` is the count of peer connections held when the trim was decided, for the log.
-pub(crate) fn trim_after_drain(endpoint: quinn::Endpoint, stats: Arc<TrimStats>, held: u32) {
+/// At `at` (a trim interval after the last trim at the earliest), waits until `endpoint`'s
+/// closed connections have drained (the count of open connections stops falling, at most
+/// [`DRAIN_MAX`]), returns free memory to the OS, and tells `admission` the trim is done. Runs
+/// on its own task.
+pub(crate) fn trim_after_drain(
+    endpoint: quinn::Endpoint,
+    admission: Admission,
+    stats: Arc<TrimStats>,
+    at: Instant,
+) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
     runtime.spawn(async move {
+        tokio::time::sleep_until(at.into()).await;
         let started = Instant::now();
         let mut open = endpoint.open_connections();
         loop {
@@ -56,10 +66,11 @@ pub(crate) fn trim_after_drain(endpoint: quinn::Endpoint, stats: Arc<TrimStats>,
         let released = tokio::task::spawn_blocking(release_free_memory)
             .await
             .unwrap_or(false);
+        admission.trim_done(Instant::now());
         stats.trims.fetch_add(1, Ordering::Relaxed);
         let mib = |b: Option<u64>| b.map(|b| b >> 20);
         tracing::info!(
-            peer_connections = held,
+            peer_connections = admission.connections(),
             released,
             rss_before_mib = mib(before),
             rss_after_mib = mib(resident_bytes()),

@@ -238,10 +238,10 @@ async fn handshake_flood_does_not_stall_an_established_connection() -> Result<()
         "only node-a is a peer: {stats:?}"
     );
     if let Some(r) = &pool_report {
+        // None of its clients became a peer (asserted above: B accepted only node-a). A client
+        // that finished its side may see no close: B drops a handshake it never completes
+        // (the client's flight lost in the flood) silently at its idle timeout.
         assert!(r.get("attempts") > 0, "aioquic pool: {}", r.line);
-        // Every aioquic client that finished its side of the handshake was closed by B (its
-        // certificate refused), none kept a connection.
-        assert_eq!(r.get("left_open"), 0, "aioquic pool: {}", r.line);
     }
     // The bounds are on what the node adds. A 2-core machine shared with other work can stall
     // any thread of this process; the probe thread, which does nothing but sleep, measures that

@@ -178,12 +178,12 @@ async fn idle_peer_connections_cost_at_most_256_kib_and_their_memory_returns() -
     let mut rounds = Vec::new();
     for round in 1..=2 {
         let started = Instant::now();
-        let trims = b.memory_trims();
         child.say(&format!("open {CONNECTIONS}")).await?;
         child.expect("UP").await?;
         wait_for(&live, CONNECTIONS, Duration::from_secs(30)).await?;
         let opened_in = started.elapsed();
         let loaded = settled_rss().await?;
+        let trims = b.memory_trims();
         child.say("close").await?;
         child.expect("CLOSED").await?;
         wait_for(&live, 0, Duration::from_secs(20)).await?;

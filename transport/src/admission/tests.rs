@@ -231,19 +231,31 @@ fn a_trim_is_due_once_most_of_a_large_wave_has_gone_and_not_too_often() {
     };
     // A small wave never trims.
     drop(open(TRIM_MIN_PEAK - 1));
-    assert!(!a.trim_due(t0));
+    assert_eq!(a.trim_due(t0), None);
     let mut wave = open(2 * TRIM_MIN_PEAK);
-    assert!(!a.trim_due(t0), "nothing has gone yet");
+    assert_eq!(a.trim_due(t0), None, "nothing has gone yet");
     wave.truncate(TRIM_MIN_PEAK as usize + 1);
-    assert!(!a.trim_due(t0), "more than half still held");
+    assert_eq!(a.trim_due(t0), None, "more than half still held");
     wave.truncate(TRIM_MIN_PEAK as usize);
-    assert!(a.trim_due(t0));
-    assert!(!a.trim_due(t0), "once per wave");
-    // The next wave trims again, but not within the interval of the last trim.
+    assert_eq!(a.trim_due(t0), Some(t0));
+    wave.clear();
+    assert_eq!(a.trim_due(t0), None, "one pending at a time");
+    a.trim_done(t0);
+    assert_eq!(a.trim_due(t0), None, "the wave was trimmed");
+    // The next wave is trimmed too, but not within the interval of the last trim.
     wave.extend(open(2 * TRIM_MIN_PEAK));
     wave.clear();
-    assert!(!a.trim_due(t0 + TRIM_INTERVAL / 2));
-    assert!(a.trim_due(t0 + TRIM_INTERVAL));
+    let soon = t0 + TRIM_INTERVAL / 2;
+    assert_eq!(a.trim_due(soon), Some(t0 + TRIM_INTERVAL));
+    a.trim_done(t0 + TRIM_INTERVAL);
+    // A trim while half a wave is still held: the rest of it is a wave of its own.
+    wave.extend(open(4 * TRIM_MIN_PEAK));
+    wave.truncate(2 * TRIM_MIN_PEAK as usize);
+    let later = t0 + 10 * TRIM_INTERVAL;
+    assert_eq!(a.trim_due(later), Some(later));
+    a.trim_done(later);
+    wave.truncate(TRIM_MIN_PEAK as usize);
+    assert_eq!(a.trim_due(later), Some(later + TRIM_INTERVAL));
 }
 
 #[test]
