@@ -272,6 +272,9 @@ pub struct TransportTuning {
     pub handshake_rate: Option<u32>,
     /// New handshakes admitted per second from one source address.
     pub handshake_rate_per_source: Option<u32>,
+    /// Inbound peer connections held at once (handshakes in progress included); each can
+    /// buffer up to its flow-control windows, so this bounds the node's buffered bytes.
+    pub max_peer_connections: Option<u32>,
 }
 
 /// `transport.max_ack_delay`: a duration, or `"off"` to leave peers their own.
@@ -523,6 +526,7 @@ impl Config {
                 tune.handshake_rate_per_source,
                 &mut t.handshake_rate_per_source,
             ),
+            (tune.max_peer_connections, &mut t.max_peer_connections),
         ];
         for (set, field) in admission {
             if let Some(v) = set {

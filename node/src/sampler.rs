@@ -87,4 +87,7 @@ pub fn sync(inputs: &SamplerInputs) {
     inputs
         .telemetry
         .handshakes(inputs.endpoint.handshake_stats().snapshot());
+    inputs
+        .telemetry
+        .inbound_peer_connections(inputs.endpoint.inbound_connections());
 }

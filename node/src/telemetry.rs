@@ -105,6 +105,7 @@ pub struct Telemetry {
     registry_leases: OnceLock<Counter>,
     ready: OnceLock<Gauge>,
     handshakes: Lazy<Counter, { HandshakeResult::ALL.len() }>,
+    peer_connections: OnceLock<Gauge>,
     tracer: Option<Tracer>,
 }
 
@@ -129,6 +130,7 @@ impl Telemetry {
             registry_leases: OnceLock::new(),
             ready: OnceLock::new(),
             handshakes: Lazy::new(),
+            peer_connections: OnceLock::new(),
             tracer: None,
         }
     }
@@ -242,6 +244,13 @@ impl Telemetry {
                 })
                 .absolute(total);
         }
+    }
+
+    /// Inbound peer connections held (transport's count against `max_peer_connections`), sampled.
+    pub fn inbound_peer_connections(&self, held: u32) {
+        self.peer_connections
+            .get_or_init(|| self.metrics.gauge("meshnode_peer_connections_inbound", &[]))
+            .set(f64::from(held));
     }
 
     /// Every service's handles (the sampler).
@@ -495,10 +504,12 @@ mod tests {
         let mut handshakes = HandshakeResult::ALL.map(|r| (r, 0));
         handshakes[1].1 = 5;
         t.handshakes(handshakes);
+        t.inbound_peer_connections(3);
         let m = t.metrics();
         let get = |name: &str, labels: &[&str]| m.get(name, labels);
         assert_eq!(get("meshnode_registry_lease_grants_total", &[]), 2.0);
         assert_eq!(get("meshnode_ready", &[]), 1.0);
+        assert_eq!(get("meshnode_peer_connections_inbound", &[]), 3.0);
         assert_eq!(
             get(
                 "meshnode_handshakes_total",

@@ -123,6 +123,17 @@ async fn metrics_and_status_show_real_values() -> Result<()> {
             a.metrics().get("meshnode_peer_rtt_seconds", &["node-b"]) > 0.0
         })
         .await?;
+        // node-a's connection to node-b is one of node-b's inbound peer connections.
+        eventually(
+            "node-b's inbound peer connection",
+            Duration::from_secs(5),
+            || b.metrics().get("meshnode_peer_connections_inbound", &[]) >= 1.0,
+        )
+        .await?;
+        assert_eq!(
+            a.metrics().get("meshnode_peer_connections_inbound", &[]),
+            0.0
+        );
 
         // /status has every field of docs/admin.md with plausible values.
         let (code, body) = http_get(admin, "/status").await?;

@@ -11,6 +11,14 @@
 //!    [`HandshakePermit`] until its handshake ends.
 //! 3. A refused attempt gets CONNECTION_REFUSED if its address is validated (a real client: it
 //!    stops at once instead of retransmitting), and nothing at all if not (no reflection).
+//! 4. Peer connections held (established, plus handshakes in progress) are capped per node
+//!    ([`Limits::max_connections`]): each can buffer up to its flow-control windows, so the cap
+//!    bounds the node's buffered bytes. At the cap a validated attempt is refused
+//!    ([`Decision::Full`]); an unvalidated one is first sent a Retry (within the Retry budget) so
+//!    that a real client gets its refusal without the node answering forged sources.
+//!
+//! Admission also tracks the peak of connections held, for [`Admission::trim_due`]: when most of
+//! them have gone, the endpoint asks the allocator to return the memory they used.
 
 mod bucket;
 mod log;
@@ -40,6 +48,14 @@ pub const MAX_TRACKED_SOURCES: usize = 16_384;
 /// costs one sweep per interval, not one per attempt.
 pub const PRUNE_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Peak of peer connections held below which closing them never triggers a memory trim: a few
+/// dozen idle connections are a few MiB, not worth a walk of the allocator's free lists.
+pub const TRIM_MIN_PEAK: u32 = 64;
+/// Least time between two memory trims. A trim walks every free chunk of the allocator (a few
+/// milliseconds for a heap of hundreds of MiB, on a blocking thread), so connections that come
+/// and go in waves cost at most one per interval.
+pub const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+
 /// What to do with one incoming connection attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -51,6 +67,8 @@ pub enum Decision {
     Refuse,
     /// Drop the attempt without answering.
     Ignore,
+    /// Answer CONNECTION_REFUSED: the node holds [`Limits::max_connections`] peer connections.
+    Full,
 }
 
 /// The bounds of [`Admission`], from [`TransportConfig`].
@@ -66,6 +84,8 @@ pub struct Limits {
     pub rate: u32,
     /// Handshakes admitted per second from one source.
     pub rate_per_source: u32,
+    /// Inbound peer connections held at once (handshakes in progress included).
+    pub max_connections: u32,
 }
 
 impl Limits {
@@ -77,6 +97,7 @@ impl Limits {
             max_per_source: t.max_handshakes_per_source,
             rate: t.handshake_rate,
             rate_per_source: t.handshake_rate_per_source,
+            max_connections: t.max_peer_connections,
         }
     }
 }
@@ -108,6 +129,18 @@ struct State {
     retries: TokenBucket,
     sources: HashMap<IpAddr, Source>,
     last_prune: Instant,
+    /// Established inbound connections (each holds a [`ConnectionSlot`]).
+    connections: u32,
+    /// Most connections held (`in_progress + connections`) since the last trim.
+    peak: u32,
+    last_trim: Option<Instant>,
+    trim_pending: bool,
+}
+
+impl State {
+    fn held(&self) -> u32 {
+        self.in_progress.saturating_add(self.connections)
+    }
 }
 
 /// Admission state of one endpoint. Cheap to clone (shared).
@@ -129,17 +162,52 @@ impl std::fmt::Debug for Admission {
 pub struct HandshakePermit {
     admission: Admission,
     source: Option<IpAddr>,
+    /// Already turned into a [`ConnectionSlot`].
+    converted: bool,
 }
 
-impl Drop for HandshakePermit {
-    fn drop(&mut self) {
-        let mut st = self.admission.lock();
+impl HandshakePermit {
+    /// The handshake succeeded: its place among the handshakes in progress becomes a connection
+    /// held, in one step (the count of connections held never dips in between).
+    pub fn into_connection(mut self) -> ConnectionSlot {
+        let admission = self.admission.clone();
+        let mut st = admission.lock();
+        Self::end_handshake(&mut st, self.source);
+        st.connections = st.connections.saturating_add(1);
+        drop(st);
+        self.converted = true;
+        ConnectionSlot { admission }
+    }
+
+    fn end_handshake(st: &mut State, source: Option<IpAddr>) {
         st.in_progress = st.in_progress.saturating_sub(1);
-        if let Some(src) = self.source {
+        if let Some(src) = source {
             if let Some(s) = st.sources.get_mut(&src) {
                 s.in_progress = s.in_progress.saturating_sub(1);
             }
         }
+    }
+}
+
+impl Drop for HandshakePermit {
+    fn drop(&mut self) {
+        if !self.converted {
+            Self::end_handshake(&mut self.admission.lock(), self.source);
+        }
+    }
+}
+
+/// One established inbound connection's place under [`Limits::max_connections`]; held until the
+/// connection closes.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    admission: Admission,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut st = self.admission.lock();
+        st.connections = st.connections.saturating_sub(1);
     }
 }
 
@@ -157,6 +225,10 @@ impl Admission {
             retries: per_second(limits.rate.saturating_mul(RETRY_RATE_FACTOR)).full_at(now),
             sources: HashMap::new(),
             last_prune: now,
+            connections: 0,
+            peak: 0,
+            last_trim: None,
+            trim_pending: false,
         };
         Admission {
             state: Arc::new(Mutex::new(state)),
@@ -171,6 +243,34 @@ impl Admission {
     /// Handshakes admitted and not yet finished.
     pub fn in_progress(&self) -> u32 {
         self.lock().in_progress
+    }
+
+    /// Established inbound connections held.
+    pub fn connections(&self) -> u32 {
+        self.lock().connections
+    }
+
+    /// When the allocator should be asked to return free memory, if it should: the connections
+    /// held fell to half their peak or less, that peak was at least [`TRIM_MIN_PEAK`], and no
+    /// trim is pending. The time is now, or [`TRIM_INTERVAL`] after the last trim if that is
+    /// later (a wave that ends soon after the last trim is trimmed too, later). A `Some` makes
+    /// the trim pending until [`Admission::trim_done`].
+    pub fn trim_due(&self, now: Instant) -> Option<Instant> {
+        let mut st = self.lock();
+        if st.trim_pending || st.peak < TRIM_MIN_PEAK || st.held() > st.peak / 2 {
+            return None;
+        }
+        st.trim_pending = true;
+        Some(st.last_trim.map_or(now, |t| (t + TRIM_INTERVAL).max(now)))
+    }
+
+    /// The pending trim ran at `now`: the next peak starts from the connections held now, so
+    /// the rest of a wave that is still closing does not trigger another.
+    pub fn trim_done(&self, now: Instant) {
+        let mut st = self.lock();
+        st.trim_pending = false;
+        st.last_trim = Some(now);
+        st.peak = st.held();
     }
 
     /// Sources currently tracked.
@@ -195,6 +295,18 @@ impl Admission {
         let limits = st.limits;
         if !validated && st.in_progress >= limits.retry_threshold {
             let d = if st.retries.take(now) {
+                Decision::Retry
+            } else {
+                Decision::Ignore
+            };
+            return (d, None);
+        }
+        if st.held() >= limits.max_connections {
+            // Refusing needs a validated address (no answers to forged sources); a Retry costs
+            // one small packet and a real client comes back validated to hear its refusal.
+            let d = if validated {
+                Decision::Full
+            } else if st.retries.take(now) {
                 Decision::Retry
             } else {
                 Decision::Ignore
@@ -235,6 +347,7 @@ impl Admission {
             return (reject, None);
         }
         st.in_progress += 1;
+        st.peak = st.peak.max(st.held());
         if tracked {
             if let Some(s) = st.sources.get_mut(&key) {
                 s.in_progress += 1;
@@ -244,6 +357,7 @@ impl Admission {
         let permit = HandshakePermit {
             admission: self.clone(),
             source: tracked.then_some(key),
+            converted: false,
         };
         (Decision::Accept, Some(permit))
     }

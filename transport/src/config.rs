@@ -52,6 +52,13 @@ pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: u32 = 16;
 /// second); 100/s still lets a 100-node mesh (two ALPNs each) reconnect to a restarted node in
 /// about 2 s, and peers over the bound are refused at once and redial.
 pub const DEFAULT_HANDSHAKE_RATE: u32 = 100;
+/// Inbound peer connections a node holds at once (established ones plus handshakes in
+/// progress). A connection can buffer up to its windows ([`TransportConfig::worst_case_buffer`]:
+/// 128 MiB with the defaults, reached only by a peer whose streams' local targets stop reading
+/// while it keeps sending), so this is the per-node bound on buffered bytes. 4,096 is two
+/// connections (`meshnode/1` and `h3`) to each of 2,048 peers; an idle connection costs about
+/// 56 KiB, so the idle cost at the cap is about 230 MiB.
+pub const DEFAULT_MAX_PEER_CONNECTIONS: u32 = 4_096;
 /// New handshakes admitted per second from one source (burst the same).
 pub const DEFAULT_HANDSHAKE_RATE_PER_SOURCE: u32 = 20;
 /// Per-stream receive window. It also bounds how much of one stream is in flight, and that
@@ -214,6 +221,8 @@ pub struct TransportConfig {
     pub handshake_rate: u32,
     /// New handshakes admitted per second from one source address.
     pub handshake_rate_per_source: u32,
+    /// Inbound peer connections held at once, handshakes in progress included.
+    pub max_peer_connections: u32,
 }
 
 impl Default for TransportConfig {
@@ -237,6 +246,7 @@ impl Default for TransportConfig {
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             handshake_rate: DEFAULT_HANDSHAKE_RATE,
             handshake_rate_per_source: DEFAULT_HANDSHAKE_RATE_PER_SOURCE,
+            max_peer_connections: DEFAULT_MAX_PEER_CONNECTIONS,
         }
     }
 }
@@ -280,6 +290,13 @@ impl TransportConfig {
         self.initial_concurrent_streams
             .min(self.max_concurrent_streams)
             .max(1)
+    }
+
+    /// The most stream data one connection can buffer: what the peer may send before the node
+    /// reads it (the connection receive window, which caps the sum of the per-stream windows)
+    /// plus what the node may hold unacknowledged or unsent towards the peer (the send window).
+    pub fn worst_case_buffer(&self) -> u64 {
+        u64::from(self.connection_window).saturating_add(self.send_window)
     }
 
     /// The `max_udp_payload_size` to advertise: at least quinn's default, so that a peer's

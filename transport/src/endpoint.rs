@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 use meshnode_proto::{ALPN_H3, ALPN_MESHNODE};
 
 use crate::admission::{
-    Admission, Decision, HandshakePermit, HandshakeResult, HandshakeStats, Limits, RateLimitedLog,
+    Admission, ConnectionSlot, Decision, HandshakePermit, HandshakeResult, HandshakeStats, Limits,
+    RateLimitedLog,
 };
 use crate::config::TransportConfig;
 use crate::keys::{EndpointKeys, KeyError};
+use crate::memory::{self, TrimStats};
 use crate::runtime::MeshRuntime;
 use crate::tls::{Identity, IdentityError};
 
@@ -185,6 +187,7 @@ pub struct MeshEndpoint {
     admission: Admission,
     handshakes: Arc<HandshakeStats>,
     refusal_log: Arc<RateLimitedLog>,
+    trims: Arc<TrimStats>,
 }
 
 impl MeshEndpoint {
@@ -238,6 +241,7 @@ impl MeshEndpoint {
             admission: Admission::new(Limits::from_config(&opts.transport), Instant::now()),
             handshakes: Arc::default(),
             refusal_log: Arc::default(),
+            trims: Arc::default(),
         })
     }
 
@@ -271,6 +275,16 @@ impl MeshEndpoint {
         self.admission.in_progress()
     }
 
+    /// Established inbound peer connections, counted against `max_peer_connections`.
+    pub fn inbound_connections(&self) -> u32 {
+        self.admission.connections()
+    }
+
+    /// Times free memory was returned to the OS after peer connections closed.
+    pub fn memory_trims(&self) -> u64 {
+        self.trims.trims()
+    }
+
     /// The next admitted connection attempt; `None` once the endpoint is closed. Attempts over
     /// the handshake bounds are answered (Retry, refusal) or dropped here and counted in
     /// [`MeshEndpoint::handshake_stats`], without ever starting a handshake.
@@ -295,6 +309,10 @@ impl MeshEndpoint {
                 (Decision::Ignore, _) => {
                     incoming.ignore();
                     HandshakeResult::Ignored
+                }
+                (Decision::Full, _) => {
+                    incoming.refuse();
+                    HandshakeResult::AtCapacity
                 }
                 (Decision::Refuse | Decision::Accept, _) => {
                     incoming.refuse();
@@ -324,17 +342,47 @@ impl MeshEndpoint {
     ) -> Result<InboundConnection, AcceptError> {
         let Handshake { incoming, permit } = handshake;
         let result = self.complete(incoming).await;
-        drop(permit);
         match &result {
-            Ok(_) => self.handshakes.record(HandshakeResult::Accepted),
+            Ok(inbound) => {
+                self.handshakes.record(HandshakeResult::Accepted);
+                self.hold_until_closed(permit.into_connection(), inbound.conn.clone());
+            }
             Err(e) => {
+                drop(permit);
                 self.handshakes.record(HandshakeResult::Failed);
                 if let Some(suppressed) = self.refusal_log.allow(Instant::now()) {
                     tracing::info!(reason = %e, suppressed, "inbound handshake failed");
                 }
+                self.maybe_trim();
             }
         }
         result
+    }
+
+    /// Keeps `slot` (the connection's place under `max_peer_connections`) until `conn` closes,
+    /// for whatever reason: the peer's close, the idle timeout, or the endpoint's close. The
+    /// connection was established, so its closing always comes.
+    fn hold_until_closed(&self, slot: ConnectionSlot, conn: quinn::Connection) {
+        let ep = self.clone();
+        tokio::spawn(async move {
+            conn.closed().await;
+            drop(conn);
+            drop(slot);
+            ep.maybe_trim();
+        });
+    }
+
+    /// Returns free memory to the OS once most peer connections of a wave have gone
+    /// ([`crate::memory`]).
+    fn maybe_trim(&self) {
+        if let Some(at) = self.admission.trim_due(Instant::now()) {
+            memory::trim_after_drain(
+                self.endpoint.clone(),
+                self.admission.clone(),
+                self.trims.clone(),
+                at,
+            );
+        }
     }
 
     async fn complete(&self, incoming: quinn::Incoming) -> Result<InboundConnection, AcceptError> {

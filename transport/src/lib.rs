@@ -11,6 +11,7 @@ pub mod config;
 pub mod endpoint;
 pub mod files;
 pub mod keys;
+pub mod memory;
 pub mod peers;
 pub mod pki;
 pub mod runtime;

@@ -1,7 +1,8 @@
-//! Memory per idle peer connection, on real loopback sockets (alone in its test binary, so that
-//! no other test's memory moves the figures).
+//! Memory per idle peer connection, and its return to the OS once the connections have left, on
+//! real loopback sockets (alone in its test binary, so that no other test's memory moves the
+//! figures).
 //!
-//! The server (this process) is a `MeshEndpoint` with the default transport settings; the
+//! The server (this process) is a `MeshEndpoint` with the default memory settings; the
 //! clients, with valid mesh certificates, live in a child process (this test binary again) so
 //! that their own memory does not count. RSS (VmRSS) is read from /proc/self/status.
 
@@ -14,15 +15,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use common::{endpoint, identity};
+use common::{endpoint_with, identity};
 use meshnode_transport::pki::Ca;
 use meshnode_transport::{Identity, MeshEndpoint, StreamLimit, TransportConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 const TD: &str = "mesh.test";
 const CHILD_ENV: &str = "MESHNODE_IDLE_TARGET";
-/// Idle connections measured.
-const CONNECTIONS: usize = 600;
+/// Idle connections measured (issue 19's test: 1,000 valid-certificate connections).
+const CONNECTIONS: usize = 1_000;
+/// Longest wait, after the last connection closed, for the endpoint's memory trim (it waits for
+/// the closed connections to drain first, at most 5 s).
+const TRIM_WAIT: Duration = Duration::from_secs(15);
 /// Connections opened and closed first, so that one-off allocations (thread caches, rustls and
 /// quinn statics, the accept path's first use) land in the baseline.
 const WARM_UP: usize = 40;
@@ -125,18 +129,26 @@ impl Child {
     }
 }
 
+const TEST_NAME: &str = "idle_peer_connections_cost_at_most_256_kib_and_their_memory_returns";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_peer_connection_costs_at_most_256_kib() -> Result<()> {
+async fn idle_peer_connections_cost_at_most_256_kib_and_their_memory_returns() -> Result<()> {
     if let Ok(target) = std::env::var(CHILD_ENV) {
         return clients::run(target.parse()?).await;
     }
     let ca = Ca::generate(TD, 30)?;
-    let b = endpoint(identity(&ca, "node-b")?)?;
+    // Admission's handshake rate (100/s by default) would make opening 1,000 connections take
+    // 10 s a round; what this test measures does not depend on it.
+    let transport = TransportConfig {
+        handshake_rate: 1_000,
+        ..TransportConfig::default()
+    };
+    let b = endpoint_with(identity(&ca, "node-b")?, transport)?;
     let live = Arc::new(AtomicU32::new(0));
     serve(b.clone(), live.clone());
     let issued = ca.issue("node-c", 1)?;
     let mut proc = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["--exact", "an_idle_peer_connection_costs_at_most_256_kib"])
+        .args(["--exact", TEST_NAME])
         .args(["--nocapture", "--test-threads", "1"])
         .env(CHILD_ENV, b.local_addr()?.to_string())
         .env("MESHNODE_IDLE_CA", ca.cert_pem())
@@ -152,6 +164,8 @@ async fn an_idle_peer_connection_costs_at_most_256_kib() -> Result<()> {
         proc,
     };
 
+    // The warm-up wave is below the trim threshold: it leaves the allocator's arenas as they
+    // are, so the baseline includes what a first wave leaves behind anyway.
     child.say(&format!("open {WARM_UP}")).await?;
     child.expect("UP").await?;
     wait_for(&live, WARM_UP, Duration::from_secs(20)).await?;
@@ -166,71 +180,62 @@ async fn an_idle_peer_connection_costs_at_most_256_kib() -> Result<()> {
         let started = Instant::now();
         child.say(&format!("open {CONNECTIONS}")).await?;
         child.expect("UP").await?;
-        wait_for(&live, CONNECTIONS, Duration::from_secs(20)).await?;
+        wait_for(&live, CONNECTIONS, Duration::from_secs(30)).await?;
         let opened_in = started.elapsed();
         let loaded = settled_rss().await?;
+        let trims = b.memory_trims();
         child.say("close").await?;
         child.expect("CLOSED").await?;
         wait_for(&live, 0, Duration::from_secs(20)).await?;
-        // quinn frees a connection's state once it has drained (or, for a peer that never
-        // answers, after the idle timeout): wait for that, not only for the close.
+        // Before the endpoint's trim (it first waits for the closed connections to drain):
+        // what glibc keeps on its own. For the figures only; the race with the trim is benign.
+        let at_close = vm_rss()?;
         let t = Instant::now();
-        while b.quinn().open_connections() > 0 && t.elapsed() < Duration::from_secs(10) {
+        while b.memory_trims() == trims && t.elapsed() < TRIM_WAIT {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        println!(
-            "quinn connections open {:?} after the last close: {}",
-            t.elapsed(),
-            b.quinn().open_connections()
-        );
+        let trimmed_in = t.elapsed();
         let after = settled_rss().await?;
         println!(
             "round {round}: {CONNECTIONS} idle connections up in {opened_in:?}: RSS {:.1} → \
-             {:.1} MiB, {:.1} KiB per connection; after they left {:.1} MiB",
+             {:.1} MiB, {:.1} KiB per connection; when the last closed {:.1} MiB; trimmed \
+             {trimmed_in:?} later ({} trims), then {:.1} MiB (quinn connections open: {})",
             mib(base),
             mib(loaded),
             loaded.saturating_sub(base) as f64 / CONNECTIONS as f64 / 1024.0,
+            mib(at_close),
+            b.memory_trims(),
             mib(after),
+            b.quinn().open_connections(),
         );
-        rounds.push((loaded, after));
+        rounds.push((loaded, b.memory_trims() > trims, after));
     }
-    trim_allocator();
-    let trimmed = settled_rss().await?;
-    println!(
-        "after malloc_trim(0): {:.1} MiB (baseline {:.1} MiB)",
-        mib(trimmed),
-        mib(base)
-    );
     child.say("exit").await?;
     let status = tokio::time::timeout(Duration::from_secs(10), child.proc.wait()).await??;
     println!("handshakes: {:?}", b.handshake_stats().snapshot());
     assert!(status.success(), "client process: {status}");
 
-    let (loaded1, _) = rounds[0];
-    let growth = loaded1.saturating_sub(base);
-    let per_conn = growth / CONNECTIONS as u64;
-    assert!(
-        per_conn <= BOUND_PER_CONNECTION,
-        "{per_conn} bytes per idle connection"
-    );
-    // glibc keeps what was freed in its arenas (RSS barely moves when the clients leave), but
-    // it is free, not leaked: asked to, the allocator hands it all back, after two rounds.
-    let (_, after2) = rounds[1];
-    assert!(
-        trimmed.saturating_sub(base) <= growth / 10 + (2 << 20),
-        "RSS {trimmed} after malloc_trim, baseline {base}, loaded {loaded1}, before trim {after2}"
-    );
-    Ok(())
-}
-
-/// Asks glibc to return free memory to the kernel, to tell memory kept by the allocator from
-/// memory still in use.
-#[allow(unsafe_code)]
-fn trim_allocator() {
-    // SAFETY: malloc_trim takes no pointers and only walks glibc's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
+    for (round, (loaded, trimmed, after)) in rounds.into_iter().enumerate() {
+        let growth = loaded.saturating_sub(base);
+        let per_conn = growth / CONNECTIONS as u64;
+        assert!(
+            per_conn <= BOUND_PER_CONNECTION,
+            "round {}: {per_conn} bytes per idle connection",
+            round + 1
+        );
+        assert!(
+            trimmed,
+            "round {}: no memory trim within {TRIM_WAIT:?}",
+            round + 1
+        );
+        // Measured: back within 1–2 MiB of the baseline out of ~55 MiB grown.
+        assert!(
+            after.saturating_sub(base) <= growth / 4,
+            "round {}: RSS {after} after the connections left, baseline {base}, loaded {loaded}",
+            round + 1
+        );
     }
+    Ok(())
 }
 
 /// The client side, run in the child process: opens and closes batches of connections on

@@ -225,6 +225,7 @@ impl Config {
                 "transport.handshake_rate_per_source",
                 t.handshake_rate_per_source,
             ),
+            ("transport.max_peer_connections", t.max_peer_connections),
         ] {
             if value == Some(0) {
                 return Err(invalid(field, "must be at least 1"));
@@ -544,6 +545,7 @@ key = "node-a.key"
             "max_handshakes",
             "handshake_rate",
             "initial_concurrent_streams",
+            "max_peer_connections",
         ] {
             let e = err(&format!("[transport]\n{key} = 0\n"));
             assert!(
@@ -552,11 +554,19 @@ key = "node-a.key"
             );
         }
         let t = Config::parse(&format!(
-            "{BASE}[transport]\nmax_handshakes = 64\ninitial_concurrent_streams = 512\n"
+            "{BASE}[transport]\nmax_handshakes = 64\ninitial_concurrent_streams = 512\n\
+             max_peer_connections = 10\n"
         ))
         .expect("valid")
         .transport();
-        assert_eq!((t.max_handshakes, t.initial_concurrent_streams), (64, 512));
+        assert_eq!(
+            (
+                t.max_handshakes,
+                t.initial_concurrent_streams,
+                t.max_peer_connections
+            ),
+            (64, 512, 10)
+        );
     }
 
     #[test]

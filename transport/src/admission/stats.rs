@@ -18,16 +18,20 @@ pub enum HandshakeResult {
     /// Admitted, but the handshake failed: TLS refusal (no or foreign certificate), timeout,
     /// unknown ALPN, no mesh identity.
     Failed,
+    /// Answered CONNECTION_REFUSED because the node holds its most peer connections
+    /// (`[transport] max_peer_connections`).
+    AtCapacity,
 }
 
 impl HandshakeResult {
     /// Every result, in a stable order.
-    pub const ALL: [HandshakeResult; 5] = [
+    pub const ALL: [HandshakeResult; 6] = [
         HandshakeResult::Accepted,
         HandshakeResult::Retry,
         HandshakeResult::Refused,
         HandshakeResult::Ignored,
         HandshakeResult::Failed,
+        HandshakeResult::AtCapacity,
     ];
 
     /// The label value.
@@ -38,6 +42,7 @@ impl HandshakeResult {
             HandshakeResult::Refused => "refused",
             HandshakeResult::Ignored => "ignored",
             HandshakeResult::Failed => "failed",
+            HandshakeResult::AtCapacity => "at_capacity",
         }
     }
 
@@ -49,7 +54,7 @@ impl HandshakeResult {
 /// Counters of one endpoint's incoming handshakes, updated without locks.
 #[derive(Debug, Default)]
 pub struct HandshakeStats {
-    counts: [AtomicU64; 5],
+    counts: [AtomicU64; HandshakeResult::ALL.len()],
 }
 
 impl HandshakeStats {
@@ -64,7 +69,7 @@ impl HandshakeStats {
     }
 
     /// Every result with its count, in [`HandshakeResult::ALL`] order.
-    pub fn snapshot(&self) -> [(HandshakeResult, u64); 5] {
+    pub fn snapshot(&self) -> [(HandshakeResult, u64); HandshakeResult::ALL.len()] {
         HandshakeResult::ALL.map(|r| (r, self.get(r)))
     }
 }

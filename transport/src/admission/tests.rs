@@ -10,6 +10,7 @@ fn limits() -> Limits {
         max_per_source: 3,
         rate: 10,
         rate_per_source: 5,
+        max_connections: 1000,
     }
 }
 
@@ -180,6 +181,84 @@ fn the_source_table_is_bounded_and_swept() {
 }
 
 #[test]
+fn connections_held_are_capped_and_handshakes_count_towards_the_cap() {
+    let t0 = Instant::now();
+    let mut l = limits();
+    l.retry_threshold = 100;
+    l.max_total = 100;
+    l.rate = 100;
+    l.rate_per_source = 100;
+    l.max_per_source = 100;
+    l.max_connections = 3;
+    let a = Admission::new(l, t0);
+    let slots: Vec<_> = (1..=2)
+        .map(|i| {
+            a.decide(t0, ip(i), true)
+                .1
+                .map(HandshakePermit::into_connection)
+        })
+        .collect();
+    assert_eq!((a.connections(), a.in_progress()), (2, 0));
+    let (d, handshake) = a.decide(t0, ip(3), true);
+    assert_eq!(d, Decision::Accept);
+    // Two connections and a handshake: full. A validated caller is told, an unvalidated one
+    // is asked to validate first (it comes back validated and is told then).
+    assert_eq!(a.decide(t0, ip(4), true).0, Decision::Full);
+    assert_eq!(a.decide(t0, ip(4), false).0, Decision::Retry);
+    drop(handshake);
+    assert_eq!(a.decide(t0, ip(4), true).0, Decision::Accept);
+    drop(slots);
+    assert_eq!(a.connections(), 0);
+    assert_eq!(a.decide(t0, ip(5), true).0, Decision::Accept);
+}
+
+#[test]
+fn a_trim_is_due_once_most_of_a_large_wave_has_gone_and_not_too_often() {
+    let t0 = Instant::now();
+    let mut l = limits();
+    l.retry_threshold = u32::MAX;
+    l.max_total = u32::MAX;
+    l.rate = u32::MAX;
+    l.rate_per_source = u32::MAX;
+    l.max_per_source = u32::MAX;
+    l.max_connections = u32::MAX;
+    let a = Admission::new(l, t0);
+    let open = |n: u32| -> Vec<ConnectionSlot> {
+        (0..n)
+            .filter_map(|_| a.decide(t0, ip(1), true).1)
+            .map(HandshakePermit::into_connection)
+            .collect()
+    };
+    // A small wave never trims.
+    drop(open(TRIM_MIN_PEAK - 1));
+    assert_eq!(a.trim_due(t0), None);
+    let mut wave = open(2 * TRIM_MIN_PEAK);
+    assert_eq!(a.trim_due(t0), None, "nothing has gone yet");
+    wave.truncate(TRIM_MIN_PEAK as usize + 1);
+    assert_eq!(a.trim_due(t0), None, "more than half still held");
+    wave.truncate(TRIM_MIN_PEAK as usize);
+    assert_eq!(a.trim_due(t0), Some(t0));
+    wave.clear();
+    assert_eq!(a.trim_due(t0), None, "one pending at a time");
+    a.trim_done(t0);
+    assert_eq!(a.trim_due(t0), None, "the wave was trimmed");
+    // The next wave is trimmed too, but not within the interval of the last trim.
+    wave.extend(open(2 * TRIM_MIN_PEAK));
+    wave.clear();
+    let soon = t0 + TRIM_INTERVAL / 2;
+    assert_eq!(a.trim_due(soon), Some(t0 + TRIM_INTERVAL));
+    a.trim_done(t0 + TRIM_INTERVAL);
+    // A trim while half a wave is still held: the rest of it is a wave of its own.
+    wave.extend(open(4 * TRIM_MIN_PEAK));
+    wave.truncate(2 * TRIM_MIN_PEAK as usize);
+    let later = t0 + 10 * TRIM_INTERVAL;
+    assert_eq!(a.trim_due(later), Some(later));
+    a.trim_done(later);
+    wave.truncate(TRIM_MIN_PEAK as usize);
+    assert_eq!(a.trim_due(later), Some(later + TRIM_INTERVAL));
+}
+
+#[test]
 fn rate_limited_log_writes_a_burst_then_reports_what_it_suppressed() {
     let t0 = Instant::now();
     let log = RateLimitedLog::new(2, Duration::from_secs(10));
@@ -202,5 +281,6 @@ fn stats_count_each_result_once() {
     let snap = s.snapshot();
     assert_eq!(snap[1], (HandshakeResult::Retry, 2));
     assert_eq!(snap[4], (HandshakeResult::Failed, 1));
+    assert_eq!(HandshakeResult::AtCapacity.as_str(), "at_capacity");
     assert_eq!(HandshakeResult::Accepted.as_str(), "accepted");
 }

@@ -15,11 +15,18 @@ pub fn identity(ca: &Ca, name: &str) -> Result<Identity> {
 }
 
 /// An endpoint on a free loopback port with the default transport settings.
+#[allow(dead_code)] // Not every test binary uses every helper.
 pub fn endpoint(id: Identity) -> Result<MeshEndpoint> {
+    endpoint_with(id, TransportConfig::default())
+}
+
+/// An endpoint on a free loopback port with `transport`.
+#[allow(dead_code)] // Not every test binary uses every helper.
+pub fn endpoint_with(id: Identity, transport: TransportConfig) -> Result<MeshEndpoint> {
     let opts = EndpointOptions {
         listen: "127.0.0.1:0".parse()?,
         state_dir: None,
-        transport: TransportConfig::default(),
+        transport,
     };
     Ok(MeshEndpoint::bind(&opts, id)?)
 }
