@@ -11,6 +11,10 @@
 #         -> a TCP echo (`meshbench latency`, CONNS kept-alive tunnels, round-robin)
 #   http  HTTP/1.1 GET (1 KiB body) to node A's [http_proxy] -> h3 over QUIC -> node B -> an
 #         HTTP/1.1 server (`meshbench http` over CONNS keep-alive connections)
+#   hbone the l4 row's load through the HBONE-shaped peer pair instead of meshnode
+#         (`meshbench h2-entry` -> TLS 1.3 + HTTP/2 CONNECT over one TCP connection ->
+#         `meshbench h2-exit`, ztunnel's design): the same count for the design meshnode is
+#         compared with (issue 20's CPU-per-request row), once per repetition, not per binary.
 # Both nodes run under callgrind. After a warm-up (tunnels open, code paths translated), the
 # counters are zeroed, REQUESTS requests are sent at RATE per second, and the counters dumped;
 # then, zeroed again, the same time passes with no traffic (timers, keep-alives) and is dumped.
@@ -21,7 +25,7 @@
 #   MESH_ALT_BIN  a second build measured in the same run, e.g. the previous commit's
 #   MESH_LABEL, MESH_ALT_LABEL  names in the table ["new", "alt"]
 #   MESHBENCH     meshbench binary [target/release/meshbench]
-#   ROWS          ["l4 http"]   REQUESTS [1000]   RATE [100]   CONNS [4]   REPEAT [1]
+#   ROWS          ["l4 http hbone"]   REQUESTS [1000]   RATE [100]   CONNS [4]   REPEAT [1]
 #   OUT           directory for logs and callgrind files [a new temp dir]
 # Needs valgrind (with callgrind_control), jq, curl; bash's /dev/tcp for readiness.
 set -euo pipefail
@@ -29,7 +33,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MESHNODE_BIN=${MESHNODE_BIN:-$ROOT/target/release/meshnode}
 MESHBENCH=${MESHBENCH:-$ROOT/target/release/meshbench}
-ROWS=${ROWS:-l4 http}
+ROWS=${ROWS:-l4 http hbone}
 REQUESTS=${REQUESTS:-1000}
 RATE=${RATE:-100}
 CONNS=${CONNS:-4}
@@ -200,9 +204,53 @@ $a_body" "$DIR" >"$DIR/a.toml"
       idle_per_s_both: (($ia0 + $ib0) / ($n / '"$RATE"') | floor)}' | tee -a "$OUT/results.jsonl"
 }
 
+# run_hbone: the l4 load through the HBONE-shaped pair, both processes under callgrind; appends a
+# JSON line (node A = the entry, node B = the exit) like run_row's.
+run_hbone() {
+  local mid entry a b n ia ib ia0 ib0 secs
+  DIR=$OUT/hbone-$RANDOM
+  mkdir -p "$DIR"
+  port mid; port entry
+  local vg=(valgrind --tool=callgrind --callgrind-out-file="$DIR/cg-%p.out" --dump-instr=no -q)
+  start hbone-exit "${vg[@]}" "$MESHBENCH" h2-exit --listen "127.0.0.1:$mid"
+  b=$STARTED_PID
+  wait_listen "$mid" 300 "$b" || return 1
+  start hbone-entry "${vg[@]}" "$MESHBENCH" h2-entry --exit "127.0.0.1:$mid" \
+    --forward "127.0.0.1:$entry=127.0.0.1:$ECHO_PORT"
+  a=$STARTED_PID
+  wait_listen "$entry" 300 "$a" "$b" || { kill "$a" "$b" 2>/dev/null || true; return 1; }
+  "$MESHBENCH" latency --size 1024 --connect "127.0.0.1:$entry" --rate "$RATE" --duration 3s \
+    --warmup 1s --conns "$CONNS" --json >"$DIR/warmup.json"
+  secs=$(jq -n "$REQUESTS / $RATE")
+  callgrind_control -z "$a" >/dev/null 2>&1
+  callgrind_control -z "$b" >/dev/null 2>&1
+  "$MESHBENCH" latency --size 1024 --connect "127.0.0.1:$entry" --rate "$RATE" \
+    --duration "${secs}s" --warmup 0s --conns "$CONNS" --json >"$DIR/run.json"
+  ia=$(callgrind_dump "$a")
+  ib=$(callgrind_dump "$b")
+  callgrind_control -z "$a" >/dev/null 2>&1
+  callgrind_control -z "$b" >/dev/null 2>&1
+  sleep "$secs"
+  ia0=$(callgrind_dump "$a")
+  ib0=$(callgrind_dump "$b")
+  kill "$a" "$b" 2>/dev/null || true
+  wait "$a" "$b" 2>/dev/null || true
+  n=$(jq '.requests + .errors + .missing' "$DIR/run.json")
+  jq -nc --argjson n "$n" --argjson errors "$(jq '.errors + .missing' "$DIR/run.json")" \
+    --argjson ia "$ia" --argjson ib "$ib" --argjson ia0 "$ia0" --argjson ib0 "$ib0" \
+    '{row: "hbone", build: "hbone pair", requests: $n, errors: $errors,
+      a_per_req: (($ia - $ia0) / $n | floor), b_per_req: (($ib - $ib0) / $n | floor),
+      both_per_req: (($ia + $ib - $ia0 - $ib0) / $n | floor),
+      idle_per_s_both: (($ia0 + $ib0) / ($n / '"$RATE"') | floor)}' | tee -a "$OUT/results.jsonl"
+}
+
 log "meshnode instructions per request: $(uname -m), $(nproc) CPUs, $REQUESTS requests at $RATE/s, $CONNS connections; out: $OUT"
 for _ in $(seq "$REPEAT"); do
   for row in $ROWS; do
+    if [[ $row == hbone ]]; then
+      run_hbone || run_hbone
+      continue
+    fi
     # A row whose node could not start (a port taken meanwhile) is run again on new ports.
     run_row "$row" "$MESHNODE_BIN" "${MESH_LABEL:-new}" ||
       run_row "$row" "$MESHNODE_BIN" "${MESH_LABEL:-new}"
