@@ -18,8 +18,10 @@
 # gRPC: gRPC-shaped unary calls over one h2c connection (`meshbench grpc`) against a
 # `meshbench grpc-echo`, direct and through node A's `[[outbound]]` (mode auto, h2c detected) to
 # node B's `protocol = "grpc"` service: closed loop at GRPC_CONCURRENCY streams (req/s), open
-# loop at each of GRPC_RATES (latency from the scheduled send). Every row records CPU seconds and peak RSS of each process of the
-# path. With LOSS_PCT, the loss scenario (loss_scenario below) runs last.
+# loop at each of GRPC_RATES (latency from the scheduled send); and through an haproxy pair in
+# mode http speaking h2 end to end (haproxy_grpc_pair, the peer). Every row records CPU seconds
+# and peak RSS of each process of the path. With LOSS_PCT, the loss scenario (loss_scenario
+# below) runs last.
 #
 # Environment (defaults in brackets):
 #   MESHBENCH     meshbench binary            [target/release/meshbench]
@@ -44,8 +46,9 @@
 #   QUIET_LOAD    if set, first wait (up to 15 min) for the 1-minute load average to drop below it
 #   PATHS         only these rows, e.g. "meshnode_l4 loss_meshnode_netns" [all]: direct socat_pair
 #                 stunnel_pair haproxy_pair h2_pair raw_quinn meshnode_l4 direct_http meshnode_http
-#                 haproxy_http_pair direct_grpc meshnode_grpc loss_meshnode loss_meshnode_netns loss_stunnel_netns loss_h2_netns (loss_* need
-#                 LOSS_PCT; keep "direct": the latency table subtracts it)
+#                 haproxy_http_pair direct_grpc meshnode_grpc haproxy_grpc_pair loss_meshnode
+#                 loss_meshnode_netns loss_stunnel_netns loss_h2_netns (loss_* need LOSS_PCT;
+#                 keep "direct": the latency table subtracts it)
 #   MESH_TRANSPORT  TOML lines for both meshnode nodes' [transport] section, e.g.
 #                 'congestion = "bbr"' or $'socket_buffer = 2097152\nsend_window = 4194304'
 #   MESH_ENV      environment (VAR=value words) for both meshnode processes, e.g.
@@ -982,7 +985,7 @@ veth_meshnode_alt() {
 }
 
 [[ -z ${MESH_TRANSPORT:-} ]] || log "meshnode [transport]: ${MESH_TRANSPORT//$'\n'/; }"
-ALL_PATHS="direct socat_pair stunnel_pair haproxy_pair h2_pair raw_quinn meshnode_l4 direct_http meshnode_http haproxy_http_pair direct_grpc meshnode_grpc"
+ALL_PATHS="direct socat_pair stunnel_pair haproxy_pair h2_pair raw_quinn meshnode_l4 direct_http meshnode_http haproxy_http_pair direct_grpc meshnode_grpc haproxy_grpc_pair"
 [[ -z $LOSS_PCT ]] || ALL_PATHS+=" loss_meshnode loss_meshnode_netns loss_stunnel_netns loss_h2_netns"
 # Only on request (PATHS): the second meshnode variant and the veth rows.
 EXTRA_PATHS="meshnode_l4_alt veth_direct veth_stunnel veth_h2 veth_meshnode veth_meshnode_alt"
