@@ -1,6 +1,6 @@
 # Renders bench/run.sh's results (a JSON array of rows, `jq -s`) as a markdown table.
-# Arguments: $table ("bulk", "latency", "http", "loss" or "procs"), $conns (the space-separated
-# BULK_CONNS). Rows carry `table` ("http", "loss"); rows without it belong to bulk and latency.
+# Arguments: $table ("bulk", "latency", "http", "grpc", "loss" or "procs"), $conns (the space-separated
+# BULK_CONNS). Rows carry `table` ("http", "grpc", "loss"); rows without it belong to bulk and latency.
 def num($d): if . == null then "–" else (. * pow(10; $d) | round / pow(10; $d) | tostring) end;
 # A ratio only where it means something: both known and a positive denominator.
 def ratio($a; $b): if $a == null or $b == null or $b <= 0 then "–" else ($a / $b | num(2)) + "×" end;
@@ -44,32 +44,38 @@ def mib: if . then . / 1024 else null end | num(1);
                    ($r.peak_rss_kib | mib),
                    ($r.latency.missing | tostring), $r.note // ""])
           end)
-  elif $table == "http" then
-    # One row per path and rate; ratios and "added" against direct HTTP at the same rate.
-    ($all | map(select(.table == "http"))) as $h
-    | ($h | find("direct HTTP")) as $hd
-    | row(["path", "target req/s", "achieved req/s", "p50", "p90", "p99", "p99.9", "p50 × direct",
-           "p99 × direct", "added p50", "added p99", "errors", "missing", "path CPU (cores)",
-           "notes"]),
-      row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:",
-           "---:", "---:", "---:", "---"]),
+  elif $table == "http" or $table == "grpc" then
+    # One row per path and load ("cN": closed loop at concurrency N; a number: open loop at that
+    # rate); ratios and "added" against the direct row of the table at the same load.
+    ($all | map(select(.table == $table))) as $h
+    | ($h | find(if $table == "http" then "direct HTTP" else "direct gRPC" end)) as $hd
+    | def load: if startswith("c") then "closed, \(.[1:]) conc." else "open \(.)/s" end;
+    row(["path", "load", "achieved req/s", "req/s × direct", "p50", "p90", "p99", "p99.9",
+           "p50 × direct", "p99 × direct", "added p50", "added p99", "errors", "missing",
+           "path CPU (cores)", "CPU per process", "notes"]),
+      row(["---", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:",
+           "---:", "---:", "---:", "---:", "---:", "---"]),
       ($h[] | . as $r | select($r.http) | ($r.http | keys_unsorted[]) as $rate
-        | ($r.http[$rate]) as $x | ($hd.http[$rate].corrected_us // null) as $dl
+        | ($r.http[$rate]) as $x | ($hd.http[$rate] // null) as $dx
+        | ($dx.corrected_us // null) as $dl
         | if $x == null then
-            row([$r.path, $rate, "failed", "–", "–", "–", "–", "–", "–", "–", "–", "–", "–", "–",
-                 $r.note // ""])
+            row([$r.path, ($rate | load), "failed", "–", "–", "–", "–", "–", "–", "–", "–", "–",
+                 "–", "–", "–", "–", $r.note // ""])
           else
             ($x.corrected_us) as $l
-            | row([$r.path, $rate, ($x.achieved_rps | num(0)), ($l.p50 | num(1)),
-                   ($l.p90 | num(1)), ($l.p99 | num(1)), ($l.p999 | num(1)),
+            | row([$r.path, ($rate | load), ($x.achieved_rps | num(0)),
+                   ratio($x.achieved_rps; $dx.achieved_rps),
+                   ($l.p50 | num(1)), ($l.p90 | num(1)), ($l.p99 | num(1)), ($l.p999 | num(1)),
                    ratio($l.p50; $dl.p50), ratio($l.p99; $dl.p99),
                    (if $dl then $l.p50 - $dl.p50 else null end | num(1)),
                    (if $dl then $l.p99 - $dl.p99 else null end | num(1)),
                    ($x.errors | tostring), ($x.missing | tostring),
-                   ($r.cpu_cores[$rate] // null | num(3)), $r.note // ""])
+                   ($r.cpu_cores[$rate] // null | num(3)),
+                   ($r.cpu_each[$rate] // null | if . then map(num(2)) | join(" / ") else "–" end),
+                   $r.note // ""])
           end),
       ($h[] | select(.http == null) | row([.path, "–", "–", "–", "–", "–", "–", "–", "–", "–",
-                                           "–", "–", "–", "–", .note // ""]))
+                                           "–", "–", "–", "–", "–", "–", .note // ""]))
   elif $table == "loss" then
     # Ratios against the same path with no loss and no bulk.
     ($all | map(select(.table == "loss"))) as $ls

@@ -12,8 +12,16 @@
 # a `meshbench echo`. Prints markdown tables with ratios vs direct TCP and vs the stunnel pair.
 # HTTP: open-loop HTTP/1.1 GETs (`meshbench http`, each rate of HTTP_RATES) against a
 # `meshbench http-echo`, direct and through meshnode's HTTP proxy (node A) to node B's
-# `protocol = "http"` service. Every row records CPU seconds and peak RSS of each process of the
-# path. With LOSS_PCT, the loss scenario (loss_scenario below) runs last.
+# `protocol = "http"` service, and through an haproxy pair in mode http with TLS 1.3 between the
+# two (haproxy_http_pair, the L7 peer); plus a closed-loop run (HTTP_CONCURRENCY connections, one
+# request outstanding on each: req/s at a fixed concurrency).
+# gRPC: gRPC-shaped unary calls over one h2c connection (`meshbench grpc`) against a
+# `meshbench grpc-echo`, direct and through node A's `[[outbound]]` (mode auto, h2c detected) to
+# node B's `protocol = "grpc"` service: closed loop at GRPC_CONCURRENCY streams (req/s), open
+# loop at each of GRPC_RATES (latency from the scheduled send); and through an haproxy pair in
+# mode http speaking h2 end to end (haproxy_grpc_pair, the peer). Every row records CPU seconds
+# and peak RSS of each process of the path. With LOSS_PCT, the loss scenario (loss_scenario
+# below) runs last.
 #
 # Environment (defaults in brackets):
 #   MESHBENCH     meshbench binary            [target/release/meshbench]
@@ -25,6 +33,9 @@
 #   LAT_CONNS     latency connection pool     [4]
 #   HTTP_RATES    HTTP requests/s to test     ["1000 4000"]
 #   HTTP_SIZE     HTTP response body bytes    [1024]      HTTP_CONNS   keep-alive pool [LAT_CONNS]
+#   HTTP_CONCURRENCY  closed-loop HTTP connections [16]; empty = no closed-loop HTTP run
+#   GRPC_CONCURRENCY  closed-loop gRPC streams  [32]      GRPC_RATES   open-loop calls/s ["1000"]
+#   GRPC_SIZE     gRPC message bytes          [1024]      GRPC_CONNS   h2c connections [1]
 #   LOSS_PCT      if set (e.g. 1): the loss scenario through meshrelay, and (as root, with
 #                 nft) the stunnel pair across a veth pair with the same random loss
 #   LOSS_BULK     size of the background bulk transfer of the loss scenario [1000GiB: it is
@@ -35,8 +46,9 @@
 #   QUIET_LOAD    if set, first wait (up to 15 min) for the 1-minute load average to drop below it
 #   PATHS         only these rows, e.g. "meshnode_l4 loss_meshnode_netns" [all]: direct socat_pair
 #                 stunnel_pair haproxy_pair h2_pair raw_quinn meshnode_l4 direct_http meshnode_http
-#                 loss_meshnode loss_meshnode_netns loss_stunnel_netns loss_h2_netns (loss_* need
-#                 LOSS_PCT; keep "direct": the latency table subtracts it)
+#                 haproxy_http_pair direct_grpc meshnode_grpc haproxy_grpc_pair loss_meshnode
+#                 loss_meshnode_netns loss_stunnel_netns loss_h2_netns (loss_* need LOSS_PCT;
+#                 keep "direct": the latency table subtracts it)
 #   MESH_TRANSPORT  TOML lines for both meshnode nodes' [transport] section, e.g.
 #                 'congestion = "bbr"' or $'socket_buffer = 2097152\nsend_window = 4194304'
 #   MESH_ENV      environment (VAR=value words) for both meshnode processes, e.g.
@@ -65,6 +77,11 @@ LAT_CONNS=${LAT_CONNS:-4}
 HTTP_RATES=${HTTP_RATES:-1000 4000}
 HTTP_SIZE=${HTTP_SIZE:-1024}
 HTTP_CONNS=${HTTP_CONNS:-$LAT_CONNS}
+HTTP_CONCURRENCY=${HTTP_CONCURRENCY-16}
+GRPC_CONCURRENCY=${GRPC_CONCURRENCY:-32}
+GRPC_RATES=${GRPC_RATES:-1000}
+GRPC_SIZE=${GRPC_SIZE:-1024}
+GRPC_CONNS=${GRPC_CONNS:-1}
 LOSS_PCT=${LOSS_PCT:-}
 LOSS_BULK=${LOSS_BULK:-1000GiB}
 BASE_PORT=${BASE_PORT:-$((20000 + RANDOM % 20000))}
@@ -223,43 +240,85 @@ measure_path() {
      + (if $g == "" then {} else {group: $g} end)')"
 }
 
-# measure_http NAME ADDR HOST [NOTE]: open-loop HTTP/1.1 at each of HTTP_RATES through one path
-# (ADDR: the http-echo itself, or a proxy routing by Host: HOST); its processes in TUNNEL_PIDS.
-measure_http() {
-  local name=$1 addr=$2 host=$3 note=${4:-} rate one runs='{}' cores='{}' cpu0 cpu1 t0 t1 c
-  for rate in $HTTP_RATES; do
-    log "$name: HTTP $rate req/s, $HTTP_SIZE B bodies, $HTTP_CONNS connections for $LAT_DURATION"
-    cpu0=$(cpu_ticks "${TUNNEL_PIDS[@]}")
+# ticks_each: the CPU ticks of each TUNNEL_PIDS process, space-separated.
+ticks_each() {
+  local pid
+  for pid in "${TUNNEL_PIDS[@]}"; do cpu_ticks "$pid"; done | paste -sd' '
+}
+
+# cores_json T0 T1 TICKS0 TICKS1: a JSON array, the cores each TUNNEL_PIDS process used between
+# times T0 and T1 (ticks_each taken at each).
+cores_json() {
+  jq -nc --arg a "$3" --arg b "$4" --argjson dt "$(jq -n "$2 - $1")" --argjson hz "$CLK_TCK" \
+    '[$a, $b] | map(split(" ") | map(select(length > 0) | tonumber)) as [$x, $y]
+     | [range($x | length) as $i | ($y[$i] - $x[$i]) / $hz / $dt]'
+}
+
+# measure_loads TABLE NAME NOTE LOAD... -- CMD...: one `meshbench` client run per LOAD ("cN":
+# closed loop at concurrency N, passed as --concurrency N; a number: open loop at that rate,
+# --rate R) with the CMD arguments, and one TABLE row: the client's JSON per load, the path's
+# cores (all its processes and each one) per load, its processes.
+measure_loads() {
+  local table=$1 name=$2 note=$3 load one runs='{}' cores='{}' each='{}' k0 k1 t0 t1 c
+  shift 3
+  local loads=()
+  while (($# > 0)) && [[ $1 != -- ]]; do loads+=("$1"); shift; done
+  shift
+  for load in "${loads[@]}"; do
+    local args=(--rate "$load")
+    [[ $load != c* ]] || args=(--concurrency "${load#c}")
+    log "$name: $table ${args[*]} for $LAT_DURATION"
+    k0=$(ticks_each)
     t0=$(date +%s.%N)
-    if ! one=$("$MESHBENCH" http --connect "$addr" --host "$host" --rate "$rate" \
-      --duration "$LAT_DURATION" --warmup "$LAT_WARMUP" --conns "$HTTP_CONNS" \
-      --expect-size "$HTTP_SIZE" --json); then
-      log "$name: HTTP at $rate req/s FAILED"
+    if ! one=$("$MESHBENCH" "$@" "${args[@]}" --duration "$LAT_DURATION" --warmup "$LAT_WARMUP" --json); then
+      log "$name: ${args[*]} FAILED"
       one=null
     fi
     t1=$(date +%s.%N)
-    cpu1=$(cpu_ticks "${TUNNEL_PIDS[@]}")
-    runs=$(jq -c --arg r "$rate" --argjson o "$one" '. + {($r): $o}' <<<"$runs")
+    sleep 0.1
+    k1=$(ticks_each)
+    runs=$(jq -c --arg r "$load" --argjson o "$one" '. + {($r): $o}' <<<"$runs")
     if ((${#TUNNEL_PIDS[@]} > 0)); then
-      c=$(jq -n "($cpu1 - $cpu0) / $CLK_TCK / ($t1 - $t0)")
-      cores=$(jq -c --arg r "$rate" --argjson c "$c" '. + {($r): $c}' <<<"$cores")
+      c=$(cores_json "$t0" "$t1" "$k0" "$k1")
+      cores=$(jq -c --arg r "$load" --argjson c "$c" '. + {($r): ($c | add)}' <<<"$cores")
+      each=$(jq -c --arg r "$load" --argjson c "$c" '. + {($r): $c}' <<<"$each")
     fi
   done
-  record "$(jq -nc --arg p "$name" --arg n "$note" --argjson h "$runs" --argjson c "$cores" \
-    --argjson procs "$(proc_json)" \
-    '{table: "http", path: $p, note: $n, http: $h, cpu_cores: $c, procs: $procs}')"
+  record "$(jq -nc --arg t "$table" --arg p "$name" --arg n "$note" --argjson h "$runs" \
+    --argjson c "$cores" --argjson e "$each" --argjson procs "$(proc_json)" \
+    '{table: $t, path: $p, note: $n, http: $h, cpu_cores: $c, cpu_each: $e, procs: $procs}')"
+}
+
+# measure_http NAME ADDR HOST [NOTE]: HTTP/1.1 GETs through one path (ADDR: the http-echo
+# itself, or a proxy routing by Host: HOST), open loop at each of HTTP_RATES over HTTP_CONNS
+# keep-alive connections, then closed loop over HTTP_CONCURRENCY; its processes in TUNNEL_PIDS.
+measure_http() {
+  local loads=($HTTP_RATES)
+  [[ -z $HTTP_CONCURRENCY ]] || loads+=("c$HTTP_CONCURRENCY")
+  measure_loads http "$1" "${4:-}" "${loads[@]}" -- http --connect "$2" --host "$3" \
+    --conns "$HTTP_CONNS" --expect-size "$HTTP_SIZE"
+}
+
+# measure_grpc NAME ADDR [NOTE]: gRPC-shaped unary calls over GRPC_CONNS h2c connection(s),
+# open loop at each of GRPC_RATES, then closed loop at GRPC_CONCURRENCY streams.
+measure_grpc() {
+  measure_loads grpc "$1" "${3:-}" $GRPC_RATES "c$GRPC_CONCURRENCY" -- grpc --connect "$2" \
+    --conns "$GRPC_CONNS" --size "$GRPC_SIZE"
 }
 
 # --- the targets --------------------------------------------------------------------------
 port SINK_PORT
 port ECHO_PORT
 port HTTP_PORT
+port GRPC_PORT
 start sink "$MESHBENCH" sink --listen "127.0.0.1:$SINK_PORT"
 start echo "$MESHBENCH" echo --listen "127.0.0.1:$ECHO_PORT"
 start http-echo "$MESHBENCH" http-echo --listen "127.0.0.1:$HTTP_PORT" --size "$HTTP_SIZE"
 wait_listen "$SINK_PORT"
 wait_listen "$ECHO_PORT"
+start grpc-echo "$MESHBENCH" grpc-echo --listen "127.0.0.1:$GRPC_PORT"
 wait_listen "$HTTP_PORT"
+wait_listen "$GRPC_PORT"
 
 # --- direct TCP ---------------------------------------------------------------------------
 direct() {
@@ -633,6 +692,10 @@ listen = \"127.0.0.1:$px\""
   kill "$A_PID" "$B_PID" 2>/dev/null || true
 }
 
+# The L7 peer rows (haproxy HTTP pair) and the gRPC rows.
+# shellcheck source=bench/rows-l7.sh
+source "$ROOT/bench/rows-l7.sh"
+
 # --- loss scenario ----------------------------------------------------------------------------
 # relay_ctl PORT COMMAND: one command on meshrelay's control port; prints the answer.
 relay_ctl() {
@@ -922,7 +985,7 @@ veth_meshnode_alt() {
 }
 
 [[ -z ${MESH_TRANSPORT:-} ]] || log "meshnode [transport]: ${MESH_TRANSPORT//$'\n'/; }"
-ALL_PATHS="direct socat_pair stunnel_pair haproxy_pair h2_pair raw_quinn meshnode_l4 direct_http meshnode_http"
+ALL_PATHS="direct socat_pair stunnel_pair haproxy_pair h2_pair raw_quinn meshnode_l4 direct_http meshnode_http haproxy_http_pair direct_grpc meshnode_grpc haproxy_grpc_pair"
 [[ -z $LOSS_PCT ]] || ALL_PATHS+=" loss_meshnode loss_meshnode_netns loss_stunnel_netns loss_h2_netns"
 # Only on request (PATHS): the second meshnode variant and the veth rows.
 EXTRA_PATHS="meshnode_l4_alt veth_direct veth_stunnel veth_h2 veth_meshnode veth_meshnode_alt"
@@ -944,9 +1007,13 @@ done
   echo
   jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table latency "$RESULTS"
   echo
-  echo "HTTP/1.1 GETs, open loop, $HTTP_SIZE B bodies, $HTTP_CONNS keep-alive connections, $LAT_DURATION per rate (µs from the scheduled send; ratios and added vs direct HTTP at the same rate):"
+  echo "HTTP/1.1 GETs, $HTTP_SIZE B bodies, $LAT_DURATION per load: open loop over $HTTP_CONNS keep-alive connections (µs from the scheduled send), closed loop (c$HTTP_CONCURRENCY: that many connections, one request outstanding each; µs from the send); ratios and added vs direct HTTP at the same load; CPU of each process of the path:"
   echo
   jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table http "$RESULTS"
+  echo
+  echo "gRPC-shaped unary calls over $GRPC_CONNS h2c connection(s), $GRPC_SIZE B messages, $LAT_DURATION per load: open loop (µs from the scheduled send), closed loop (c$GRPC_CONCURRENCY: streams outstanding; µs from the send); ratios and added vs direct gRPC at the same load:"
+  echo
+  jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table grpc "$RESULTS"
   if [[ -n $LOSS_PCT ]]; then
     echo
     echo "Loss scenario: latency probe at $LAT_RATE req/s, $LAT_SIZE B, $LAT_CONNS connections, $LAT_DURATION, with and without a bulk transfer between the same two hops (µs; × quiet = vs the same path at 0 % loss without bulk):"

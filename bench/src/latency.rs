@@ -65,7 +65,8 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(h: &Histogram<u64>) -> Self {
+    /// The percentiles of `h` (recorded in nanoseconds).
+    pub(crate) fn of(h: &Histogram<u64>) -> Self {
         let us = |ns: u64| ns as f64 / 1000.0;
         Percentiles {
             p50: us(h.value_at_quantile(0.50)),
@@ -81,8 +82,11 @@ impl Percentiles {
 /// The outcome of a latency run.
 #[derive(Clone, Debug, Serialize)]
 pub struct LatencyReport {
-    /// Target rate (requests/s).
+    /// Target rate (requests/s); 0 for a closed-loop run.
     pub rate: f64,
+    /// Closed loop only: requests kept outstanding at once (a new one as each answer arrives).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
     /// Request size in bytes.
     pub size: usize,
     /// Connections in the pool.
@@ -160,16 +164,17 @@ struct Conn {
     received: Arc<AtomicU64>,
 }
 
-fn histogram() -> anyhow::Result<Histogram<u64>> {
+/// A histogram of nanoseconds, 1 ns to 600 s, three significant digits.
+pub(crate) fn histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 600_000_000_000, 3).context("creating a histogram")
 }
 
-fn nanos(d: Duration) -> u64 {
+pub(crate) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Sleeps until `deadline`, spinning for the last `spin`.
-fn wait_until(deadline: Instant, spin: Duration) {
+pub(crate) fn wait_until(deadline: Instant, spin: Duration) {
     loop {
         let now = Instant::now();
         if now >= deadline {
@@ -347,6 +352,7 @@ pub fn run_with<P: Protocol>(opts: &LatencyOptions, protocol: P) -> anyhow::Resu
     }
     Ok(LatencyReport {
         rate: opts.rate,
+        concurrency: None,
         size: opts.size,
         conns: opts.conns,
         seconds: opts.duration.as_secs_f64(),

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use meshnode_bench::closed;
 use meshnode_bench::http::{self, HttpGet};
 use meshnode_bench::latency::{self, LatencyOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -132,4 +133,32 @@ async fn chunked_bodies_and_error_statuses() {
         report.requests
     );
     assert!((295..=305).contains(&report.errors), "{}", report.errors);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn closed_loop_against_http_echo() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(http::serve_echo(l, Bytes::from(vec![b'x'; 300])));
+    let closed = |expect: u64| {
+        let opts = options(addr, 1.0, 1);
+        let job =
+            tokio::task::spawn_blocking(move || closed::run_closed(&opts, 4, get(Some(expect))));
+        async move {
+            timeout(LIMIT, job)
+                .await
+                .expect("in time")
+                .expect("join")
+                .expect("run")
+        }
+    };
+    let report = closed(300).await;
+    assert_eq!(report.concurrency, Some(4));
+    assert_eq!((report.conns, report.errors, report.missing), (4, 0, 0));
+    // Far more than the open-loop rate of 1/s that `options` carries: the loop is closed.
+    assert!(report.requests > 100, "{}", report.requests);
+
+    let report = closed(299).await;
+    assert_eq!(report.requests, 0);
+    assert!(report.errors > 100, "{}", report.errors);
 }

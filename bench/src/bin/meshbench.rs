@@ -7,6 +7,10 @@
 //! meshbench latency --connect 127.0.0.1:9001 --rate 1000 --duration 10s --size 1024 --json
 //! meshbench http-echo --listen 127.0.0.1:9080 --size 1024     # HTTP/1.1 target for `http`
 //! meshbench http --connect 127.0.0.1:9080 --host web --rate 1000 --duration 10s --json
+//! meshbench http --connect 127.0.0.1:9080 --concurrency 16 --duration 10s  # closed loop: req/s
+//! meshbench grpc-echo --listen 127.0.0.1:9090                  # h2c gRPC-shaped unary echo
+//! meshbench grpc --connect 127.0.0.1:9090 --rate 1000 --duration 10s --json
+//! meshbench grpc --connect 127.0.0.1:9090 --concurrency 32 --duration 10s --json
 //! meshbench quic-bulk-server --listen 127.0.0.1:9443
 //! meshbench quic-bulk --connect 127.0.0.1:9443 --bytes 2GiB --repeat 3
 //! meshbench h2-exit --listen 127.0.0.1:15008                  # HBONE-shaped pair (ztunnel's design)
@@ -20,6 +24,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use meshnode_bench::closed;
+use meshnode_bench::grpc::{self, GrpcOptions, Load};
 use meshnode_bench::http::{self, HttpGet};
 use meshnode_bench::latency::{self, LatencyOptions, LatencyReport};
 use meshnode_bench::relay::control::parse_duration;
@@ -97,8 +103,48 @@ enum Command {
         /// Expected response body size: a 2xx with another length counts as an error.
         #[arg(long, value_parser = parse_size)]
         expect_size: Option<u64>,
+        /// Closed loop instead: this many keep-alive connections, each sending its next request
+        /// as soon as the previous answer is in (`--rate` and `--conns` are then ignored).
+        #[arg(long)]
+        concurrency: Option<usize>,
         #[command(flatten)]
         run: OpenLoop,
+    },
+    /// gRPC-shaped unary echo over h2c (prior knowledge): answers each `application/grpc` POST
+    /// with its own message and `grpc-status: 0` trailers.
+    GrpcEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// gRPC-shaped unary calls over h2c: closed loop at `--concurrency` (req/s) or open loop at
+    /// `--rate` (latency from the scheduled send).
+    Grpc {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// `:authority` of the calls [the --connect address].
+        #[arg(long)]
+        authority: Option<String>,
+        /// Message bytes (request and answer), at least 8.
+        #[arg(long, value_parser = parse_size, default_value = "1024")]
+        size: u64,
+        /// h2c connections, calls round-robin over them (streams multiplexed on each).
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
+        /// Closed loop: calls outstanding at once.
+        #[arg(long, conflicts_with = "rate", required_unless_present = "rate")]
+        concurrency: Option<usize>,
+        /// Open loop: calls per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        duration: Duration,
+        #[arg(long, value_parser = parse_duration, default_value = "1s")]
+        warmup: Duration,
+        /// Open loop: spin (instead of sleeping) for this long before each send.
+        #[arg(long, value_parser = parse_duration, default_value = "100us")]
+        spin: Duration,
+        #[arg(long)]
+        json: bool,
     },
     /// Opens N connections to an echo target (one byte each way, so every tunnel is really
     /// open), prints "idle N open" and holds them until SIGINT/SIGTERM: memory per tunnel.
@@ -206,6 +252,19 @@ fn report_bulk(what: &str, conns: usize, runs: &[BulkRun], json: bool) {
 fn print_latency(report: &LatencyReport, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(report)?);
+        return Ok(());
+    }
+    if let Some(n) = report.concurrency {
+        println!(
+            "{} requests in {:.1} s at concurrency {n} over {} connection(s): {:.1} req/s, {} B, {} errors, {} missing",
+            report.requests, report.seconds, report.conns, report.achieved_rps, report.size,
+            report.errors, report.missing
+        );
+        let p = &report.uncorrected_us;
+        println!(
+            "latency      p50 {:>8.1}  p90 {:>8.1}  p99 {:>8.1}  p99.9 {:>8.1}  max {:>9.1} µs",
+            p.p50, p.p90, p.p99, p.p999, p.max
+        );
         return Ok(());
     }
     let row = |name: &str, p: &latency::Percentiles| {
@@ -348,6 +407,7 @@ async fn main() -> anyhow::Result<()> {
             host,
             path,
             expect_size,
+            concurrency,
             run,
         } => {
             anyhow::ensure!(path.starts_with('/'), "--path must start with /");
@@ -357,9 +417,47 @@ async fn main() -> anyhow::Result<()> {
                 path,
                 expect_size,
             };
-            let report =
-                tokio::task::spawn_blocking(move || latency::run_with(&opts, protocol)).await??;
+            let report = tokio::task::spawn_blocking(move || match concurrency {
+                Some(n) => closed::run_closed(&opts, n, protocol),
+                None => latency::run_with(&opts, protocol),
+            })
+            .await??;
             print_latency(&report, run.json)?;
+        }
+        Command::GrpcEcho { listen } => {
+            let listener = serve_tcp("grpc-echo", listen).await?;
+            tokio::select! { r = grpc::serve_echo(listener) => r?, r = stop_signal() => r? }
+        }
+        Command::Grpc {
+            connect,
+            authority,
+            size,
+            conns,
+            concurrency,
+            rate,
+            duration,
+            warmup,
+            spin,
+            json,
+        } => {
+            let load = match (concurrency, rate) {
+                (Some(n), _) => Load::Closed(n),
+                (None, Some(r)) => Load::Open(r),
+                (None, None) => anyhow::bail!("give --concurrency or --rate"),
+            };
+            let opts = GrpcOptions {
+                addr: connect,
+                authority,
+                size: usize::try_from(size).context("--size is too large")?,
+                conns,
+                load,
+                duration,
+                warmup,
+                spin,
+                drain: Duration::from_secs(10),
+            };
+            let report = grpc::run(&opts).await?;
+            print_latency(&report, json)?;
         }
         Command::QuicBulkServer { listen } => {
             let server = quic::serve(listen, |addr| {
