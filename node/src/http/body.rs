@@ -34,6 +34,10 @@ pub fn empty() -> Body {
     Empty::new().map_err(|e| match e {}).boxed_unsync()
 }
 
+/// Most data merged into one frame from what has already arrived on an h3 stream (one h2 frame
+/// is 16 KiB by default; a few of them per batch).
+const COALESCE: usize = 64 * 1024;
+
 /// Something held until an h3 body has been read to its end (or given up): the balancer's
 /// in-flight count of the endpoint, for a response body.
 pub(crate) type Guard = Box<dyn Send>;
@@ -126,14 +130,38 @@ macro_rules! h3_recv_body {
                 if let Some(f) = this.queued.take() {
                     return Poll::Ready(Some(f));
                 }
-                let frame = ready!(this.poll_stream(cx));
-                if matches!(&frame, Some(Ok(f)) if f.is_data()) {
-                    // Look ahead once: the end (or more data) is often there already.
-                    if let Poll::Ready(Some(next)) = this.poll_stream(cx) {
-                        this.queued = Some(next);
+                let first = match ready!(this.poll_stream(cx)) {
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(d) => d,
+                        Err(f) => return Poll::Ready(Some(Ok(f))),
+                    },
+                    other => return Poll::Ready(other),
+                };
+                // Look ahead: the end, or more data, is often there already. QUIC hands a
+                // stream over as each packet carried it (about 1.2 KiB); data already here is
+                // merged, up to COALESCE bytes, so the next hop writes one frame (and the
+                // proxy makes one pass) per batch instead of one per packet.
+                let mut merged: Option<bytes::BytesMut> = None;
+                while merged.as_ref().map_or(first.len(), |m| m.len()) < COALESCE {
+                    let Poll::Ready(Some(next)) = this.poll_stream(cx) else {
+                        break;
+                    };
+                    match next.map(|f| f.into_data()) {
+                        Ok(Ok(d)) => merged
+                            .get_or_insert_with(|| bytes::BytesMut::from(&first[..]))
+                            .extend_from_slice(&d),
+                        Ok(Err(f)) => {
+                            this.queued = Some(Ok(f));
+                            break;
+                        }
+                        Err(e) => {
+                            this.queued = Some(Err(e));
+                            break;
+                        }
                     }
                 }
-                Poll::Ready(frame)
+                let data = merged.map_or(first, |m| m.freeze());
+                Poll::Ready(Some(Ok(Frame::data(data))))
             }
 
             fn is_end_stream(&self) -> bool {
