@@ -11,6 +11,8 @@
 #         -> a TCP echo (`meshbench latency`, CONNS kept-alive tunnels, round-robin)
 #   http  HTTP/1.1 GET (1 KiB body) to node A's [http_proxy] -> h3 over QUIC -> node B -> an
 #         HTTP/1.1 server (`meshbench http` over CONNS keep-alive connections)
+#   grpc  gRPC-shaped unary calls (1 KiB message) over CONNS h2c connections to node A's
+#         [[outbound]] (mode auto) -> h3 over QUIC -> node B -> h2c to `meshbench grpc-echo`
 #   hbone the l4 row's load through the HBONE-shaped peer pair instead of meshnode
 #         (`meshbench h2-entry` -> TLS 1.3 + HTTP/2 CONNECT over one TCP connection ->
 #         `meshbench h2-exit`, ztunnel's design): the same count for the design meshnode is
@@ -25,7 +27,7 @@
 #   MESH_ALT_BIN  a second build measured in the same run, e.g. the previous commit's
 #   MESH_LABEL, MESH_ALT_LABEL  names in the table ["new", "alt"]
 #   MESHBENCH     meshbench binary [target/release/meshbench]
-#   ROWS          ["l4 http hbone"]   REQUESTS [1000]   RATE [100]   CONNS [4]   REPEAT [1]
+#   ROWS          ["l4 http grpc hbone"]   REQUESTS [1000]   RATE [100]   CONNS [4]   REPEAT [1]
 #   OUT           directory for logs and callgrind files [a new temp dir]
 # Needs valgrind (with callgrind_control), jq, curl; bash's /dev/tcp for readiness.
 set -euo pipefail
@@ -33,7 +35,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MESHNODE_BIN=${MESHNODE_BIN:-$ROOT/target/release/meshnode}
 MESHBENCH=${MESHBENCH:-$ROOT/target/release/meshbench}
-ROWS=${ROWS:-l4 http hbone}
+ROWS=${ROWS:-l4 http grpc hbone}
 REQUESTS=${REQUESTS:-1000}
 RATE=${RATE:-100}
 CONNS=${CONNS:-4}
@@ -97,10 +99,13 @@ done
 
 port ECHO_PORT
 port HTTP_PORT
+port GRPC_PORT
 start echo "$MESHBENCH" echo --listen "127.0.0.1:$ECHO_PORT"
 start http-echo "$MESHBENCH" http-echo --listen "127.0.0.1:$HTTP_PORT" --size 1024
+start grpc-echo "$MESHBENCH" grpc-echo --listen "127.0.0.1:$GRPC_PORT"
 wait_listen "$ECHO_PORT" 10
 wait_listen "$HTTP_PORT" 10
+wait_listen "$GRPC_PORT" 10
 
 # node_config NAME QUIC ADMIN PEER PEER_QUIC BODY: one node's TOML on a static registry.
 node_config() {
@@ -155,6 +160,10 @@ run_row() {
     b_body=$'[[service]]\nname = "echo"\nprotocol = "tcp"\ntarget = "127.0.0.1:'"$ECHO_PORT"$'"'
     peer_services="services = [{ name = \"echo\", protocol = \"tcp\", port = $ECHO_PORT }]"
     a_body=$'[[outbound]]\nservice = "echo"\nlisten = "127.0.0.1:'"$entry"$'"'
+  elif [[ $row == grpc ]]; then
+    b_body=$'[[service]]\nname = "rpc"\nprotocol = "grpc"\ntarget = "127.0.0.1:'"$GRPC_PORT"$'"'
+    peer_services="services = [{ name = \"rpc\", protocol = \"grpc\", port = $GRPC_PORT }]"
+    a_body=$'[[outbound]]\nservice = "rpc"\nlisten = "127.0.0.1:'"$entry"$'"'
   else
     b_body=$'[[service]]\nname = "web"\nprotocol = "http"\ntarget = "127.0.0.1:'"$HTTP_PORT"$'"'
     peer_services="services = [{ name = \"web\", protocol = \"http\", port = $HTTP_PORT }]"
@@ -175,6 +184,7 @@ $a_body" "$DIR" >"$DIR/a.toml"
   fi
   local client=(latency --size 1024)
   [[ $row == http ]] && client=(http --host web --expect-size 1024)
+  [[ $row == grpc ]] && client=(grpc --authority rpc --size 1024)
   # Warm-up: tunnels or connections open, the paths translated by valgrind.
   "$MESHBENCH" "${client[@]}" --connect "127.0.0.1:$entry" --rate "$RATE" --duration 3s \
     --warmup 1s --conns "$CONNS" --json >"$DIR/warmup.json"
