@@ -28,6 +28,8 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 /// Grace period for in-flight tunnels on SIGTERM: long enough for typical requests, short
 /// enough for a rolling restart.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
+/// Default `node.http_idle_timeout`.
+pub const DEFAULT_HTTP_IDLE: Duration = Duration::from_secs(300);
 /// Lease TTL: a silently dead node vanishes from every view within this time.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 /// Default relative weight of an endpoint (the registry record's default).
@@ -86,6 +88,10 @@ pub struct NodeConfig {
     /// Most application connections held at once by all front-ends (`[[outbound]]` ports and
     /// the HTTP proxy); default: half the file descriptors past a reserve.
     pub max_connections: Option<usize>,
+    /// How long an HTTP client connection (the proxy's, an `auto` outbound port's) may pass no
+    /// byte either way before it is closed gracefully.
+    #[serde(default = "default_http_idle", with = "duration")]
+    pub http_idle_timeout: Duration,
 }
 
 /// `node.advertise`: a fixed address, or `auto`.
@@ -418,6 +424,9 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_drain() -> Duration {
     DEFAULT_DRAIN
+}
+fn default_http_idle() -> Duration {
+    DEFAULT_HTTP_IDLE
 }
 fn default_lease_ttl() -> Duration {
     DEFAULT_LEASE_TTL

@@ -16,6 +16,7 @@
 pub(crate) mod body;
 pub(crate) mod grpc;
 pub(crate) mod headers;
+pub(crate) mod idle;
 pub(crate) mod proxy;
 pub(crate) mod quic;
 pub(crate) mod server;

@@ -212,6 +212,7 @@ impl Node {
             telemetry: telemetry.clone(),
             outbound: outbound.clone(),
             h3: H3Clients::default(),
+            idle_timeout: config.node.http_idle_timeout,
         });
         let nofile = crate::limits::raise_nofile().map_or(1024, |l| l.now);
         let admission = crate::admit::NodeAdmission::new(

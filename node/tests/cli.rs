@@ -78,6 +78,10 @@ fn validate_accepts_a_good_config_and_names_what_is_wrong_in_bad_ones() -> Resul
             ),
         ),
         (
+            "node.http_idle_timeout: must be between 1s and 24h",
+            GOOD.replacen("[node]\n", "[node]\nhttp_idle_timeout = \"0s\"\n", 1),
+        ),
+        (
             "transport.max_peer_connections: must be at least 1",
             format!("{GOOD}[transport]\nmax_peer_connections = 0\n"),
         ),

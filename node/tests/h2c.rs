@@ -228,3 +228,85 @@ async fn rapid_reset_gets_goaway_and_other_clients_are_served() -> Result<()> {
     .await
     .context("test timed out")?
 }
+
+/// `node.http_idle_timeout`: an h2c connection over which nothing passes is sent GOAWAY and
+/// closed once the timeout has passed (not before); one with a request every 300 ms is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_h2c_connection_is_closed_after_the_idle_timeout_and_a_busy_one_kept() -> Result<()>
+{
+    tokio::time::timeout(LIMIT, async {
+        let pki = Pki::new(&["node-a", "node-b"])?;
+        let reg = memory_mesh();
+        let b = start_node(
+            &pki,
+            "node-b",
+            &service("web", "http", app("B", false).await?),
+            reg.connect(),
+        )
+        .await?;
+        let a = start_node_with(
+            &pki,
+            "node-a",
+            "http_idle_timeout = \"1s\"\n",
+            "[http_proxy]\nlisten = \"127.0.0.1:0\"\n",
+            reg.connect(),
+        )
+        .await?;
+        wait_endpoints(&a, "web", 1).await?;
+        let proxy = a.http_proxy_addr().context("proxy bound")?;
+
+        // Silent: the preface and SETTINGS, then nothing.
+        let started = std::time::Instant::now();
+        let tcp = TcpStream::connect(proxy).await?;
+        let (r, mut w) = tcp.into_split();
+        tokio::io::AsyncWriteExt::write_all(&mut w, &h2::client_start()).await?;
+        let mut frames = Frames::new(r);
+        let mut seen = Vec::new();
+        let goaway = frames.until_goaway(Duration::from_secs(5), &mut seen).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(goaway, Next::Frame(_)),
+            "no GOAWAY within 5 s: {goaway:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(900),
+            "closed before its idle timeout: {took:?}"
+        );
+        // As any client does, it answers the PING of the graceful shutdown; then the server
+        // closes.
+        let end = tokio::time::Instant::now() + Duration::from_secs(3);
+        let closed = loop {
+            let left = end.saturating_duration_since(tokio::time::Instant::now());
+            match frames.next(left).await {
+                Next::Frame(f) if f.kind == h2::PING && f.flags & h2::ACK == 0 => {
+                    let ack = h2::frame(h2::PING, h2::ACK, 0, &f.payload);
+                    tokio::io::AsyncWriteExt::write_all(&mut w, &ack).await?;
+                }
+                Next::Frame(_) => {}
+                Next::Closed => break true,
+                Next::TimedOut => break false,
+            }
+        };
+        assert!(closed, "still open 3 s after GOAWAY");
+        eprintln!("silent h2c connection: GOAWAY after {took:?}");
+
+        // Busy: a request every 300 ms for 2.5 s, all on one connection.
+        let tcp = TcpStream::connect(proxy).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        for _ in 0..8 {
+            let req = Request::builder()
+                .uri("http://web/")
+                .body(text(Bytes::new()))?;
+            let resp = sender.send_request(req).await?;
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.into_body().collect().await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        drop(b);
+        Ok(())
+    })
+    .await
+    .context("test timed out")?
+}

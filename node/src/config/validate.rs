@@ -115,6 +115,13 @@ impl Config {
         if self.node.drain_timeout > Duration::from_secs(3600) {
             return Err(invalid("node.drain_timeout", "must be at most 1h"));
         }
+        let idle = self.node.http_idle_timeout;
+        if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&idle) {
+            return Err(invalid(
+                "node.http_idle_timeout",
+                format!("must be between 1s and 24h (got {idle:?})"),
+            ));
+        }
         self.validate_registry()?;
         self.validate_services()?;
         let caps = std::iter::once((

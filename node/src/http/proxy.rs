@@ -62,6 +62,8 @@ pub(crate) struct Proxy {
     pub outbound: Arc<Outbound>,
     /// One h3 client per peer connection.
     pub h3: H3Clients,
+    /// `node.http_idle_timeout`: a client connection silent this long is closed gracefully.
+    pub idle_timeout: Duration,
 }
 
 /// Accepts proxy clients until a drain begins or the task is stopped.
@@ -136,7 +138,9 @@ pub(crate) async fn serve_connection<I>(
         }
     };
     let verdict = Arc::new(AtomicU8::new(0));
-    let io = TokioIo::new(super::sniff::Sniffer::new(io, verdict.clone()));
+    let idle_timeout = proxy.idle_timeout;
+    let (io, activity) = super::idle::IdleIo::new(super::sniff::Sniffer::new(io, verdict.clone()));
+    let io = TokioIo::new(io);
     let service = service_fn(move |mut req: Request<Incoming>| {
         let (proxy, drain) = (proxy.clone(), drain.clone());
         let verdict = Verdict::of(&verdict);
@@ -187,7 +191,24 @@ pub(crate) async fn serve_connection<I>(
         .max_local_error_reset_streams(MAX_PENDING_RESETS)
         // WebSocket over HTTP/2 (RFC 8441).
         .enable_connect_protocol();
-    if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    // The idle deadline (`http/idle.rs`): checked when it could have passed, not per byte.
+    let mut closing = false;
+    let served = loop {
+        let wait = idle_timeout.saturating_sub(activity.idle_for());
+        tokio::select! {
+            served = conn.as_mut() => break served,
+            () = tokio::time::sleep(wait), if !closing => {
+                if activity.idle_for() >= idle_timeout {
+                    tracing::debug!(%client, ?idle_timeout, "idle HTTP client connection closed");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    };
+    if let Err(e) = served {
         // hyper answered (400, 431) or closed these itself, before any request reached us.
         if let Some(e) = e.downcast_ref::<hyper::Error>() {
             if e.is_timeout() {

@@ -95,7 +95,21 @@ listen = "127.0.0.1:0"
 
 /// Starts an in-process node from config text on a shared in-memory registry.
 pub async fn start_node(pki: &Pki, name: &str, extra: &str, registry: Registry) -> Result<Node> {
-    let text = format!("{}{extra}", pki.base_config(name));
+    start_node_with(pki, name, "", extra, registry).await
+}
+
+/// [`start_node`] with `node_keys` (lines of the `[node]` table) added to its `[node]`.
+pub async fn start_node_with(
+    pki: &Pki,
+    name: &str,
+    node_keys: &str,
+    extra: &str,
+    registry: Registry,
+) -> Result<Node> {
+    let base = pki
+        .base_config(name)
+        .replacen("[node]\n", &format!("[node]\n{node_keys}"), 1);
+    let text = format!("{base}{extra}");
     let config = Config::parse(&text).with_context(|| format!("config of {name}"))?;
     let identity = pki.identity(name)?;
     let node = Node::start(NodeParts {
