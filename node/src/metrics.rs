@@ -53,6 +53,7 @@ pub const FAMILIES: &[(&str, Kind, &[&str], &str)] = &[
     ("meshnode_http_request_duration_seconds", Kind::Histogram, &["service", "peer"], "Time from request start to response headers."),
     ("meshnode_http_requests_total", Kind::Counter, &["service", "peer", "code"], "HTTP requests proxied, by service, serving peer and status code."),
     ("meshnode_inbound_rejected_total", Kind::Counter, &["reason"], "Inbound streams refused (malformed, forbidden, unknown service, draining, ...)."),
+    ("meshnode_memory_trims_total", Kind::Counter, &[], "Times freed memory was returned to the OS after a wave of inbound peer connections closed (glibc malloc_trim)."),
     ("meshnode_peer_connections_inbound", Kind::Gauge, &[], "Inbound peer (QUIC) connections held, against transport.max_peer_connections."),
     ("meshnode_peer_rtt_seconds", Kind::Gauge, &["peer"], "Smoothed QUIC round-trip time to the peer."),
     ("meshnode_quic_lost_packets_total", Kind::Counter, &["peer"], "QUIC packets declared lost on this node's connection to the peer."),

@@ -90,4 +90,7 @@ pub fn sync(inputs: &SamplerInputs) {
     inputs
         .telemetry
         .inbound_peer_connections(inputs.endpoint.inbound_connections());
+    inputs
+        .telemetry
+        .memory_trims(inputs.endpoint.memory_trims());
 }

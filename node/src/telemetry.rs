@@ -106,6 +106,7 @@ pub struct Telemetry {
     ready: OnceLock<Gauge>,
     handshakes: Lazy<Counter, { HandshakeResult::ALL.len() }>,
     peer_connections: OnceLock<Gauge>,
+    memory_trims: OnceLock<Counter>,
     tracer: Option<Tracer>,
 }
 
@@ -131,6 +132,7 @@ impl Telemetry {
             ready: OnceLock::new(),
             handshakes: Lazy::new(),
             peer_connections: OnceLock::new(),
+            memory_trims: OnceLock::new(),
             tracer: None,
         }
     }
@@ -251,6 +253,13 @@ impl Telemetry {
         self.peer_connections
             .get_or_init(|| self.metrics.gauge("meshnode_peer_connections_inbound", &[]))
             .set(f64::from(held));
+    }
+
+    /// Times the transport returned freed memory to the OS (its running total), sampled.
+    pub fn memory_trims(&self, total: u64) {
+        self.memory_trims
+            .get_or_init(|| self.metrics.counter("meshnode_memory_trims_total", &[]))
+            .absolute(total);
     }
 
     /// Every service's handles (the sampler).
@@ -505,11 +514,13 @@ mod tests {
         handshakes[1].1 = 5;
         t.handshakes(handshakes);
         t.inbound_peer_connections(3);
+        t.memory_trims(2);
         let m = t.metrics();
         let get = |name: &str, labels: &[&str]| m.get(name, labels);
         assert_eq!(get("meshnode_registry_lease_grants_total", &[]), 2.0);
         assert_eq!(get("meshnode_ready", &[]), 1.0);
         assert_eq!(get("meshnode_peer_connections_inbound", &[]), 3.0);
+        assert_eq!(get("meshnode_memory_trims_total", &[]), 2.0);
         assert_eq!(
             get(
                 "meshnode_handshakes_total",
