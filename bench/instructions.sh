@@ -150,9 +150,42 @@ callgrind_dump() {
   awk '/^summary:/ { print $2 }' "$f"
 }
 
+# measure ROW LABEL A_PID B_PID ENTRY CLIENT...: warms the path up with `meshbench CLIENT`, counts
+# both processes' instructions over REQUESTS requests and over the same time idle, stops them,
+# and appends the JSON line of the row to $OUT/results.jsonl.
+measure() {
+  local row=$1 label=$2 a=$3 b=$4 entry=$5 secs ia ib ia0 ib0 n
+  shift 5
+  # Warm-up: tunnels or connections open, the paths translated by valgrind.
+  "$MESHBENCH" "$@" --connect "127.0.0.1:$entry" --rate "$RATE" --duration 3s \
+    --warmup 1s --conns "$CONNS" --json >"$DIR/warmup.json"
+  secs=$(jq -n "$REQUESTS / $RATE")
+  callgrind_control -z "$a" >/dev/null 2>&1
+  callgrind_control -z "$b" >/dev/null 2>&1
+  "$MESHBENCH" "$@" --connect "127.0.0.1:$entry" --rate "$RATE" --duration "${secs}s" \
+    --warmup 0s --conns "$CONNS" --json >"$DIR/run.json"
+  ia=$(callgrind_dump "$a")
+  ib=$(callgrind_dump "$b")
+  callgrind_control -z "$a" >/dev/null 2>&1
+  callgrind_control -z "$b" >/dev/null 2>&1
+  sleep "$secs"
+  ia0=$(callgrind_dump "$a")
+  ib0=$(callgrind_dump "$b")
+  kill "$a" "$b" 2>/dev/null || true
+  wait "$a" "$b" 2>/dev/null || true
+  n=$(jq '.requests + .errors + .missing' "$DIR/run.json")
+  jq -nc --arg row "$row" --arg build "$label" --argjson n "$n" \
+    --argjson errors "$(jq '.errors + .missing' "$DIR/run.json")" \
+    --argjson ia "$ia" --argjson ib "$ib" --argjson ia0 "$ia0" --argjson ib0 "$ib0" \
+    '{row: $row, build: $build, requests: $n, errors: $errors,
+      a_per_req: (($ia - $ia0) / $n | floor), b_per_req: (($ib - $ib0) / $n | floor),
+      both_per_req: (($ia + $ib - $ia0 - $ib0) / $n | floor),
+      idle_per_s_both: (($ia0 + $ib0) / ($n / '"$RATE"') | floor)}' | tee -a "$OUT/results.jsonl"
+}
+
 # run_row ROW BIN LABEL: one measurement; appends a JSON line to $OUT/results.jsonl.
 run_row() {
-  local row=$1 bin=$2 label=$3 qa qb aa ab entry a_body b_body peer_services a b n
+  local row=$1 bin=$2 label=$3 qa qb aa ab entry a_body b_body peer_services a b
   DIR=$OUT/$row-$label-$RANDOM
   mkdir -p "$DIR"
   port qa; port qb; port aa; port ab; port entry
@@ -185,39 +218,13 @@ $a_body" "$DIR" >"$DIR/a.toml"
   local client=(latency --size 1024)
   [[ $row == http ]] && client=(http --host web --expect-size 1024)
   [[ $row == grpc ]] && client=(grpc --authority rpc --size 1024)
-  # Warm-up: tunnels or connections open, the paths translated by valgrind.
-  "$MESHBENCH" "${client[@]}" --connect "127.0.0.1:$entry" --rate "$RATE" --duration 3s \
-    --warmup 1s --conns "$CONNS" --json >"$DIR/warmup.json"
-  local secs
-  secs=$(jq -n "$REQUESTS / $RATE")
-  callgrind_control -z "$a" >/dev/null 2>&1
-  callgrind_control -z "$b" >/dev/null 2>&1
-  "$MESHBENCH" "${client[@]}" --connect "127.0.0.1:$entry" --rate "$RATE" --duration "${secs}s" \
-    --warmup 0s --conns "$CONNS" --json >"$DIR/run.json"
-  local ia ib ia0 ib0
-  ia=$(callgrind_dump "$a")
-  ib=$(callgrind_dump "$b")
-  callgrind_control -z "$a" >/dev/null 2>&1
-  callgrind_control -z "$b" >/dev/null 2>&1
-  sleep "$secs"
-  ia0=$(callgrind_dump "$a")
-  ib0=$(callgrind_dump "$b")
-  kill "$a" "$b" 2>/dev/null || true
-  wait "$a" "$b" 2>/dev/null || true
-  n=$(jq '.requests + .errors + .missing' "$DIR/run.json")
-  jq -nc --arg row "$row" --arg build "$label" --argjson n "$n" \
-    --argjson errors "$(jq '.errors + .missing' "$DIR/run.json")" \
-    --argjson ia "$ia" --argjson ib "$ib" --argjson ia0 "$ia0" --argjson ib0 "$ib0" \
-    '{row: $row, build: $build, requests: $n, errors: $errors,
-      a_per_req: (($ia - $ia0) / $n | floor), b_per_req: (($ib - $ib0) / $n | floor),
-      both_per_req: (($ia + $ib - $ia0 - $ib0) / $n | floor),
-      idle_per_s_both: (($ia0 + $ib0) / ($n / '"$RATE"') | floor)}' | tee -a "$OUT/results.jsonl"
+  measure "$row" "$label" "$a" "$b" "$entry" "${client[@]}"
 }
 
-# run_hbone: the l4 load through the HBONE-shaped pair, both processes under callgrind; appends a
-# JSON line (node A = the entry, node B = the exit) like run_row's.
+# run_hbone: the l4 load through the HBONE-shaped pair, both processes under callgrind; a JSON
+# line like run_row's (node A = the entry, node B = the exit).
 run_hbone() {
-  local mid entry a b n ia ib ia0 ib0 secs
+  local mid entry a b
   DIR=$OUT/hbone-$RANDOM
   mkdir -p "$DIR"
   port mid; port entry
@@ -229,29 +236,7 @@ run_hbone() {
     --forward "127.0.0.1:$entry=127.0.0.1:$ECHO_PORT"
   a=$STARTED_PID
   wait_listen "$entry" 300 "$a" "$b" || { kill "$a" "$b" 2>/dev/null || true; return 1; }
-  "$MESHBENCH" latency --size 1024 --connect "127.0.0.1:$entry" --rate "$RATE" --duration 3s \
-    --warmup 1s --conns "$CONNS" --json >"$DIR/warmup.json"
-  secs=$(jq -n "$REQUESTS / $RATE")
-  callgrind_control -z "$a" >/dev/null 2>&1
-  callgrind_control -z "$b" >/dev/null 2>&1
-  "$MESHBENCH" latency --size 1024 --connect "127.0.0.1:$entry" --rate "$RATE" \
-    --duration "${secs}s" --warmup 0s --conns "$CONNS" --json >"$DIR/run.json"
-  ia=$(callgrind_dump "$a")
-  ib=$(callgrind_dump "$b")
-  callgrind_control -z "$a" >/dev/null 2>&1
-  callgrind_control -z "$b" >/dev/null 2>&1
-  sleep "$secs"
-  ia0=$(callgrind_dump "$a")
-  ib0=$(callgrind_dump "$b")
-  kill "$a" "$b" 2>/dev/null || true
-  wait "$a" "$b" 2>/dev/null || true
-  n=$(jq '.requests + .errors + .missing' "$DIR/run.json")
-  jq -nc --argjson n "$n" --argjson errors "$(jq '.errors + .missing' "$DIR/run.json")" \
-    --argjson ia "$ia" --argjson ib "$ib" --argjson ia0 "$ia0" --argjson ib0 "$ib0" \
-    '{row: "hbone", build: "hbone pair", requests: $n, errors: $errors,
-      a_per_req: (($ia - $ia0) / $n | floor), b_per_req: (($ib - $ib0) / $n | floor),
-      both_per_req: (($ia + $ib - $ia0 - $ib0) / $n | floor),
-      idle_per_s_both: (($ia0 + $ib0) / ($n / '"$RATE"') | floor)}' | tee -a "$OUT/results.jsonl"
+  measure hbone "hbone pair" "$a" "$b" "$entry" latency --size 1024
 }
 
 log "meshnode instructions per request: $(uname -m), $(nproc) CPUs, $REQUESTS requests at $RATE/s, $CONNS connections; out: $OUT"
