@@ -3,6 +3,35 @@
 # haproxy_http_pair (the L7 peer of meshnode_http), direct_grpc, meshnode_grpc and
 # haproxy_grpc_pair (its peer).
 
+# haproxy_l7_start KIND DIR ENTRY MID EXIT_LISTEN ENTRY_LISTEN DEFAULTS: writes and checks the
+# configs of a `mode http` haproxy pair (TLS 1.3 between them with a throw-away certificate,
+# EXIT_LISTEN and ENTRY_LISTEN being each one's `listen` section body, DEFAULTS extra `defaults`
+# lines) and starts exit and entry; HX_EXIT and HX_ENTRY are their PIDs. 1 if haproxy refused
+# the config.
+haproxy_l7_start() {
+  local kind=$1 dir=$2 entry=$3 mid=$4 exit_listen=$5 entry_listen=$6 extra=$7
+  tls_cert "$dir"
+  cat "$dir/cert.pem" "$dir/key.pem" >"$dir/combined.pem"
+  local common="global
+  ssl-default-bind-options ssl-min-ver TLSv1.3
+  ssl-default-server-options ssl-min-ver TLSv1.3
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+$extra"
+  printf '%s\nlisten %s\n%s\n' "$common" "$kind" "$exit_listen" >"$dir/exit.cfg"
+  printf '%s\nlisten %s\n%s\n' "$common" "$kind" "$entry_listen" >"$dir/entry.cfg"
+  "$HAPROXY" -c -q -f "$dir/exit.cfg" && "$HAPROXY" -c -q -f "$dir/entry.cfg" || return 1
+  start "haproxy-$kind-exit" "$HAPROXY" -db -f "$dir/exit.cfg"
+  HX_EXIT=$STARTED_PID
+  start "haproxy-$kind-entry" "$HAPROXY" -db -f "$dir/entry.cfg"
+  HX_ENTRY=$STARTED_PID
+  wait_listen "$mid"
+  wait_listen "$entry"
+}
+
 # --- haproxy HTTP pair: entry (mode http, plain listener) -> TLS 1.3 -> exit (mode http) -> target
 # The L7 peer of meshnode_http: both ends parse HTTP/1.1; between them one TLS connection per
 # server-side keep-alive connection (HTTP/1.1 over TLS, no ALPN h2), the entry checking the
@@ -16,46 +45,30 @@ haproxy_http_pair() {
   fi
   local dir=$OUT/haproxy-http entry mid ok=
   port entry; port mid
-  tls_cert "$dir"
-  cat "$dir/cert.pem" "$dir/key.pem" >"$dir/combined.pem"
-  local common="global
-  ssl-default-bind-options ssl-min-ver TLSv1.3
-  ssl-default-server-options ssl-min-ver TLSv1.3
-defaults
-  mode http
-  option http-keep-alive
-  timeout connect 5s
-  timeout client 1h
-  timeout server 1h
+  if ! haproxy_l7_start web "$dir" "$entry" "$mid" \
+    "  bind 127.0.0.1:$mid ssl crt $dir/combined.pem
+  server s 127.0.0.1:$HTTP_PORT" \
+    "  bind 127.0.0.1:$entry
+  server s 127.0.0.1:$mid ssl verify required ca-file $dir/cert.pem verifyhost localhost sni str(localhost)" \
+    "  option http-keep-alive
   timeout http-request 10s
-  timeout http-keep-alive 1h"
-  printf '%s\nlisten web\n  bind 127.0.0.1:%s ssl crt %s/combined.pem\n  server s 127.0.0.1:%s\n' \
-    "$common" "$mid" "$dir" "$HTTP_PORT" >"$dir/exit.cfg"
-  printf '%s\nlisten web\n  bind 127.0.0.1:%s\n  server s 127.0.0.1:%s ssl verify required ca-file %s/cert.pem verifyhost localhost sni str(localhost)\n' \
-    "$common" "$entry" "$mid" "$dir" >"$dir/entry.cfg"
-  "$HAPROXY" -c -q -f "$dir/exit.cfg" && "$HAPROXY" -c -q -f "$dir/entry.cfg" || {
+  timeout http-keep-alive 1h"; then
     skip_row "$name" "skipped (haproxy rejected the config; see $dir)" http
     return 0
-  }
-  start haproxy-http-exit "$HAPROXY" -db -f "$dir/exit.cfg"
-  local exit_pid=$STARTED_PID
-  start haproxy-http-entry "$HAPROXY" -db -f "$dir/entry.cfg"
-  local entry_pid=$STARTED_PID
-  wait_listen "$mid"
-  wait_listen "$entry"
+  fi
   for _ in $(seq 200); do
     curl -sf -o /dev/null -H 'Host: web' "http://127.0.0.1:$entry/" && { ok=1; break; }
     sleep 0.05
   done
   if [[ -z $ok ]]; then
-    skip_row "$name" "FAILED: no answer through the pair (see $OUT/haproxy-http-*.log)" http
-    kill "$exit_pid" "$entry_pid" 2>/dev/null || true
+    skip_row "$name" "FAILED: no answer through the pair (see $OUT/haproxy-web-*.log)" http
+    kill "$HX_EXIT" "$HX_ENTRY" 2>/dev/null || true
     return 0
   fi
-  path_procs "haproxy exit" "$exit_pid" "haproxy entry" "$entry_pid"
+  path_procs "haproxy exit" "$HX_EXIT" "haproxy entry" "$HX_ENTRY"
   measure_http "$name" "127.0.0.1:$entry" web \
     "haproxy $("$HAPROXY" -v | awk 'NR == 1 { print $3 }'), mode http both ends, HTTP/1.1 over TLS 1.3 between them (cert verified), keep-alive"
-  kill "$exit_pid" "$entry_pid" 2>/dev/null || true
+  kill "$HX_EXIT" "$HX_ENTRY" 2>/dev/null || true
 }
 
 # --- direct gRPC: meshbench grpc straight to the grpc-echo (h2c) -------------------------------
@@ -115,37 +128,22 @@ haproxy_grpc_pair() {
   fi
   local dir=$OUT/haproxy-grpc entry mid
   port entry; port mid
-  tls_cert "$dir"
-  cat "$dir/cert.pem" "$dir/key.pem" >"$dir/combined.pem"
-  local common="global
-  ssl-default-bind-options ssl-min-ver TLSv1.3
-  ssl-default-server-options ssl-min-ver TLSv1.3
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 1h
-  timeout server 1h"
-  printf '%s\nlisten rpc\n  bind 127.0.0.1:%s ssl crt %s/combined.pem alpn h2\n  server s 127.0.0.1:%s proto h2\n' \
-    "$common" "$mid" "$dir" "$GRPC_PORT" >"$dir/exit.cfg"
-  printf '%s\nlisten rpc\n  bind 127.0.0.1:%s proto h2\n  server s 127.0.0.1:%s ssl verify required ca-file %s/cert.pem verifyhost localhost sni str(localhost) alpn h2\n' \
-    "$common" "$entry" "$mid" "$dir" >"$dir/entry.cfg"
-  "$HAPROXY" -c -q -f "$dir/exit.cfg" && "$HAPROXY" -c -q -f "$dir/entry.cfg" || {
+  if ! haproxy_l7_start rpc "$dir" "$entry" "$mid" \
+    "  bind 127.0.0.1:$mid ssl crt $dir/combined.pem alpn h2
+  server s 127.0.0.1:$GRPC_PORT proto h2" \
+    "  bind 127.0.0.1:$entry proto h2
+  server s 127.0.0.1:$mid ssl verify required ca-file $dir/cert.pem verifyhost localhost sni str(localhost) alpn h2" \
+    ""; then
     skip_row "$name" "skipped (haproxy rejected the config; see $dir)" grpc
     return 0
-  }
-  start haproxy-grpc-exit "$HAPROXY" -db -f "$dir/exit.cfg"
-  local exit_pid=$STARTED_PID
-  start haproxy-grpc-entry "$HAPROXY" -db -f "$dir/entry.cfg"
-  local entry_pid=$STARTED_PID
-  wait_listen "$mid"
-  wait_listen "$entry"
+  fi
   if ! grpc_ready "127.0.0.1:$entry"; then
-    skip_row "$name" "FAILED: no gRPC answer through the pair (see $OUT/haproxy-grpc-*.log)" grpc
-    kill "$exit_pid" "$entry_pid" 2>/dev/null || true
+    skip_row "$name" "FAILED: no gRPC answer through the pair (see $OUT/haproxy-rpc-*.log)" grpc
+    kill "$HX_EXIT" "$HX_ENTRY" 2>/dev/null || true
     return 0
   fi
-  path_procs "haproxy exit" "$exit_pid" "haproxy entry" "$entry_pid"
+  path_procs "haproxy exit" "$HX_EXIT" "haproxy entry" "$HX_ENTRY"
   measure_grpc "$name" "127.0.0.1:$entry" \
     "haproxy $("$HAPROXY" -v | awk 'NR == 1 { print $3 }'), mode http, h2c in and out, h2 over TLS 1.3 between the pair"
-  kill "$exit_pid" "$entry_pid" 2>/dev/null || true
+  kill "$HX_EXIT" "$HX_ENTRY" 2>/dev/null || true
 }
