@@ -143,6 +143,46 @@ pub fn reset(tcp: TcpStream) {
     drop(tcp);
 }
 
+/// Accepts connections on `listener` until a drain begins: each one `admission` lets in is
+/// served on a task of its own by the future `serve` makes of it, holding its slot until that
+/// ends; accept errors pause the loop ([`AcceptBackoff`], logged as `what`). The accept loop of
+/// every front-end (the HTTP proxy, each `[[outbound]]` port).
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    drain: &crate::drain::Watch,
+    admission: &ListenerAdmission,
+    what: &str,
+    mut serve: F,
+) where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = drain.signalled() => return,
+        };
+        match accepted {
+            Ok((tcp, client)) => {
+                backoff.succeeded();
+                let Some((tcp, admitted)) = admission.admit(tcp, client) else {
+                    continue;
+                };
+                let served = serve(tcp, client);
+                tokio::spawn(async move {
+                    served.await;
+                    drop(admitted);
+                });
+            }
+            Err(e) => {
+                let pause = backoff.failed(what, &e);
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
 /// The pause after a failed accept (EMFILE, ENFILE, ENOBUFS...): doubling from 5 ms to 1 s
 /// while accepts keep failing, back to nothing after one succeeds; the failure is logged at a
 /// bounded rate (a full fd table made one line per failed accept, 85 a second).

@@ -21,7 +21,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::admit::{AcceptBackoff, ListenerAdmission, NodeAdmission};
+use crate::admit::{ListenerAdmission, NodeAdmission};
 use crate::config::{OutboundConfig, OutboundMode};
 use crate::drain;
 use crate::http::proxy::Proxy;
@@ -115,31 +115,18 @@ async fn accept_loop(
 ) {
     let svc = ports.l4.telemetry.service(&service);
     let fixed: Arc<str> = Arc::from(service.as_str());
-    let mut backoff = AcceptBackoff::default();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = drain.signalled() => return,
-        };
-        match accepted {
-            Ok((tcp, client)) => {
-                backoff.succeeded();
-                let Some((tcp, admitted)) = admission.admit(tcp, client) else {
-                    continue;
-                };
-                let (ports, drain, svc, fixed) =
-                    (ports.clone(), drain.clone(), svc.clone(), fixed.clone());
-                tokio::spawn(async move {
-                    serve(ports, drain, svc, fixed, mode, tcp, client).await;
-                    drop(admitted);
-                });
-            }
-            Err(e) => {
-                let pause = backoff.failed(&service, &e);
-                tokio::time::sleep(pause).await;
-            }
-        }
-    }
+    crate::admit::accept_loop(listener, &drain, &admission, &service, |tcp, client| {
+        serve(
+            ports.clone(),
+            drain.clone(),
+            svc.clone(),
+            fixed.clone(),
+            mode,
+            tcp,
+            client,
+        )
+    })
+    .await;
 }
 
 async fn serve(

@@ -33,7 +33,7 @@ use super::sniff::{self, Preface, Verdict};
 use super::upgrade;
 use super::{is_idempotent, mesh_error, MAX_HEADER_BYTES, MESH_ERROR};
 
-use crate::admit::{AcceptBackoff, ListenerAdmission};
+use crate::admit::ListenerAdmission;
 use crate::balance::InflightGuard;
 use crate::dispatch::{self, Decision, Dispatch, Outcome};
 use crate::drain;
@@ -73,30 +73,10 @@ pub(crate) async fn accept_loop(
     listener: TcpListener,
     admission: ListenerAdmission,
 ) {
-    let mut backoff = AcceptBackoff::default();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = drain.signalled() => return,
-        };
-        match accepted {
-            Ok((tcp, client)) => {
-                backoff.succeeded();
-                let Some((tcp, admitted)) = admission.admit(tcp, client) else {
-                    continue;
-                };
-                let (proxy, drain) = (proxy.clone(), drain.clone());
-                tokio::spawn(async move {
-                    serve_client(proxy, drain, tcp, client).await;
-                    drop(admitted);
-                });
-            }
-            Err(e) => {
-                let pause = backoff.failed("http_proxy", &e);
-                tokio::time::sleep(pause).await;
-            }
-        }
-    }
+    crate::admit::accept_loop(listener, &drain, &admission, "http_proxy", |tcp, client| {
+        serve_client(proxy.clone(), drain.clone(), tcp, client)
+    })
+    .await;
 }
 
 async fn serve_client(
