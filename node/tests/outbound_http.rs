@@ -22,7 +22,6 @@ use common::*;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
@@ -79,16 +78,7 @@ async fn app(tag: &'static str, h2: bool) -> Result<(SocketAddr, Arc<Served>)> {
                         Ok::<_, Infallible>(Response::new(body))
                     }
                 });
-                let io = TokioIo::new(tcp);
-                if h2 {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(io, svc)
-                        .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, svc)
-                        .await;
-                }
+                h2::serve_conn(tcp, h2, svc).await;
             });
         }
     });

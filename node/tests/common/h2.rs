@@ -300,18 +300,28 @@ pub async fn app(tag: &'static str, h2: bool) -> Result<SocketAddr> {
                     };
                     Ok::<_, Infallible>(resp)
                 });
-                let io = TokioIo::new(tcp);
-                if h2 {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(io, svc)
-                        .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, svc)
-                        .await;
-                }
+                serve_conn(tcp, h2, svc).await;
             });
         }
     });
     Ok(addr)
+}
+
+/// Serves one test application connection with `svc`: HTTP/1.1, or HTTP/2 only when `h2`.
+pub async fn serve_conn<S>(tcp: tokio::net::TcpStream, h2: bool, svc: S)
+where
+    S: hyper::service::HttpService<Incoming, ResBody = TestBody> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let io = TokioIo::new(tcp);
+    if h2 {
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await;
+    } else {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, svc)
+            .await;
+    }
 }
