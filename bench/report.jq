@@ -1,5 +1,5 @@
 # Renders bench/run.sh's results (a JSON array of rows, `jq -s`) as a markdown table.
-# Arguments: $table ("bulk", "latency", "http", "grpc", "loss" or "procs"), $conns (the space-separated
+# Arguments: $table ("bulk", "latency", "pingpong", "http", "grpc", "loss" or "procs"), $conns (the space-separated
 # BULK_CONNS). Rows carry `table` ("http", "grpc", "loss"); rows without it belong to bulk and latency.
 def num($d): if . == null then "–" else (. * pow(10; $d) | round / pow(10; $d) | tostring) end;
 # A ratio only where it means something: both known and a positive denominator.
@@ -44,6 +44,20 @@ def mib: if . then . / 1024 else null end | num(1);
                    ($r.peak_rss_kib | mib),
                    ($r.latency.missing | tostring), $r.note // ""])
           end)
+  elif $table == "pingpong" then
+    # Closed loop, one connection, one request outstanding: the path's own round trip.
+    row(["path", "req/s", "p50", "p99", "p99.9", "added p50", "added p99",
+           "added p50 ÷ stunnel's", "added p99 ÷ stunnel's", "errors"]),
+      row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"]),
+      ($tcp[] | . as $r | select($r.pingpong) | ($r.pingpong.uncorrected_us) as $l
+        | (base($r; "direct TCP").pingpong.uncorrected_us // {}) as $dl
+        | (base($r; "stunnel pair").pingpong.uncorrected_us // {}) as $sl
+        | ($l.p50 - ($dl.p50 // $l.p50)) as $a50 | ($l.p99 - ($dl.p99 // $l.p99)) as $a99
+        | row([$r.path, ($r.pingpong.achieved_rps | num(0)), ($l.p50 | num(1)), ($l.p99 | num(1)),
+               ($l.p999 | num(1)), ($a50 | num(1)), ($a99 | num(1)),
+               ratio($a50; (if $sl.p50 then $sl.p50 - $dl.p50 else null end)),
+               ratio($a99; (if $sl.p99 then $sl.p99 - $dl.p99 else null end)),
+               ($r.pingpong.errors | tostring)]))
   elif $table == "http" or $table == "grpc" then
     # One row per path and load ("cN": closed loop at concurrency N; a number: open loop at that
     # rate); ratios and "added" against the direct row of the table at the same load.

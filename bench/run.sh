@@ -31,6 +31,8 @@
 #   LAT_RATE      requests/s                  [1000]      LAT_SIZE     request bytes   [1024]
 #   LAT_DURATION  measured time               [10s]       LAT_WARMUP   unrecorded lead [1s]
 #   LAT_CONNS     latency connection pool     [4]
+#   PINGPONG_DURATION  closed-loop ping-pong (LAT_SIZE, one connection, one request outstanding)
+#                 after each TCP row's latency run [5s]; empty = none
 #   HTTP_RATES    HTTP requests/s to test     ["1000 4000"]
 #   HTTP_SIZE     HTTP response body bytes    [1024]      HTTP_CONNS   keep-alive pool [LAT_CONNS]
 #   HTTP_CONCURRENCY  closed-loop HTTP connections [16]; empty = no closed-loop HTTP run
@@ -74,6 +76,7 @@ LAT_SIZE=${LAT_SIZE:-1024}
 LAT_DURATION=${LAT_DURATION:-10s}
 LAT_WARMUP=${LAT_WARMUP:-1s}
 LAT_CONNS=${LAT_CONNS:-4}
+PINGPONG_DURATION=${PINGPONG_DURATION-5s}
 HTTP_RATES=${HTTP_RATES:-1000 4000}
 HTTP_SIZE=${HTTP_SIZE:-1024}
 HTTP_CONNS=${HTTP_CONNS:-$LAT_CONNS}
@@ -213,7 +216,7 @@ skip_row() {
 # measure_path NAME SINK_ADDR ECHO_ADDR [NOTE]: bulk and latency through one path; the path's
 # processes must be in TUNNEL_PIDS (empty for direct TCP).
 measure_path() {
-  local name=$1 sink=$2 echo_addr=$3 note=${4:-} conns bulk='{}' one lat cpu0 cpu1 t0 t1
+  local name=$1 sink=$2 echo_addr=$3 note=${4:-} conns bulk='{}' one lat cpu0 cpu1 t0 t1 pp=null
   local cores=null rss=null
   for conns in $BULK_CONNS; do
     log "$name: bulk $BULK_BYTES x$BULK_REPEAT over $conns connection(s)"
@@ -234,10 +237,16 @@ measure_path() {
     cores=$(jq -n "($cpu1 - $cpu0) / $CLK_TCK / ($t1 - $t0)")
     rss=$(peak_rss_kib "${TUNNEL_PIDS[@]}")
   fi
+  if [[ -n $PINGPONG_DURATION ]]; then
+    log "$name: ping-pong, $LAT_SIZE B, one connection, for $PINGPONG_DURATION"
+    pp=$("$MESHBENCH" latency --connect "$echo_addr" --concurrency 1 --size "$LAT_SIZE" \
+      --duration "$PINGPONG_DURATION" --warmup "$LAT_WARMUP" --json)
+  fi
   record "$(jq -nc --arg p "$name" --arg n "$note" --argjson b "$bulk" --argjson l "$lat" \
     --argjson c "$cores" --argjson r "$rss" --argjson procs "$(proc_json)" --arg g "${GROUP:-}" \
-    '{path: $p, note: $n, bulk: $b, latency: $l, cpu_cores: $c, peak_rss_kib: $r, procs: $procs}
-     + (if $g == "" then {} else {group: $g} end)')"
+    --argjson pp "$pp" \
+    '{path: $p, note: $n, bulk: $b, latency: $l, cpu_cores: $c, peak_rss_kib: $r, procs: $procs,
+      pingpong: $pp} + (if $g == "" then {} else {group: $g} end)')"
 }
 
 # ticks_each: the CPU ticks of each TUNNEL_PIDS process, space-separated.
@@ -1006,6 +1015,12 @@ done
   echo "Latency at $LAT_RATE req/s, $LAT_SIZE B, $LAT_DURATION, $LAT_CONNS connections (µs, from the scheduled send; added = path - direct):"
   echo
   jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table latency "$RESULTS"
+  if [[ -n $PINGPONG_DURATION ]]; then
+    echo
+    echo "Ping-pong: $LAT_SIZE B, one connection, one request outstanding, $PINGPONG_DURATION (µs from the send; added = path - direct):"
+    echo
+    jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table pingpong "$RESULTS"
+  fi
   echo
   echo "HTTP/1.1 GETs, $HTTP_SIZE B bodies, $LAT_DURATION per load: open loop over $HTTP_CONNS keep-alive connections (µs from the scheduled send), closed loop (c$HTTP_CONCURRENCY: that many connections, one request outstanding each; µs from the send); ratios and added vs direct HTTP at the same load; CPU of each process of the path:"
   echo

@@ -309,3 +309,38 @@ async fn meshbench_binary_sink_and_bulk_json() {
     server.start_kill().unwrap();
     let _ = server.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn meshbench_binary_latency_ping_pong_closed_loop() {
+    let addr = echo().await.to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshbench"))
+        .args([
+            "latency",
+            "--connect",
+            &addr,
+            "--concurrency",
+            "1",
+            "--size",
+            "1024",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "50ms",
+            "--json",
+        ])
+        .output();
+    let out = timeout(LIMIT, out).await.unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Closed loop: no schedule, one request outstanding on the one connection.
+    assert_eq!(v["concurrency"].as_u64(), Some(1), "{v}");
+    assert_eq!(v["errors"].as_u64(), Some(0), "{v}");
+    assert!(v["requests"].as_u64().unwrap() > 10, "{v}");
+    let p50 = v["uncorrected_us"]["p50"].as_f64().unwrap();
+    let p99 = v["uncorrected_us"]["p99"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p50 <= p99, "{v}");
+}

@@ -80,6 +80,11 @@ enum Command {
         /// Request (and response) size in bytes, at least 8.
         #[arg(long, value_parser = parse_size, default_value = "1024")]
         size: u64,
+        /// Closed loop instead: this many connections, each sending its next request as soon
+        /// as the previous answer is in (`--concurrency 1`: ping-pong on one connection;
+        /// `--rate` and `--conns` are then ignored).
+        #[arg(long)]
+        concurrency: Option<usize>,
         #[command(flatten)]
         run: OpenLoop,
     },
@@ -391,10 +396,19 @@ async fn main() -> anyhow::Result<()> {
             .await??;
             report_bulk("bulk", conns, &runs, json);
         }
-        Command::Latency { size, run } => {
+        Command::Latency {
+            size,
+            concurrency,
+            run,
+        } => {
             let size = usize::try_from(size).context("--size is too large")?;
+            anyhow::ensure!(size >= 8, "--size must be at least 8 bytes");
             let opts = run.options(size);
-            let report = tokio::task::spawn_blocking(move || latency::run(&opts)).await??;
+            let report = tokio::task::spawn_blocking(move || match concurrency {
+                Some(n) => closed::run_closed(&opts, n, latency::Echo { size }),
+                None => latency::run(&opts),
+            })
+            .await??;
             print_latency(&report, run.json)?;
         }
         Command::HttpEcho { listen, size } => {
