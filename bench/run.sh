@@ -27,7 +27,7 @@
 #   MESHBENCH     meshbench binary            [target/release/meshbench]
 #   MESHNODE_BIN  meshnode binary; unset = meshnode rows skipped
 #   BULK_BYTES    bytes per bulk run          [2GiB]      BULK_REPEAT  runs per median [3]
-#   BULK_CONNS    connection counts to test   ["1"]       e.g. "1 8"
+#   BULK_CONNS    connection counts to test   ["1"]       e.g. "1 8" (raw quinn: streams of one connection)
 #   LAT_RATE      requests/s                  [1000]      LAT_SIZE     request bytes   [1024]
 #   LAT_DURATION  measured time               [10s]       LAT_WARMUP   unrecorded lead [1s]
 #   LAT_CONNS     latency connection pool     [4]
@@ -502,12 +502,18 @@ raw_quinn() {
   start quic-server "$MESHBENCH" quic-bulk-server --listen "127.0.0.1:$qport"
   local pid=$STARTED_PID
   for _ in $(seq 200); do grep -q listening "$OUT/quic-server.log" && break; sleep 0.05; done
-  log "raw quinn: bulk $BULK_BYTES x$BULK_REPEAT over one connection"
-  one=$("$MESHBENCH" quic-bulk --connect "127.0.0.1:$qport" --bytes "$BULK_BYTES" \
-    --repeat "$BULK_REPEAT" --json)
-  record "$(jq -nc --argjson r "$one" --argjson rss "$(peak_rss_kib "$pid")" \
-    '{path: "raw quinn", note: "meshbench quic-bulk, one stream; latency n/a (no TCP legs)",
-      bulk: {"1": $r.median_gbps}, peak_rss_kib: $rss}')"
+  local conns bulk='{}'
+  # N application connections through meshnode are N streams of one peer connection: raw
+  # quinn's entry for N is one connection with N concurrent streams.
+  for conns in $BULK_CONNS; do
+    log "raw quinn: bulk $BULK_BYTES x$BULK_REPEAT over one connection, $conns stream(s)"
+    one=$("$MESHBENCH" quic-bulk --connect "127.0.0.1:$qport" --bytes "$BULK_BYTES" \
+      --streams "$conns" --repeat "$BULK_REPEAT" --json)
+    bulk=$(jq -c --arg c "$conns" --argjson r "$one" '. + {($c): $r.median_gbps}' <<<"$bulk")
+  done
+  record "$(jq -nc --argjson b "$bulk" --argjson rss "$(peak_rss_kib "$pid")" \
+    '{path: "raw quinn", note: "meshbench quic-bulk, one connection, a stream per N; latency n/a (no TCP legs)",
+      bulk: $b, peak_rss_kib: $rss}')"
   kill "$pid" 2>/dev/null || true
 }
 

@@ -133,14 +133,40 @@ pub async fn connect(server: SocketAddr) -> anyhow::Result<(Endpoint, quinn::Con
     Ok((endpoint, connection))
 }
 
-/// Sends `bytes` on one new stream of `connection` and times it until the server's count arrives.
-pub async fn bulk(connection: &quinn::Connection, bytes: u64) -> anyhow::Result<BulkRun> {
+/// Sends `bytes` split over `streams` concurrent new streams of `connection` (as meshnode carries
+/// that many tunnels on one peer connection) and times it until every stream's count arrives.
+pub async fn bulk(
+    connection: &quinn::Connection,
+    bytes: u64,
+    streams: usize,
+) -> anyhow::Result<BulkRun> {
+    ensure!(streams >= 1, "--streams must be at least 1");
     // WRITE_CHUNK bytes of pattern; every write hands quinn a cheap slice of it (no copy).
     let window = crate::tcp::Pattern::new()
         .window(0, crate::tcp::CHUNK)
         .to_vec();
     let chunk = Bytes::from(window.repeat(WRITE_CHUNK / crate::tcp::CHUNK));
+    let n = streams as u64;
     let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        // The remainder goes to the first stream.
+        let share = bytes / n + if i == 0 { bytes % n } else { 0 };
+        let (connection, chunk) = (connection.clone(), chunk.clone());
+        tasks.spawn(async move { send_stream(&connection, share, &chunk).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(BulkRun::new(bytes, start.elapsed()))
+}
+
+/// Sends `bytes` of `chunk`'s pattern on one new stream and waits for the server's count.
+async fn send_stream(
+    connection: &quinn::Connection,
+    bytes: u64,
+    chunk: &Bytes,
+) -> anyhow::Result<()> {
     let (mut send, mut recv) = connection.open_bi().await?;
     let mut sent = 0u64;
     while sent < bytes {
@@ -155,12 +181,11 @@ pub async fn bulk(connection: &quinn::Connection, bytes: u64) -> anyhow::Result<
         .read_to_end(8)
         .await
         .context("reading the server's byte count")?;
-    let elapsed = start.elapsed();
     let counted: [u8; 8] = answer.as_slice().try_into().context("short byte count")?;
     let counted = u64::from_be_bytes(counted);
     ensure!(
         counted == bytes,
         "the server counted {counted} bytes, {bytes} were sent"
     );
-    Ok(BulkRun::new(bytes, elapsed))
+    Ok(())
 }

@@ -184,11 +184,22 @@ async fn raw_quinn_bulk_direct_and_through_the_relay() {
         .await
         .unwrap()
         .unwrap();
-    let run = timeout(LIMIT, quic::bulk(&conn, 4 << 20))
+    let run = timeout(LIMIT, quic::bulk(&conn, 4 << 20, 1))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(run.bytes, 4 << 20);
+    // Eight concurrent streams, a count that does not divide evenly: every stream's count
+    // must match what it was given.
+    let run = timeout(LIMIT, quic::bulk(&conn, (4 << 20) + 3, 8))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.bytes, (4 << 20) + 3);
+    assert!(timeout(LIMIT, quic::bulk(&conn, 1 << 20, 0))
+        .await
+        .unwrap()
+        .is_err());
     conn.close(0u32.into(), b"");
     endpoint.wait_idle().await;
 
@@ -198,12 +209,12 @@ async fn raw_quinn_bulk_direct_and_through_the_relay() {
         .await
         .unwrap()
         .unwrap();
-    timeout(LIMIT, quic::bulk(&conn, 1 << 20))
+    timeout(LIMIT, quic::bulk(&conn, 1 << 20, 1))
         .await
         .unwrap()
         .unwrap();
     relay.rebind().unwrap();
-    timeout(LIMIT, quic::bulk(&conn, 1 << 20))
+    timeout(LIMIT, quic::bulk(&conn, 1 << 20, 1))
         .await
         .unwrap()
         .unwrap();

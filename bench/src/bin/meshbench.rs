@@ -164,12 +164,15 @@ enum Command {
         #[arg(long)]
         listen: SocketAddr,
     },
-    /// Raw quinn bulk sender: one connection, one stream per run.
+    /// Raw quinn bulk sender: one connection; per run, `--bytes` split over `--streams`
+    /// concurrent streams (meshnode carries N tunnels as N streams of one peer connection).
     QuicBulk {
         #[arg(long)]
         connect: SocketAddr,
         #[arg(long, value_parser = parse_size)]
         bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
         #[arg(long, default_value_t = 1)]
         repeat: usize,
         #[arg(long)]
@@ -496,17 +499,18 @@ async fn main() -> anyhow::Result<()> {
         Command::QuicBulk {
             connect,
             bytes,
+            streams,
             repeat,
             json,
         } => {
             let (endpoint, connection) = quic::connect(connect).await?;
             let mut runs = Vec::new();
             for _ in 0..repeat.max(1) {
-                runs.push(quic::bulk(&connection, bytes).await?);
+                runs.push(quic::bulk(&connection, bytes, streams).await?);
             }
             connection.close(0u32.into(), b"done");
             endpoint.wait_idle().await;
-            report_bulk("quic-bulk", 1, &runs, json);
+            report_bulk("quic-bulk", streams, &runs, json);
         }
     }
     Ok(())
