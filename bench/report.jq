@@ -1,5 +1,5 @@
 # Renders bench/run.sh's results (a JSON array of rows, `jq -s`) as a markdown table.
-# Arguments: $table ("bulk", "latency", "pingpong", "http", "grpc", "loss" or "procs"), $conns (the space-separated
+# Arguments: $table ("bulk", "latency", "per_request", "pingpong", "http", "grpc", "loss" or "procs"), $conns (the space-separated
 # BULK_CONNS). Rows carry `table` ("http", "grpc", "loss"); rows without it belong to bulk and latency.
 def num($d): if . == null then "–" else (. * pow(10; $d) | round / pow(10; $d) | tostring) end;
 # A ratio only where it means something: both known and a positive denominator.
@@ -44,6 +44,15 @@ def mib: if . then . / 1024 else null end | num(1);
                    ($r.peak_rss_kib | mib),
                    ($r.latency.missing | tostring), $r.note // ""])
           end)
+  elif $table == "per_request" then
+    row(["path", "system calls per request", "context switches per request", "per process (calls / switches)"]),
+      row(["---", "---:", "---:", "---"]),
+      ($tcp[] | . as $r | select($r.per_request) | $r.per_request as $q
+        | row([$r.path, ($q | map(.syscalls // 0) | add | num(1)),
+               ($q | map(.ctx_switches // 0) | add | num(2)),
+               ([range($q | length) as $i
+                 | "\($r.procs[$i].name // "?"): \($q[$i].syscalls | num(1)) / \($q[$i].ctx_switches | num(2))"]
+                | join(", "))]))
   elif $table == "pingpong" then
     # Closed loop, one connection, one request outstanding: the path's own round trip.
     row(["path", "req/s", "p50", "p99", "p99.9", "added p50", "added p99",

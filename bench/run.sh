@@ -33,6 +33,9 @@
 #   LAT_CONNS     latency connection pool     [4]
 #   PINGPONG_DURATION  closed-loop ping-pong (LAT_SIZE, one connection, one request outstanding)
 #                 after each TCP row's latency run [5s]; empty = none
+#   SYSCALLS      1: system calls and context switches per request of each path process during
+#                 the latency run, counted by `perf stat` (raw_syscalls tracepoint, every thread;
+#                 forked children not counted) [1 where perf can count them, else 0]
 #   HTTP_RATES    HTTP requests/s to test     ["1000 4000"]
 #   HTTP_SIZE     HTTP response body bytes    [1024]      HTTP_CONNS   keep-alive pool [LAT_CONNS]
 #   HTTP_CONCURRENCY  closed-loop HTTP connections [16]; empty = no closed-loop HTTP run
@@ -77,6 +80,11 @@ LAT_DURATION=${LAT_DURATION:-10s}
 LAT_WARMUP=${LAT_WARMUP:-1s}
 LAT_CONNS=${LAT_CONNS:-4}
 PINGPONG_DURATION=${PINGPONG_DURATION-5s}
+# System calls and context switches per request of each process during the latency run (perf).
+if [[ -z ${SYSCALLS:-} ]]; then
+  SYSCALLS=0
+  perf stat -e raw_syscalls:sys_enter,context-switches -- true >/dev/null 2>&1 && SYSCALLS=1
+fi
 HTTP_RATES=${HTTP_RATES:-1000 4000}
 HTTP_SIZE=${HTTP_SIZE:-1024}
 HTTP_CONNS=${HTTP_CONNS:-$LAT_CONNS}
@@ -225,11 +233,14 @@ measure_path() {
     bulk=$(jq -c --arg c "$conns" --argjson r "$one" '. + {($c): $r.median_gbps}' <<<"$bulk")
   done
   log "$name: latency $LAT_RATE req/s x $LAT_SIZE B for $LAT_DURATION"
+  syscalls_start "$name"
   cpu0=$(cpu_ticks "${TUNNEL_PIDS[@]}")
   t0=$(date +%s.%N)
   lat=$("$MESHBENCH" latency --connect "$echo_addr" --rate "$LAT_RATE" --size "$LAT_SIZE" \
     --duration "$LAT_DURATION" --warmup "$LAT_WARMUP" --conns "$LAT_CONNS" --json)
   t1=$(date +%s.%N)
+  # Requests sent meanwhile: the warm-up's and the measured ones.
+  syscalls_stop "$(jq -n "$LAT_RATE * ($t1 - $t0) | floor | if . < 1 then 1 else . end")"
   sleep 0.3 # let forking relays reap their children, whose CPU then shows in cutime/cstime
   cpu1=$(cpu_ticks "${TUNNEL_PIDS[@]}")
   if ((${#TUNNEL_PIDS[@]} > 0)); then
@@ -244,9 +255,48 @@ measure_path() {
   fi
   record "$(jq -nc --arg p "$name" --arg n "$note" --argjson b "$bulk" --argjson l "$lat" \
     --argjson c "$cores" --argjson r "$rss" --argjson procs "$(proc_json)" --arg g "${GROUP:-}" \
-    --argjson pp "$pp" \
+    --argjson pp "$pp" --argjson sys "$PER_REQUEST" \
     '{path: $p, note: $n, bulk: $b, latency: $l, cpu_cores: $c, peak_rss_kib: $r, procs: $procs,
-      pingpong: $pp} + (if $g == "" then {} else {group: $g} end)')"
+      pingpong: $pp, per_request: $sys} + (if $g == "" then {} else {group: $g} end)')"
+}
+
+# syscalls_start NAME: with perf (SYSCALLS=1, the default where `perf stat` can count the
+# raw_syscalls tracepoint), counts the system calls and context switches of every thread of each
+# TUNNEL_PIDS process until syscalls_stop. Children forked later (socat's) are not counted.
+PERF_PIDS=()
+PERF_FILES=()
+syscalls_start() {
+  PERF_PIDS=()
+  PERF_FILES=()
+  [[ $SYSCALLS == 1 ]] || return 0
+  local pid f
+  for pid in "${TUNNEL_PIDS[@]}"; do
+    f=$OUT/perf-$1-$pid.csv
+    perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$pid" -o "$f" 2>/dev/null &
+    PERF_PIDS+=($!)
+    PERF_FILES+=("$f")
+  done
+  sleep 0.2 # attached before the load starts
+}
+
+# syscalls_stop REQUESTS: stops the counters and sets PER_REQUEST to a JSON array, per process
+# of TUNNEL_PIDS, {syscalls, ctx_switches} per request (of REQUESTS sent meanwhile), or null
+# without counters. (Not in a $(...): that subshell could not wait for perf to write its file.)
+PER_REQUEST=null
+syscalls_stop() {
+  PER_REQUEST=null
+  ((${#PERF_PIDS[@]} > 0)) || return 0
+  kill -INT "${PERF_PIDS[@]}" 2>/dev/null || true
+  wait "${PERF_PIDS[@]}" 2>/dev/null || true
+  local f out='[]' sc cs
+  for f in "${PERF_FILES[@]}"; do
+    sc=$(awk -F, '$3 == "raw_syscalls:sys_enter" { print $1 + 0 }' "$f" 2>/dev/null)
+    cs=$(awk -F, '$3 == "context-switches" { print $1 + 0 }' "$f" 2>/dev/null)
+    out=$(jq -c --argjson s "${sc:-null}" --argjson c "${cs:-null}" --argjson n "$1" \
+      '. + [{syscalls: (if $s then $s / $n else null end),
+             ctx_switches: (if $c then $c / $n else null end)}]' <<<"$out")
+  done
+  PER_REQUEST=$out
 }
 
 # ticks_each: the CPU ticks of each TUNNEL_PIDS process, space-separated.
@@ -1021,6 +1071,12 @@ done
   echo "Latency at $LAT_RATE req/s, $LAT_SIZE B, $LAT_DURATION, $LAT_CONNS connections (µs, from the scheduled send; added = path - direct):"
   echo
   jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table latency "$RESULTS"
+  if [[ $SYSCALLS == 1 ]]; then
+    echo
+    echo "System calls and context switches per request during the latency run, each process of the path (perf stat; warm-up included):"
+    echo
+    jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table per_request "$RESULTS"
+  fi
   if [[ -n $PINGPONG_DURATION ]]; then
     echo
     echo "Ping-pong: $LAT_SIZE B, one connection, one request outstanding, $PINGPONG_DURATION (µs from the send; added = path - direct):"
