@@ -1062,45 +1062,23 @@ for p in ${PATHS:-$ALL_PATHS}; do
 done
 
 # --- report ------------------------------------------------------------------------------------
+# table NAME HEADING: one table of the report (bench/report.jq), under its heading.
+table() {
+  printf '\n%s\n\n' "$2"
+  jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table "$1" "$RESULTS"
+}
 {
-  echo
-  echo "Bulk throughput, Gbit/s (median of $BULK_REPEAT x $BULK_BYTES), ratios vs direct TCP and vs stunnel pair:"
-  echo
-  jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table bulk "$RESULTS"
-  echo
-  echo "Latency at $LAT_RATE req/s, $LAT_SIZE B, $LAT_DURATION, $LAT_CONNS connections (µs, from the scheduled send; added = path - direct):"
-  echo
-  jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table latency "$RESULTS"
-  if [[ $SYSCALLS == 1 ]]; then
-    echo
-    echo "System calls and context switches per request during the latency run, each process of the path (perf stat; warm-up included):"
-    echo
-    jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table per_request "$RESULTS"
-  fi
-  if [[ -n $PINGPONG_DURATION ]]; then
-    echo
-    echo "Ping-pong: $LAT_SIZE B, one connection, one request outstanding, $PINGPONG_DURATION (µs from the send; added = path - direct):"
-    echo
-    jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table pingpong "$RESULTS"
-  fi
-  echo
-  echo "HTTP/1.1 GETs, $HTTP_SIZE B bodies, $LAT_DURATION per load: open loop over $HTTP_CONNS keep-alive connections (µs from the scheduled send), closed loop (c$HTTP_CONCURRENCY: that many connections, one request outstanding each; µs from the send); ratios and added vs direct HTTP at the same load; CPU of each process of the path:"
-  echo
-  jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table http "$RESULTS"
-  echo
-  echo "gRPC-shaped unary calls over $GRPC_CONNS h2c connection(s), $GRPC_SIZE B messages, $LAT_DURATION per load: open loop (µs from the scheduled send), closed loop (c$GRPC_CONCURRENCY: streams outstanding; µs from the send); ratios and added vs direct gRPC at the same load:"
-  echo
-  jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table grpc "$RESULTS"
-  if [[ -n $LOSS_PCT ]]; then
-    echo
-    echo "Loss scenario: latency probe at $LAT_RATE req/s, $LAT_SIZE B, $LAT_CONNS connections, $LAT_DURATION, with and without a bulk transfer between the same two hops (µs; × quiet = vs the same path at 0 % loss without bulk):"
-    echo
-    jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table loss "$RESULTS"
-  fi
-  echo
-  echo "Processes of each path: CPU seconds (user + system over the process's life: start-up, bulk and latency runs) and peak RSS (VmHWM):"
-  echo
-  jq -rs --arg conns "$BULK_CONNS" -f "$ROOT/bench/report.jq" --arg table procs "$RESULTS"
+  table bulk "Bulk throughput, Gbit/s (median of $BULK_REPEAT x $BULK_BYTES), ratios vs direct TCP and vs stunnel pair:"
+  table latency "Latency at $LAT_RATE req/s, $LAT_SIZE B, $LAT_DURATION, $LAT_CONNS connections (µs, from the scheduled send; added = path - direct):"
+  [[ $SYSCALLS != 1 ]] ||
+    table per_request "System calls and context switches per request during the latency run, each process of the path (perf stat; warm-up included):"
+  [[ -z $PINGPONG_DURATION ]] ||
+    table pingpong "Ping-pong: $LAT_SIZE B, one connection, one request outstanding, $PINGPONG_DURATION (µs from the send; added = path - direct):"
+  table http "HTTP/1.1 GETs, $HTTP_SIZE B bodies, $LAT_DURATION per load: open loop over $HTTP_CONNS keep-alive connections (µs from the scheduled send), closed loop (c$HTTP_CONCURRENCY: that many connections, one request outstanding each; µs from the send); ratios and added vs direct HTTP at the same load; CPU of each process of the path:"
+  table grpc "gRPC-shaped unary calls over $GRPC_CONNS h2c connection(s), $GRPC_SIZE B messages, $LAT_DURATION per load: open loop (µs from the scheduled send), closed loop (c$GRPC_CONCURRENCY: streams outstanding; µs from the send); ratios and added vs direct gRPC at the same load:"
+  [[ -z $LOSS_PCT ]] ||
+    table loss "Loss scenario: latency probe at $LAT_RATE req/s, $LAT_SIZE B, $LAT_CONNS connections, $LAT_DURATION, with and without a bulk transfer between the same two hops (µs; × quiet = vs the same path at 0 % loss without bulk):"
+  table procs "Processes of each path: CPU seconds (user + system over the process's life: start-up, bulk and latency runs) and peak RSS (VmHWM):"
   echo
   echo "Load average (1/5/15 min) before: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "Raw results: $RESULTS"

@@ -9,10 +9,22 @@
 # The image is made locally by deploy/docker/build-base.sh (no image registry needed; kept
 # between runs). No privileged mode, nothing left behind (`docker run --rm`). Exit 0 when every
 # item passes, or when docker is not available (skipped, with a message); 1 otherwise.
+#
+#   scripts/fresh-machine-check.sh --suite
+#
+# runs the README's whole test command (`scripts/test.sh`) in such a container instead, with only
+# what a user brings first: this host's Rust toolchain (rustup's, mounted read-only), gcc, git
+# and CA certificates. Crates come from crates.io into the container's own cargo home. The
+# container gets CAP_NET_ADMIN, CAP_SYS_ADMIN and a writable /proc/sys (not privileged mode) so
+# that the network namespace tests can run; there is no docker inside it, so test.sh skips its docker steps, and
+# the VM test is skipped (MESHNODE_SKIP_VM=1; it runs on the host). About 25 minutes on 2 cores
+# (a cold build); on demand, not part of scripts/test.sh.
 # Environment: MESHNODE_BASE_IMAGE (the bare image, default debian:bookworm-slim, as build-base.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 t0=$SECONDS
+suite=0
+[ "${1:-}" = "--suite" ] && suite=1
 
 if ! command -v docker >/dev/null 2>&1 || ! docker info >/dev/null 2>&1; then
   echo "fresh-machine check SKIPPED: docker is not available here (it needs a docker engine)"
@@ -37,6 +49,47 @@ fi
 for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
   [ -n "${!v:-}" ] && run+=(-e "$v=${!v}")
 done
+
+if [ $suite = 1 ]; then
+  rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
+  cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
+  [ -d "$rustup_home/toolchains" ] && [ -x "$cargo_bin/cargo" ] ||
+    { echo "fresh-machine suite: no rustup toolchain at $rustup_home and $cargo_bin" >&2; exit 1; }
+  # systempaths=unconfined: /proc/sys writable, for the sysctls the namespace tests set inside
+  # their own network namespaces (docker mounts it read-only otherwise).
+  run+=(--cap-add NET_ADMIN --cap-add SYS_ADMIN --security-opt systempaths=unconfined
+    -v "$rustup_home:/opt/rustup:ro" -v "$cargo_bin:/opt/cargo-bin:ro"
+    -e RUSTUP_HOME=/opt/rustup -e CARGO_HOME=/root/.cargo
+    -e PATH=/opt/cargo-bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)
+  [ -r "$host_ca" ] && run+=(-e CARGO_HTTP_CAINFO=/run/host-ca.crt)
+  echo "fresh-machine suite: $image with the Rust toolchain, gcc and git; scripts/test.sh in a copy of the repository"
+  set +e
+  "${run[@]}" "$image" bash -s <<'INNER'
+set -u
+export DEBIAN_FRONTEND=noninteractive LC_ALL=C MESHNODE_SKIP_VM=1
+if [ -n "${HOST_CA:-}" ]; then
+  echo "Acquire::https::CAInfo \"$HOST_CA\";" >/etc/apt/apt.conf.d/99host-ca
+fi
+# What a user has before the README: the toolchain (mounted), a C compiler and linker, git, CAs.
+apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev git ca-certificates >/dev/null ||
+  { echo "fresh-machine suite: installing gcc, git and ca-certificates failed"; exit 1; }
+printf 'before the test command: %s; python3 %s, kill %s, ip %s, etcd %s\n' "$(cargo --version)" \
+  "$(command -v python3 || echo absent)" "$([ -x /bin/kill ] && echo present || echo absent)" \
+  "$(command -v ip || echo absent)" "$(command -v etcd || echo absent)"
+mkdir -p /work/repo
+tar -C /src --exclude=./target --exclude=./.git -c . | tar -C /work/repo -x
+cd /work/repo
+t=$SECONDS
+scripts/test.sh </dev/null
+rc=$?
+echo "fresh-machine suite: scripts/test.sh exited $rc after $((SECONDS - t)) s"
+exit $rc
+INNER
+  rc=$?
+  set -e
+  echo "fresh-machine suite took $((SECONDS - t0)) s: $([ $rc = 0 ] && echo PASS || echo FAIL)"
+  exit $rc
+fi
 
 echo "fresh-machine check: $image, scripts/deps.sh --test in a copy of the repository"
 set +e

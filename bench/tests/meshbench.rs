@@ -296,25 +296,17 @@ async fn meshbench_binary_sink_and_bulk_json() {
         .unwrap()
         .unwrap();
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshbench"))
-        .args([
-            "bulk",
-            "--connect",
-            &addr,
-            "--bytes",
-            "4MiB",
-            "--repeat",
-            "3",
-            "--json",
-        ])
-        .output();
-    let out = timeout(LIMIT, out).await.unwrap().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = meshbench_json(&[
+        "bulk",
+        "--connect",
+        &addr,
+        "--bytes",
+        "4MiB",
+        "--repeat",
+        "3",
+        "--json",
+    ])
+    .await;
     assert_eq!(v["runs"].as_array().unwrap().len(), 3);
     assert!(v["median_gbps"].as_f64().unwrap() > 0.0);
     server.start_kill().unwrap();
@@ -324,29 +316,21 @@ async fn meshbench_binary_sink_and_bulk_json() {
 #[tokio::test(flavor = "multi_thread")]
 async fn meshbench_binary_latency_ping_pong_closed_loop() {
     let addr = echo().await.to_string();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshbench"))
-        .args([
-            "latency",
-            "--connect",
-            &addr,
-            "--concurrency",
-            "1",
-            "--size",
-            "1024",
-            "--duration",
-            "300ms",
-            "--warmup",
-            "50ms",
-            "--json",
-        ])
-        .output();
-    let out = timeout(LIMIT, out).await.unwrap().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = meshbench_json(&[
+        "latency",
+        "--connect",
+        &addr,
+        "--concurrency",
+        "1",
+        "--size",
+        "1024",
+        "--duration",
+        "300ms",
+        "--warmup",
+        "50ms",
+        "--json",
+    ])
+    .await;
     // Closed loop: no schedule, one request outstanding on the one connection.
     assert_eq!(v["concurrency"].as_u64(), Some(1), "{v}");
     assert_eq!(v["errors"].as_u64(), Some(0), "{v}");
@@ -354,4 +338,18 @@ async fn meshbench_binary_latency_ping_pong_closed_loop() {
     let p50 = v["uncorrected_us"]["p50"].as_f64().unwrap();
     let p99 = v["uncorrected_us"]["p99"].as_f64().unwrap();
     assert!(p50 > 0.0 && p50 <= p99, "{v}");
+}
+
+/// Runs the `meshbench` binary with `args` to success and parses its JSON output.
+async fn meshbench_json(args: &[&str]) -> serde_json::Value {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshbench"))
+        .args(args)
+        .output();
+    let out = timeout(LIMIT, out).await.unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
