@@ -59,15 +59,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A free TCP (and UDP) port: bash cannot bind-probe, so pick from a random range below Linux's
-# ephemeral ports (32768-60999, where outgoing connections take theirs) and skip ports something
-# answers on.
-NEXT_PORT=$((20000 + RANDOM % 10000))
-port() {
-  while (exec 3<>"/dev/tcp/127.0.0.1/$NEXT_PORT") 2>/dev/null; do NEXT_PORT=$((NEXT_PORT + 1)); done
-  printf -v "$1" '%s' "$NEXT_PORT"
-  NEXT_PORT=$((NEXT_PORT + 1))
-}
+# `port VAR`: a free TCP (and UDP) port.
+source "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
 
 # wait_listen PORT SECONDS [PID...]: until a TCP connect to PORT succeeds; fails at once if a
 # PID has exited (e.g. a port taken by another program between choosing and binding it).

@@ -30,13 +30,8 @@ for tool in redis-server redis-benchmark jq; do
 done
 [[ -x $MESHNODE_BIN ]] || { echo "missing: $MESHNODE_BIN (cargo build --release -p meshnode)" >&2; exit 1; }
 
-# A port below the ephemeral range that nothing answers on (bash's /dev/tcp as the probe).
-NEXT_PORT=$((20000 + RANDOM % 10000))
-port() {
-  while (exec 3<>"/dev/tcp/127.0.0.1/$NEXT_PORT") 2>/dev/null; do NEXT_PORT=$((NEXT_PORT + 1)); done
-  printf -v "$1" '%s' "$NEXT_PORT"
-  NEXT_PORT=$((NEXT_PORT + 1))
-}
+# `port VAR`: a free TCP (and UDP) port.
+source "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
 wait_listen() {
   for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
   echo "nothing listens on port $1" >&2
