@@ -10,17 +10,8 @@
 # the config.
 haproxy_l7_start() {
   local kind=$1 dir=$2 entry=$3 mid=$4 exit_listen=$5 entry_listen=$6 extra=$7
-  tls_cert "$dir"
-  cat "$dir/cert.pem" "$dir/key.pem" >"$dir/combined.pem"
-  local common="global
-  ssl-default-bind-options ssl-min-ver TLSv1.3
-  ssl-default-server-options ssl-min-ver TLSv1.3
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 1h
-  timeout server 1h
-$extra"
+  local common
+  common=$(haproxy_common http "$dir" "$extra")
   printf '%s\nlisten %s\n%s\n' "$common" "$kind" "$exit_listen" >"$dir/exit.cfg"
   printf '%s\nlisten %s\n%s\n' "$common" "$kind" "$entry_listen" >"$dir/entry.cfg"
   "$HAPROXY" -c -q -f "$dir/exit.cfg" && "$HAPROXY" -c -q -f "$dir/entry.cfg" || return 1

@@ -466,6 +466,23 @@ socket = r:TCP_NODELAY=1"
   kill "$exit_pid" "$entry_pid" 2>/dev/null || true
 }
 
+# haproxy_common MODE DIR [EXTRA]: makes DIR's throw-away certificate (cert.pem, key.pem and
+# combined.pem for haproxy) and prints the `global` and `defaults` sections every haproxy pair
+# shares (TLS 1.3 only, `mode MODE`, long client/server timeouts), then EXTRA defaults lines.
+haproxy_common() {
+  tls_cert "$2"
+  cat "$2/cert.pem" "$2/key.pem" >"$2/combined.pem"
+  printf '%s\n' "global
+  ssl-default-bind-options ssl-min-ver TLSv1.3
+  ssl-default-server-options ssl-min-ver TLSv1.3
+defaults
+  mode $1
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h${3:+
+$3}"
+}
+
 # --- haproxy pair: entry (TLS client) -> exit (TLS server) -> target, TLS 1.3, mode tcp -------
 haproxy_pair() {
   if ! has haproxy || ! has openssl; then
@@ -474,17 +491,9 @@ haproxy_pair() {
   fi
   local dir=$OUT/haproxy target entry mid
   local -A entries=()
-  tls_cert "$dir"
-  cat "$dir/cert.pem" "$dir/key.pem" >"$dir/combined.pem"
   # Defaults: as many threads as CPUs; haproxy sets TCP_NODELAY on its sockets itself.
-  local common="global
-  ssl-default-bind-options ssl-min-ver TLSv1.3
-  ssl-default-server-options ssl-min-ver TLSv1.3
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 1h
-  timeout server 1h"
+  local common
+  common=$(haproxy_common tcp "$dir")
   printf '%s\n' "$common" >"$dir/exit.cfg"
   printf '%s\n' "$common" >"$dir/entry.cfg"
   for target in "$SINK_PORT" "$ECHO_PORT"; do
