@@ -104,6 +104,7 @@ listen = \"127.0.0.1:$po\""
   path_procs "meshnode A" "$A_PID" "meshnode B" "$B_PID"
   measure_grpc "$name" "127.0.0.1:$po" \
     "meshnode $(mesh_version): h2c to A's [[outbound]] (mode auto), h3 over QUIC/mTLS to B, h2c to grpc-echo"
+  mesh_quic_stats meshnode-grpc
   kill "$A_PID" "$B_PID" 2>/dev/null || true
 }
 

@@ -659,6 +659,24 @@ EOT
   B_PID=$STARTED_PID
   MESHNODE_LOG=warn start "$name-a" env "${env_words[@]}" "$MESHNODE_BIN" run -c "$dir/a.toml"
   A_PID=$STARTED_PID
+  MESH_ADMIN_A=$aa MESH_ADMIN_B=$ab
+}
+
+# mesh_quic_stats LABEL: what each node's QUIC connections saw over the row (packets sent and
+# declared lost, congestion events, the last RTT and window, per ALPN), from both nodes'
+# /metrics; saved to $OUT/LABEL.quic and logged in one line per connection. Call it before
+# stopping the pair of mesh_pair.
+mesh_quic_stats() {
+  local label=$1 file="$OUT/$1.quic" node admin
+  : >"$file"
+  for node in a b; do
+    [[ $node == a ]] && admin=$MESH_ADMIN_A || admin=$MESH_ADMIN_B
+    curl -sf "http://127.0.0.1:$admin/metrics" | grep '^meshnode_quic_connection_' \
+      | sed "s/^/node-$node /" >>"$file" || true
+  done
+  awk '{ split($2, a, "{"); m = a[1]; sub("meshnode_quic_connection_", "", m)
+         k = $1 " " a[2]; v[k] = v[k] " " m "=" $3 }
+       END { for (k in v) print "# '"$label"' QUIC " k ":" v[k] }' "$file" | sort >&2
 }
 
 mesh_version() { "$MESHNODE_BIN" version | awk '{ print $2 }'; }
@@ -728,6 +746,7 @@ meshnode_l4() {
     log "idle tunnels: $rss0 KiB -> $rss1 KiB for $IDLE_TUNNELS tunnels (both nodes)"
     kill "$idle_pid" 2>/dev/null || true
   fi
+  mesh_quic_stats "meshnode-l4-$qb"
   kill "$a_pid" "$b_pid" 2>/dev/null || true
 }
 
@@ -763,6 +782,7 @@ listen = \"127.0.0.1:$px\""
   path_procs "meshnode A" "$A_PID" "meshnode B" "$B_PID"
   measure_http "meshnode HTTP" "127.0.0.1:$px" web \
     "meshnode $(mesh_version): HTTP/1.1 to A's proxy (Host: web), h3 over QUIC/mTLS to B, HTTP/1.1 to http-echo"
+  mesh_quic_stats meshnode-http
   kill "$A_PID" "$B_PID" 2>/dev/null || true
 }
 

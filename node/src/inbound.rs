@@ -58,12 +58,12 @@ async fn serve_connection(inbound: Arc<Inbound>, conn: InboundConnection) {
     // The peer's stream credit starts small and grows as its streams open (an idle
     // connection then costs tens of KiB, not megabytes): every accepted stream holds a permit.
     let limit = StreamLimit::new(&conn, inbound.endpoint.transport());
+    inbound.pool.watch_inbound(peer.clone(), alpn, conn.clone());
     if alpn == Alpn::H3 {
         inbound.h3.clone().serve(peer, conn, limit).await;
         return;
     }
     tracing::debug!(%peer, remote = %conn.remote_address(), "peer connected");
-    inbound.pool.watch_inbound(peer.clone(), conn.clone());
     let peer: Arc<str> = peer.into();
     loop {
         match conn.accept_bi().await {

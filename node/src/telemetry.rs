@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use ::metrics::{Counter, Gauge, Histogram};
 use meshnode_transport::admission::HandshakeResult;
 use meshnode_transport::tunnel::TunnelCounters;
+use meshnode_transport::Alpn;
 
 use crate::config::TracingConfig;
 use crate::metrics::Metrics;
@@ -185,6 +186,9 @@ impl Telemetry {
                 Arc::new(PeerTelemetry {
                     rtt: m.gauge("meshnode_peer_rtt_seconds", &[("peer", peer)]),
                     lost: m.counter("meshnode_quic_lost_packets_total", &[("peer", peer)]),
+                    connections: Default::default(),
+                    metrics: m.clone(),
+                    name: peer.to_string(),
                 })
             })
             .clone()
@@ -274,10 +278,57 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 /// Handles of one peer.
 pub struct PeerTelemetry {
-    /// `meshnode_peer_rtt_seconds`
+    /// `meshnode_peer_rtt_seconds` (the `meshnode/1` connection's).
     pub rtt: Gauge,
-    /// `meshnode_quic_lost_packets_total` (set from the connection's total).
+    /// `meshnode_quic_lost_packets_total` (every connection this node dialled to the peer).
     pub lost: Counter,
+    connections: [OnceLock<ConnectionTelemetry>; 4],
+    metrics: Arc<Metrics>,
+    name: String,
+}
+
+impl PeerTelemetry {
+    /// The handles of this node's connection to or from the peer with `alpn`, registered on
+    /// first use (a peer reached only one way or over one ALPN shows only those series).
+    /// `outbound`: this node dialled it (it carries this node's requests); else the peer did.
+    pub fn connection(&self, alpn: Alpn, outbound: bool) -> &ConnectionTelemetry {
+        let i = match alpn {
+            Alpn::Meshnode => 0,
+            Alpn::H3 => 2,
+        } + usize::from(!outbound);
+        self.connections[i].get_or_init(|| {
+            let m = &self.metrics;
+            let direction = if outbound { "outbound" } else { "inbound" };
+            let labels = [
+                ("peer", self.name.as_str()),
+                ("alpn", alpn.name()),
+                ("direction", direction),
+            ];
+            ConnectionTelemetry {
+                rtt: m.gauge("meshnode_quic_connection_rtt_seconds", &labels),
+                cwnd: m.gauge("meshnode_quic_connection_cwnd_bytes", &labels),
+                sent: m.counter("meshnode_quic_connection_sent_packets_total", &labels),
+                lost: m.counter("meshnode_quic_connection_lost_packets_total", &labels),
+                congestion: m.counter("meshnode_quic_connection_congestion_events_total", &labels),
+            }
+        })
+    }
+}
+
+/// Handles of one QUIC connection between this node and a peer (one per ALPN and direction).
+/// Counters are advanced by what each connection added since the last sample, so a reconnect
+/// neither loses counts nor makes them fall.
+pub struct ConnectionTelemetry {
+    /// `meshnode_quic_connection_rtt_seconds`
+    pub rtt: Gauge,
+    /// `meshnode_quic_connection_cwnd_bytes`
+    pub cwnd: Gauge,
+    /// `meshnode_quic_connection_sent_packets_total`
+    pub sent: Counter,
+    /// `meshnode_quic_connection_lost_packets_total`
+    pub lost: Counter,
+    /// `meshnode_quic_connection_congestion_events_total`
+    pub congestion: Counter,
 }
 
 /// Handles of one service.

@@ -20,6 +20,11 @@ const DOCUMENTED_METRICS: &[&str] = &[
     "meshnode_http_request_duration_seconds",
     "meshnode_peer_rtt_seconds",
     "meshnode_quic_lost_packets_total",
+    "meshnode_quic_connection_rtt_seconds",
+    "meshnode_quic_connection_cwnd_bytes",
+    "meshnode_quic_connection_sent_packets_total",
+    "meshnode_quic_connection_lost_packets_total",
+    "meshnode_quic_connection_congestion_events_total",
     "meshnode_quic_migrations_total",
     "meshnode_endpoint_ejections_total",
     "meshnode_retries_total",
@@ -123,6 +128,41 @@ async fn metrics_and_status_show_real_values() -> Result<()> {
             a.metrics().get("meshnode_peer_rtt_seconds", &["node-b"]) > 0.0
         })
         .await?;
+        // The same connection's own series, on both of its ends: the caller dialled it, the
+        // callee accepted it and sent its answers back on it.
+        let series = |m: &meshnode::metrics::Metrics, peer: &str, dir: &str| {
+            let l = [peer, "meshnode/1", dir];
+            (
+                m.get("meshnode_quic_connection_rtt_seconds", &l),
+                m.get("meshnode_quic_connection_cwnd_bytes", &l),
+                m.get("meshnode_quic_connection_sent_packets_total", &l),
+            )
+        };
+        eventually(
+            "the meshnode/1 connection's series",
+            Duration::from_secs(5),
+            || {
+                let (rtt_a, cwnd_a, sent_a) = series(a.metrics(), "node-b", "outbound");
+                let (rtt_b, cwnd_b, sent_b) = series(b.metrics(), "node-a", "inbound");
+                rtt_a > 0.0
+                    && cwnd_a > 0.0
+                    && sent_a >= N as f64
+                    && rtt_b > 0.0
+                    && cwnd_b > 0.0
+                    && sent_b >= N as f64
+            },
+        )
+        .await?;
+        // No HTTP request went out: no h3 connection, so no h3 series; node-b dialled nothing.
+        let m = a.metrics();
+        assert_eq!(
+            m.get(
+                "meshnode_quic_connection_sent_packets_total",
+                &["node-b", "h3", "outbound"]
+            ),
+            0.0
+        );
+        assert_eq!(series(b.metrics(), "node-a", "outbound").2, 0.0);
         // node-a's connection to node-b is one of node-b's inbound peer connections.
         eventually(
             "node-b's inbound peer connection",

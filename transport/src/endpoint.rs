@@ -37,6 +37,14 @@ impl Alpn {
         }
     }
 
+    /// The ALPN identifier as text (`meshnode/1`, `h3`), e.g. for a metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Alpn::Meshnode => "meshnode/1",
+            Alpn::H3 => "h3",
+        }
+    }
+
     /// The ALPN named by negotiated protocol bytes, if it is one of ours.
     pub fn from_bytes(b: &[u8]) -> Option<Alpn> {
         [Alpn::Meshnode, Alpn::H3]

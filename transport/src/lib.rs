@@ -23,7 +23,7 @@ pub use config::TransportConfig;
 pub use endpoint::{
     AcceptError, Alpn, ConnectError, EndpointOptions, Handshake, InboundConnection, MeshEndpoint,
 };
-pub use peers::{InboundInfo, PeerEvent, PeerInfo, PeerPool, PeerState};
+pub use peers::{InboundInfo, PeerEvent, PeerInfo, PeerPool, PeerState, QuicStats};
 pub use quinn;
 pub use stream_limit::{StreamLimit, StreamPermit};
 pub use tls::Identity;

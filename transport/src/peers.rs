@@ -115,8 +115,45 @@ pub const PATH_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 pub struct InboundInfo {
     /// Peer node name.
     pub name: String,
+    /// Protocol of this connection.
+    pub alpn: Alpn,
     /// The address the connection uses now.
     pub remote: SocketAddr,
+    /// The connection's QUIC statistics.
+    pub quic: QuicStats,
+}
+
+/// What one QUIC connection measured and counted, read from quinn for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuicStats {
+    /// quinn's stable id of the connection (a new id means a new connection; an id may be
+    /// reused after a connection closes).
+    pub conn_id: usize,
+    /// Smoothed round-trip time.
+    pub rtt: Duration,
+    /// Current congestion window, bytes.
+    pub cwnd: u64,
+    /// Packets sent (ACK-only ones included).
+    pub sent_packets: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// Congestion events (window reductions after a loss).
+    pub congestion_events: u64,
+}
+
+impl QuicStats {
+    /// The statistics of `conn` now.
+    pub fn of(conn: &quinn::Connection) -> QuicStats {
+        let path = conn.stats().path;
+        QuicStats {
+            conn_id: conn.stable_id(),
+            rtt: path.rtt,
+            cwnd: path.cwnd,
+            sent_packets: path.sent_packets,
+            lost_packets: path.lost_packets,
+            congestion_events: path.congestion_events,
+        }
+    }
 }
 
 /// A point-in-time view of one peer connection, for status and metrics.
@@ -140,6 +177,8 @@ pub struct PeerInfo {
     pub bytes_received: u64,
     /// Packets declared lost.
     pub lost_packets: u64,
+    /// The connection's QUIC statistics, if connected.
+    pub quic: Option<QuicStats>,
     /// quinn's stable id of the current connection (a new id means a new connection).
     pub conn_id: Option<usize>,
 }
@@ -157,8 +196,8 @@ struct Entry {
 }
 
 type Entries = Arc<Mutex<HashMap<(String, Alpn), Arc<Entry>>>>;
-/// Live inbound `meshnode/1` connections by peer: the connection's stable id and itself.
-type Inbound = Arc<Mutex<HashMap<String, (usize, quinn::Connection)>>>;
+/// Live inbound connections by peer and ALPN: the connection's stable id and itself.
+type Inbound = Arc<Mutex<HashMap<(String, Alpn), (usize, quinn::Connection)>>>;
 
 /// The outbound connection pool of one node.
 #[derive(Clone)]
@@ -340,31 +379,38 @@ impl PeerPool {
         }
     }
 
-    /// Follows a connection a peer dialled to this node (`meshnode/1`) until it closes: its
-    /// path changes become [`PeerEvent::Migrated`], and it is listed by [`PeerPool::inbound`].
-    pub fn watch_inbound(&self, peer: String, conn: quinn::Connection) {
+    /// Follows a connection a peer dialled to this node until it closes: its path changes
+    /// become [`PeerEvent::Migrated`], and it is listed by [`PeerPool::inbound`].
+    pub fn watch_inbound(&self, peer: String, alpn: Alpn, conn: quinn::Connection) {
         let pool = self.clone();
         let id = conn.stable_id();
-        lock(&self.inbound).insert(peer.clone(), (id, conn.clone()));
+        let key = (peer, alpn);
+        lock(&self.inbound).insert(key.clone(), (id, conn.clone()));
         tokio::spawn(async move {
-            pool.follow_path(&peer, Alpn::Meshnode, false, &conn).await;
+            pool.follow_path(&key.0, alpn, false, &conn).await;
             let mut inbound = lock(&pool.inbound);
-            if inbound.get(&peer).is_some_and(|(i, _)| *i == id) {
-                inbound.remove(&peer);
+            if inbound.get(&key).is_some_and(|(i, _)| *i == id) {
+                inbound.remove(&key);
             }
         });
     }
 
-    /// The live inbound connections handed to [`PeerPool::watch_inbound`].
+    /// The live inbound connections handed to [`PeerPool::watch_inbound`], by peer and ALPN.
     pub fn inbound(&self) -> Vec<InboundInfo> {
-        let mut out: Vec<InboundInfo> = lock(&self.inbound)
+        let conns: Vec<((String, Alpn), quinn::Connection)> = lock(&self.inbound)
             .iter()
-            .map(|(name, (_, c))| InboundInfo {
-                name: name.clone(),
+            .map(|(k, (_, c))| (k.clone(), c.clone()))
+            .collect();
+        let mut out: Vec<InboundInfo> = conns
+            .into_iter()
+            .map(|((name, alpn), c)| InboundInfo {
+                name,
+                alpn,
                 remote: c.remote_address(),
+                quic: QuicStats::of(&c),
             })
             .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.sort_by(|a, b| (&a.name, a.alpn).cmp(&(&b.name, b.alpn)));
         out
     }
 
@@ -479,6 +525,7 @@ impl PeerPool {
                 bytes_sent: 0,
                 bytes_received: 0,
                 lost_packets: 0,
+                quic: None,
                 conn_id: None,
             };
             if let Some(c) = conn {
@@ -488,6 +535,7 @@ impl PeerPool {
                 info.bytes_sent = stats.udp_tx.bytes;
                 info.bytes_received = stats.udp_rx.bytes;
                 info.lost_packets = stats.path.lost_packets;
+                info.quic = Some(QuicStats::of(&c));
                 info.conn_id = Some(c.stable_id());
             }
             out.push(info);
