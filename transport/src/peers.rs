@@ -144,7 +144,12 @@ pub struct QuicStats {
 impl QuicStats {
     /// The statistics of `conn` now.
     pub fn of(conn: &quinn::Connection) -> QuicStats {
-        let path = conn.stats().path;
+        QuicStats::from_stats(conn, &conn.stats())
+    }
+
+    /// The statistics of `conn` from `stats`, already read from it.
+    fn from_stats(conn: &quinn::Connection, stats: &quinn::ConnectionStats) -> QuicStats {
+        let path = stats.path;
         QuicStats {
             conn_id: conn.stable_id(),
             rtt: path.rtt,
@@ -175,12 +180,8 @@ pub struct PeerInfo {
     pub bytes_sent: u64,
     /// Bytes received on the connection (UDP payload).
     pub bytes_received: u64,
-    /// Packets declared lost.
-    pub lost_packets: u64,
-    /// The connection's QUIC statistics, if connected.
+    /// The connection's QUIC statistics (RTT, window, packets sent and lost), if connected.
     pub quic: Option<QuicStats>,
-    /// quinn's stable id of the current connection (a new id means a new connection).
-    pub conn_id: Option<usize>,
 }
 
 struct Slot {
@@ -524,19 +525,16 @@ impl PeerPool {
                 rtt: None,
                 bytes_sent: 0,
                 bytes_received: 0,
-                lost_packets: 0,
                 quic: None,
-                conn_id: None,
             };
             if let Some(c) = conn {
                 let stats = c.stats();
+                let quic = QuicStats::from_stats(&c, &stats);
                 info.remote = Some(c.remote_address());
-                info.rtt = Some(stats.path.rtt);
+                info.rtt = Some(quic.rtt);
                 info.bytes_sent = stats.udp_tx.bytes;
                 info.bytes_received = stats.udp_rx.bytes;
-                info.lost_packets = stats.path.lost_packets;
-                info.quic = Some(QuicStats::of(&c));
-                info.conn_id = Some(c.stable_id());
+                info.quic = Some(quic);
             }
             out.push(info);
         }
