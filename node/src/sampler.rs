@@ -80,7 +80,7 @@ fn sample_connections(
         .inbound()
         .into_iter()
         .map(|i| (i.name, i.alpn, false, i.quic));
-    let mut seen = Vec::new();
+    let mut next = HashMap::with_capacity(last.len());
     for (name, alpn, outbound, quic) in dialled.chain(accepted) {
         let handles = inputs.telemetry.peer(&name);
         let conn = handles.connection(alpn, outbound);
@@ -98,11 +98,10 @@ fn sample_connections(
                 inputs.routing.peers().observe_rtt(&key.0, quic.rtt, now);
             }
         }
-        last.insert(key.clone(), quic);
-        seen.push(key);
+        next.insert(key, quic);
     }
-    // A connection gone: the next one's counts start from zero.
-    last.retain(|k, _| seen.contains(k));
+    // Only live connections are kept: a connection gone, the next one counts from zero.
+    *last = next;
 }
 
 /// Brings sampled values (registry state, byte totals, ejections) into the metrics.
