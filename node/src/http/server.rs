@@ -83,7 +83,11 @@ async fn serve(shared: Arc<H3Server>, peer: String, conn: quinn::Connection, lim
                 // The caller's current address, for its span (read only when tracing: it
                 // takes the connection's lock).
                 let remote = shared.telemetry.tracer().map(|_| caller.remote_address());
-                tokio::spawn(async move {
+                // Boxed: the request's future (h3, the target client, the body pump) is large,
+                // and tokio moves a spawned future by value several times (into the task, its
+                // stages); through a box each move is a pointer (callgrind: thousands of
+                // instructions of memcpy per request otherwise).
+                tokio::spawn(Box::pin(async move {
                     let _permit = permit;
                     // A request whose headers do not arrive in time is dropped (its stream
                     // reset) and counted, like a slow `meshnode/1` header: a silent stream must
@@ -105,7 +109,7 @@ async fn serve(shared: Arc<H3Server>, peer: String, conn: quinn::Connection, lim
                             tracing::debug!(%peer, "h3 request headers not complete in time");
                         }
                     }
-                });
+                }));
             }
             Ok(None) => return,
             Err(e) => {
