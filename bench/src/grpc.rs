@@ -221,8 +221,16 @@ pub async fn call(sender: &SendRequest<Bytes>, uri: &Uri, msg: &[u8]) -> anyhow:
         .header(http::header::TE, "trailers")
         .body(())?;
     let (response, mut send) = sender.send_request(request, false)?;
-    send.send_data(frame(msg), true)?;
-    let (head, mut body) = response.await?.into_parts();
+    // A server may answer (trailers-only, say) and close the stream before the message is
+    // sent; then sending fails ("inactive stream") but the answer is what counts.
+    let sent = send.send_data(frame(msg), true);
+    let (head, mut body) = match response.await {
+        Ok(answer) => answer.into_parts(),
+        Err(e) => {
+            sent?;
+            return Err(e.into());
+        }
+    };
     let data = read_body(&mut body).await?;
     let trailers = body.trailers().await?;
     // A trailers-only answer carries grpc-status in the head; any such answer to this call is
