@@ -295,12 +295,9 @@ impl Supervisor {
         leftover
     }
 
-    /// Counts a batch of `applied` changes out of `events` events and publishes it (now, or
+    /// Counts a batch of `applied` changes out of `events` events, then publishes it (now, or
     /// with the batches that follow within `PUBLISH_EVERY`).
     fn finish_batch(&mut self, applied: u64, events: usize, started: Instant) {
-        if applied > 0 {
-            self.changed();
-        }
         let took = started.elapsed();
         if events > 0 {
             debug!(
@@ -319,6 +316,10 @@ impl Supervisor {
                 s.batch_max_us = s.batch_max_us.max(micros);
             }
         });
+        // Counted before it is published: whoever sees the view sees its changes counted.
+        if applied > 0 {
+            self.changed();
+        }
     }
 
     /// Applies one watch response's events to the working view; returns how many changed
