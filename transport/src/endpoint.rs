@@ -37,12 +37,10 @@ impl Alpn {
         }
     }
 
-    /// The ALPN identifier as text (`meshnode/1`, `h3`), e.g. for a metric label.
+    /// The ALPN identifier as text (`meshnode/1`, `h3`), e.g. for a metric label: the wire
+    /// identifier itself, which is ASCII.
     pub fn name(self) -> &'static str {
-        match self {
-            Alpn::Meshnode => "meshnode/1",
-            Alpn::H3 => "h3",
-        }
+        std::str::from_utf8(self.as_bytes()).unwrap_or("unknown")
     }
 
     /// The ALPN named by negotiated protocol bytes, if it is one of ours.
