@@ -250,6 +250,11 @@ impl Admission {
         self.lock().connections
     }
 
+    /// Inbound connections held: handshakes in progress and established connections.
+    pub fn held(&self) -> u32 {
+        self.lock().held()
+    }
+
     /// When the allocator should be asked to return free memory, if it should: the connections
     /// held fell to half their peak or less, that peak was at least [`TRIM_MIN_PEAK`], and no
     /// trim is pending. The time is now, or [`TRIM_INTERVAL`] after the last trim if that is

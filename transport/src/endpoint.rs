@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -194,6 +195,27 @@ pub struct MeshEndpoint {
     handshakes: Arc<HandshakeStats>,
     refusal_log: Arc<RateLimitedLog>,
     trims: Arc<TrimStats>,
+    /// Connections this endpoint dialled that quinn still counts as live (handshaking or
+    /// established, not yet closed): with the inbound ones held by admission, what quinn's open
+    /// connections are once the closed ones have drained.
+    dialled: Arc<AtomicU32>,
+}
+
+/// One dialled connection in [`MeshEndpoint::dialled`], from the dial's start until the
+/// handshake fails or the connection closes.
+struct Dialled(Arc<AtomicU32>);
+
+impl Dialled {
+    fn new(count: &Arc<AtomicU32>) -> Dialled {
+        count.fetch_add(1, Ordering::Relaxed);
+        Dialled(count.clone())
+    }
+}
+
+impl Drop for Dialled {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl MeshEndpoint {
@@ -248,6 +270,7 @@ impl MeshEndpoint {
             handshakes: Arc::default(),
             refusal_log: Arc::default(),
             trims: Arc::default(),
+            dialled: Arc::default(),
         })
     }
 
@@ -385,6 +408,7 @@ impl MeshEndpoint {
             memory::trim_after_drain(
                 self.endpoint.clone(),
                 self.admission.clone(),
+                self.dialled.clone(),
                 self.trims.clone(),
                 at,
             );
@@ -433,8 +457,16 @@ impl MeshEndpoint {
                     addr,
                     reason: e.to_string(),
                 })?;
+        let dialled = Dialled::new(&self.dialled);
         match tokio::time::timeout(timeout, connecting).await {
-            Ok(Ok(conn)) => Ok(conn),
+            Ok(Ok(conn)) => {
+                let closed = conn.clone();
+                tokio::spawn(async move {
+                    closed.closed().await;
+                    drop(dialled);
+                });
+                Ok(conn)
+            }
             Ok(Err(e)) => Err(ConnectError::Handshake {
                 peer: peer.to_string(),
                 addr,

@@ -25,8 +25,8 @@ const CHILD_ENV: &str = "MESHNODE_IDLE_TARGET";
 /// Idle connections measured (issue 19's test: 1,000 valid-certificate connections).
 const CONNECTIONS: usize = 1_000;
 /// Longest wait, after the last connection closed, for the endpoint's memory trim (it waits for
-/// the closed connections to drain first, at most 5 s).
-const TRIM_WAIT: Duration = Duration::from_secs(15);
+/// the closed connections to drain first, at most 10 s, and a trim interval after the last).
+const TRIM_WAIT: Duration = Duration::from_secs(20);
 /// Connections opened and closed first, so that one-off allocations (thread caches, rustls and
 /// quinn statics, the accept path's first use) land in the baseline.
 const WARM_UP: usize = 40;
