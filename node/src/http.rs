@@ -22,6 +22,7 @@ pub(crate) mod quic;
 pub(crate) mod server;
 pub(crate) mod sniff;
 pub(crate) mod stream;
+pub(crate) mod target;
 pub(crate) mod tunnel;
 pub(crate) mod upgrade;
 
@@ -31,6 +32,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 
 pub use body::Body;
+pub use target::TargetClient;
 
 /// The header that names a mesh error on `h3` responses and proxy answers.
 pub const MESH_ERROR: &str = "meshnode-error";
@@ -41,51 +43,6 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub use crate::local::TARGET_CONNECT_TIMEOUT;
 /// How long an idle pooled HTTP/1.1 connection to a target is kept.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-type PooledClient =
-    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
-
-/// The pooled clients to this node's targets: HTTP/1.1 (keep-alive) for `http` services, h2c
-/// with prior knowledge (one multiplexed connection per target) for `http2` and `grpc`.
-#[derive(Clone)]
-pub struct TargetClient {
-    h1: PooledClient,
-    h2: PooledClient,
-}
-
-impl TargetClient {
-    /// Sends `req` to a target speaking HTTP/2 (`h2`) or HTTP/1.1.
-    pub async fn request(
-        &self,
-        mut req: http::Request<Body>,
-        h2: bool,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
-        if h2 {
-            *req.version_mut() = http::Version::HTTP_2;
-            // HTTP/2 carries no Host: the URI's authority becomes `:authority`.
-            req.headers_mut().remove(http::header::HOST);
-            self.h2.request(req).await
-        } else {
-            self.h1.request(req).await
-        }
-    }
-}
-
-/// Fresh pooled clients to local targets.
-pub fn target_client() -> TargetClient {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(TARGET_CONNECT_TIMEOUT));
-    let exec = hyper_util::rt::TokioExecutor::new();
-    let h1 = hyper_util::client::legacy::Client::builder(exec.clone())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(connector.clone());
-    let h2 = hyper_util::client::legacy::Client::builder(exec)
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .http2_only(true)
-        .build(connector);
-    TargetClient { h1, h2 }
-}
 
 /// A mesh error answer: `code`, the `meshnode-error: reason` header and a one-line body.
 pub fn mesh_error(code: StatusCode, reason: &str) -> Response<Body> {

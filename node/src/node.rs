@@ -170,7 +170,7 @@ impl Node {
             local: local.clone(),
             telemetry: telemetry.clone(),
             drain: drain_watch.clone(),
-            targets: crate::http::target_client(),
+            targets: crate::http::TargetClient::new(),
         });
         let inbound = Arc::new(Inbound {
             endpoint: endpoint.clone(),

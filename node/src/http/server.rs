@@ -244,7 +244,7 @@ async fn handle(
         Some(t) => t.min(svc.request_timeout()),
         None => svc.request_timeout(),
     };
-    let request = tokio::time::timeout(timeout, shared.targets.request(out, h2));
+    let request = tokio::time::timeout(timeout, shared.targets.request(svc.target, out, h2));
     let answer = tokio::select! {
         answer = request => answer,
         () = &mut gone => {
