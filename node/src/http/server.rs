@@ -193,18 +193,33 @@ async fn handle(
     };
     let _active = shared.telemetry.service(&service).active();
     let (parts, ()) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri: Uri = match format!("http://{}{path}", svc.target).parse() {
-        Ok(u) => u,
-        Err(_) => {
-            span.status(StatusCode::BAD_REQUEST, Some("malformed path"));
-            respond_error(&mut send, StatusCode::BAD_REQUEST, "malformed path").await;
-            return;
-        }
+    let h2 = svc.protocol.is_h2();
+    let uri = if h2 {
+        // hyper-util's h2c client takes the target from an absolute URI.
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        format!("http://{}{path}", svc.target)
+            .parse::<Uri>()
+            .map_err(http::Error::from)
+    } else {
+        // HTTP/1.1 goes out in origin form; the request's own path is reused as it is.
+        let mut origin = http::uri::Parts::default();
+        origin.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        Uri::from_parts(origin).map_err(http::Error::from)
+    };
+    let Ok(uri) = uri else {
+        span.status(StatusCode::BAD_REQUEST, Some("malformed path"));
+        respond_error(&mut send, StatusCode::BAD_REQUEST, "malformed path").await;
+        return;
     };
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
@@ -218,7 +233,6 @@ async fn handle(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let h2 = svc.protocol.is_h2();
     let body: Body = match declared {
         Some(0) => body::empty(),
         // HTTP/2 frames a body of unknown length itself; a gRPC stream may wait for the

@@ -60,8 +60,8 @@ impl TargetClient {
         TargetClient { h1, h2 }
     }
 
-    /// Sends `req` (its URI absolute: `http://target/path`) to a target speaking HTTP/2 (`h2`)
-    /// or HTTP/1.1 at `target`.
+    /// Sends `req` to a target speaking HTTP/2 (`h2`; the URI absolute, `http://target/path`)
+    /// or HTTP/1.1 at `target` (the URI in origin form, or absolute).
     pub async fn request(
         &self,
         target: SocketAddr,
@@ -240,19 +240,21 @@ impl H1Pool {
     }
 
     /// Sends `req` to `target` on an idle connection, or a new one. The request goes out in
-    /// origin form (`/path?query`) with a `Host` header.
+    /// origin form (`/path?query`; an absolute URI is cut to it) with a `Host` header.
     pub async fn request(
         self: &Arc<Self>,
         target: SocketAddr,
         mut req: Request<Body>,
     ) -> Result<Response<H1Body>, TargetError> {
-        let origin = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        if let Ok(uri) = Uri::try_from(origin) {
-            *req.uri_mut() = uri;
+        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+            let origin = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            if let Ok(uri) = Uri::try_from(origin) {
+                *req.uri_mut() = uri;
+            }
         }
         if !req.headers().contains_key(HOST) {
             if let Ok(host) = HeaderValue::from_str(&target.to_string()) {
