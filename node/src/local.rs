@@ -19,7 +19,7 @@ pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The hosted services (swapped whole on reload) and the authoriser.
 pub struct LocalServices {
     node: String,
-    services: RwLock<Arc<HashMap<String, ServiceConfig>>>,
+    services: RwLock<Arc<HashMap<String, Arc<ServiceConfig>>>>,
     drain: drain::Watch,
 }
 
@@ -34,7 +34,7 @@ impl LocalServices {
     }
 
     /// The current table.
-    pub fn get(&self) -> Arc<HashMap<String, ServiceConfig>> {
+    pub fn get(&self) -> Arc<HashMap<String, Arc<ServiceConfig>>> {
         self.services
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -57,7 +57,7 @@ impl LocalServices {
         peer: &str,
         service: &str,
         port: Option<u16>,
-    ) -> Result<ServiceConfig, Refusal> {
+    ) -> Result<Arc<ServiceConfig>, Refusal> {
         if self.drain.is_draining() {
             return Err(Refusal::new(RefusalKind::Draining, "node draining"));
         }
@@ -117,14 +117,14 @@ impl LocalServices {
     }
 }
 
-fn table(services: &[ServiceConfig]) -> HashMap<String, ServiceConfig> {
+fn table(services: &[ServiceConfig]) -> HashMap<String, Arc<ServiceConfig>> {
     services
         .iter()
-        .map(|s| (s.name.clone(), s.clone()))
+        .map(|s| (s.name.clone(), Arc::new(s.clone())))
         .collect()
 }
 
-fn sorted_debug(m: &HashMap<String, ServiceConfig>) -> Vec<String> {
+fn sorted_debug(m: &HashMap<String, Arc<ServiceConfig>>) -> Vec<String> {
     let mut v: Vec<String> = m.values().map(|s| format!("{s:?}")).collect();
     v.sort();
     v
