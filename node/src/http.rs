@@ -44,6 +44,16 @@ pub use crate::local::TARGET_CONNECT_TIMEOUT;
 /// How long an idle pooled HTTP/1.1 connection to a target is kept.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// `make()`'s future in a box allocated before the future is made, so that the compiler builds
+/// it in place: `Box::pin(make())` builds it on the stack and then copies every byte of it into
+/// the box (callgrind: 8.2 k instructions of `memcpy` per request for the proxy's request
+/// future of about 8 KiB).
+pub(crate) fn boxed_in_place<F: std::future::Future>(
+    make: impl FnOnce() -> F,
+) -> std::pin::Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
+}
+
 /// A mesh error answer: `code`, the `meshnode-error: reason` header and a one-line body.
 pub fn mesh_error(code: StatusCode, reason: &str) -> Response<Body> {
     let mut resp = Response::new(body::full(Bytes::from(format!("meshnode: {reason}\n"))));

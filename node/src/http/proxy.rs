@@ -149,7 +149,7 @@ pub(crate) async fn serve_connection<I>(
             } else {
                 // Boxed: the request's state machine is large, and hyper moves the future
                 // it is given into place for every request (a copy of every byte of it).
-                Box::pin(handle(proxy, drain, client, req)).await
+                super::boxed_in_place(|| handle(proxy, drain, client, req)).await
             };
             Ok::<_, Infallible>(resp)
         }
