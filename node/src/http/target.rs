@@ -73,10 +73,10 @@ impl TargetClient {
             // HTTP/2 carries no Host: the URI's authority becomes `:authority`.
             req.headers_mut().remove(HOST);
             let resp = self.h2.request(req).await.map_err(TargetError::H2)?;
-            Ok(resp.map(TargetBody::H2))
+            Ok(resp.map(TargetBody::Right))
         } else {
             let resp = self.h1.request(target, req).await?;
-            Ok(resp.map(TargetBody::H1))
+            Ok(resp.map(TargetBody::Left))
         }
     }
 
@@ -127,43 +127,9 @@ impl std::fmt::Display for TargetError {
 
 impl std::error::Error for TargetError {}
 
-/// A target's answer body: read through the HTTP/1.1 connection it arrives on, or from the
-/// h2c client's stream.
-pub enum TargetBody {
-    /// From an HTTP/1.1 target.
-    H1(H1Body),
-    /// From an HTTP/2 target.
-    H2(Incoming),
-}
-
-impl hyper::body::Body for TargetBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            TargetBody::H1(b) => Pin::new(b).poll_frame(cx),
-            TargetBody::H2(b) => Pin::new(b).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            TargetBody::H1(b) => b.is_end_stream(),
-            TargetBody::H2(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            TargetBody::H1(b) => b.size_hint(),
-            TargetBody::H2(b) => b.size_hint(),
-        }
-    }
-}
+/// A target's answer body: read through the HTTP/1.1 connection it arrives on (`Left`), or
+/// from the h2c client's stream (`Right`).
+pub type TargetBody = http_body_util::Either<H1Body, Incoming>;
 
 type H1Conn = http1::Connection<TokioIo<TcpStream>, Body>;
 
