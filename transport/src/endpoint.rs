@@ -393,9 +393,7 @@ impl MeshEndpoint {
     /// connection was established, so its closing always comes.
     fn hold_until_closed(&self, slot: ConnectionSlot, conn: quinn::Connection) {
         let ep = self.clone();
-        tokio::spawn(async move {
-            conn.closed().await;
-            drop(conn);
+        when_closed(conn, move || {
             drop(slot);
             ep.maybe_trim();
         });
@@ -460,11 +458,7 @@ impl MeshEndpoint {
         let dialled = Dialled::new(&self.dialled);
         match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(conn)) => {
-                let closed = conn.clone();
-                tokio::spawn(async move {
-                    closed.closed().await;
-                    drop(dialled);
-                });
+                when_closed(conn.clone(), move || drop(dialled));
                 Ok(conn)
             }
             Ok(Err(e)) => Err(ConnectError::Handshake {
@@ -496,6 +490,16 @@ impl MeshEndpoint {
     pub async fn wait_idle(&self) {
         self.endpoint.wait_idle().await;
     }
+}
+
+/// Runs `then` once `conn` has closed (the peer's close, the idle timeout, or the endpoint's),
+/// on a task of its own; `conn`'s handle is let go first.
+fn when_closed(conn: quinn::Connection, then: impl FnOnce() + Send + 'static) {
+    tokio::spawn(async move {
+        conn.closed().await;
+        drop(conn);
+        then();
+    });
 }
 
 /// The ALPN negotiated on an established connection.

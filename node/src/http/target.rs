@@ -264,8 +264,9 @@ impl H1Pool {
                 idle?
             };
             if idle.since.elapsed() >= self.idle_timeout {
-                // The rest of the list is older still.
-                self.lock().remove(&target);
+                // The rest of the list is older still; closed outside the lock.
+                let expired = self.lock().remove(&target);
+                drop(expired);
                 continue;
             }
             let mut conn = idle.conn;
