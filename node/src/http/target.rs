@@ -79,11 +79,6 @@ impl TargetClient {
             Ok(resp.map(TargetBody::Left))
         }
     }
-
-    /// Idle HTTP/1.1 connections to `target` in the pool.
-    pub fn idle_h1(&self, target: SocketAddr) -> usize {
-        self.h1.idle_count(target)
-    }
 }
 
 impl Default for TargetClient {
