@@ -304,7 +304,8 @@ impl H1Pool {
     }
 
     /// Idle connections to `target`.
-    pub fn idle_count(&self, target: SocketAddr) -> usize {
+    #[cfg(test)]
+    fn idle_count(&self, target: SocketAddr) -> usize {
         self.lock().get(&target).map_or(0, Vec::len)
     }
 
