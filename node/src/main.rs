@@ -7,6 +7,11 @@ use meshnode::cli::{self, CaCommand, CertCommand, Cli, Command};
 use meshnode::exit::{self, Failure};
 use meshnode::runtime::Shape;
 
+/// mimalloc: ~9 % fewer instructions per HTTP or gRPC request than glibc's malloc (see
+/// `meshnode_transport::memory`, which also returns its free memory after a flood).
+#[global_allocator]
+static GLOBAL: meshnode_transport::memory::Allocator = meshnode_transport::memory::Allocator;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,

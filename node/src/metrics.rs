@@ -53,7 +53,7 @@ pub const FAMILIES: &[(&str, Kind, &[&str], &str)] = &[
     ("meshnode_http_request_duration_seconds", Kind::Histogram, &["service", "peer"], "Time from request start to response headers."),
     ("meshnode_http_requests_total", Kind::Counter, &["service", "peer", "code"], "HTTP requests proxied, by service, serving peer and status code."),
     ("meshnode_inbound_rejected_total", Kind::Counter, &["reason"], "Inbound streams refused (malformed, forbidden, unknown service, draining, ...)."),
-    ("meshnode_memory_trims_total", Kind::Counter, &[], "Times freed memory was returned to the OS after a wave of inbound peer connections closed (glibc malloc_trim)."),
+    ("meshnode_memory_trims_total", Kind::Counter, &[], "Times freed memory was returned to the OS after a wave of inbound peer connections closed (mimalloc's collect on each runtime thread, and glibc's malloc_trim)."),
     ("meshnode_peer_connections_inbound", Kind::Gauge, &[], "Inbound peer (QUIC) connections held, against transport.max_peer_connections."),
     ("meshnode_peer_rtt_seconds", Kind::Gauge, &["peer"], "Smoothed QUIC round-trip time to the peer."),
     ("meshnode_quic_connection_congestion_events_total", Kind::Counter, &["peer", "alpn", "direction"], "Congestion events (window reductions after loss) of this node's sending on its QUIC connection with the peer, by ALPN and direction (outbound: dialled by this node)."),

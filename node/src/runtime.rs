@@ -53,7 +53,8 @@ impl Shape {
         Shape::choose(&value, cpus)
     }
 
-    /// A runtime builder of this shape, with I/O and timers enabled.
+    /// A runtime builder of this shape, with I/O and timers enabled and the allocator's
+    /// per-thread collection after a memory trim.
     pub fn builder(self) -> tokio::runtime::Builder {
         let mut b = match self {
             Shape::Current => tokio::runtime::Builder::new_current_thread(),
@@ -65,7 +66,9 @@ impl Shape {
                 b
             }
         };
-        b.enable_all();
+        // After a memory trim each thread returns its own heap's free pages when next idle.
+        b.enable_all()
+            .on_thread_park(meshnode_transport::memory::on_thread_park);
         b
     }
 }
