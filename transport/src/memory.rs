@@ -87,6 +87,7 @@ pub(crate) fn trim_after_drain(
         }
         drop(endpoint);
         let before = resident_bytes();
+        // Every runtime thread collects its heap at its next park; this one now.
         COLLECTS.fetch_add(1, Ordering::Relaxed);
         on_thread_park();
         // A failed join (the blocking pool shut down) means the runtime is going away.
@@ -118,6 +119,12 @@ thread_local! {
 /// trim has been asked since this thread last collected, returns the free pages of this
 /// thread's mimalloc heap (and the pages other threads freed into it) to the OS. One atomic
 /// load otherwise. A runtime without it returns only the trimming thread's memory.
+///
+/// The collection runs on the thread itself (a heap's pages can only be freed by the thread that
+/// owns them, and `mi_collect(false)` returns nothing to the OS: measured): after 1,000
+/// connections left it took 6–7 ms per thread in a release build, once per trim, while the
+/// thread had nothing else to do. A forced collection from a blocking thread after the owners'
+/// unforced ones returned only about half (RSS 64 → 35 MiB against 9.5 MiB).
 pub fn on_thread_park() {
     let due = COLLECTS.load(Ordering::Relaxed);
     if COLLECTED.with(|c| c.replace(due)) != due {
