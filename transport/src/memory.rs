@@ -123,7 +123,7 @@ thread_local! {
 /// The collection runs on the thread itself (a heap's pages can only be freed by the thread that
 /// owns them, and `mi_collect(false)` returns nothing to the OS: measured): after 1,000
 /// connections left it took 6–7 ms per thread in a release build, once per trim, while the
-/// thread had nothing else to do. A forced collection from a blocking thread after the owners'
+/// thread had nothing else to do. A forced collection from a blocking thread beside the owners'
 /// unforced ones returned only about half (RSS 64 → 35 MiB against 9.5 MiB).
 pub fn on_thread_park() {
     let due = COLLECTS.load(Ordering::Relaxed);
