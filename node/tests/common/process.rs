@@ -7,14 +7,37 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// A free loopback UDP port (bound and released; the kernel does not hand it out again at once).
+/// A free loopback UDP port (bound and released), never one this process handed out before.
 pub fn free_udp() -> Result<SocketAddr> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+    loop {
+        let addr = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+        if first_time(addr) {
+            return Ok(addr);
+        }
+    }
 }
 
-/// A free loopback TCP port.
+/// A free loopback TCP port (bound and released), never one this process handed out before.
 pub fn free_tcp() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    loop {
+        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        if first_time(addr) {
+            return Ok(addr);
+        }
+    }
+}
+
+/// Whether `addr`'s port is handed out for the first time in this process. A port is released
+/// as soon as it is chosen, so the kernel may give it to the next bind to port 0: a test that
+/// chose an `[[outbound]]` port and then started a node whose admin port was chosen after it got
+/// the same port twice, and a config with one port for two listeners is refused (exit 78).
+fn first_time(addr: SocketAddr) -> bool {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    GIVEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .insert(addr.port())
 }
 
 /// Runs `meshnode` with `args` to completion; returns (exit code, stdout, stderr).
